@@ -1,0 +1,51 @@
+"""`swarm generate`: generate text through the swarm and stream it to the terminal as it comes."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from swarm.cli import add_swarm_arguments
+
+    parser.add_argument("model", help="folder (or hub repo id) with the model's config, tokenizer and client-side weights")
+    parser.add_argument("prompt", help="the text to continue, or the user message with --chat")
+    add_swarm_arguments(parser)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for repeated tokens (1 = none)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--torch-dtype", choices=["auto", "float32", "bfloat16"], default="float32",
+                        help="dtype of the client-side embeddings and LM head")
+    parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: folder or repo name)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    from client.model import DistributedModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, dht_prefix=args.dht_prefix,
+                                                        torch_dtype=args.torch_dtype)
+    try:
+        if args.chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+        else:
+            text = args.prompt
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat)
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if args.do_sample else dict(do_sample=False)
+        model.generate(**inputs, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                       streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    finally:
+        model.model.layers.connection.shutdown()
+    return 0

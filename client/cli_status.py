@@ -1,0 +1,78 @@
+"""`swarm status`: the servers of a swarm and the coverage of every block, as tables."""
+
+from __future__ import annotations
+
+import argparse
+
+from swarm.dht_records import ServerInfo, ServerState
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from swarm.cli import add_swarm_arguments
+
+    add_swarm_arguments(parser)
+    parser.add_argument("--model", default=None, help="show only this model (its DHT prefix); default: every model")
+
+
+def block_coverage(num_blocks: int, servers: list[ServerInfo]) -> list[int]:
+    counts = [0] * num_blocks
+    for server in servers:
+        if server.record.state == ServerState.ONLINE:
+            for index in range(server.record.start, min(server.record.end, num_blocks)):
+                counts[index] += 1
+    return counts
+
+
+def coverage_ranges(counts: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal coverage: (start, end, servers)."""
+    runs: list[tuple[int, int, int]] = []
+    for index, count in enumerate(counts):
+        if runs and runs[-1][2] == count and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1, count)
+        else:
+            runs.append((index, index + 1, count))
+    return runs
+
+
+def render(models: dict[str, tuple[int, list[ServerInfo]]]):
+    from rich.console import Group
+    from rich.table import Table
+
+    parts = []
+    if not models:
+        parts.append("No models are announced in this swarm yet.")
+    for prefix, (num_blocks, servers) in sorted(models.items()):
+        table = Table(title=f"{prefix}: {num_blocks} blocks, {len(servers)} server(s)")
+        for column in ("server", "name", "blocks", "state", "dtype", "ms/block (decode)", "forward tok/s", "free cache tokens"):
+            table.add_column(column)
+        for s in servers:
+            r = s.record
+            table.add_row(str(s.peer_id)[-12:], r.public_name or "-", f"{r.start}:{r.end}", r.state.value, r.torch_dtype,
+                          f"{r.ms_per_block:.2f}" if r.ms_per_block else "-",
+                          f"{r.forward_tokens_per_s:.0f}" if r.forward_tokens_per_s else "-", str(r.cache_tokens_left))
+        parts.append(table)
+        cover = Table(title=f"{prefix}: coverage")
+        cover.add_column("blocks")
+        cover.add_column("online servers")
+        for start, end, count in coverage_ranges(block_coverage(num_blocks, servers)):
+            cover.add_row(f"{start}:{end}", str(count) if count else "[bold red]0 (not served)[/]")
+        parts.append(cover)
+    return Group(*parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    import hivemind
+    from rich.console import Console
+
+    from swarm.dht_records import fetch_models, fetch_servers
+
+    dht = hivemind.DHT(initial_peers=args.initial_peers, client_mode=True, start=True)
+    try:
+        index = fetch_models(dht)
+        if args.model is not None:
+            index = {args.model: index[args.model]} if args.model in index else {}
+        models = {prefix: (n, fetch_servers(dht, prefix, n)) for prefix, n in index.items()}
+        Console(width=120).print(render(models))
+    finally:
+        dht.shutdown()
+    return 0

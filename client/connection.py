@@ -1,0 +1,156 @@
+"""A client's link to the swarm: its DHT peer, the server list, and typed remote calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import hivemind
+import torch
+from hivemind.p2p import P2PDaemonError, P2PHandlerError
+from hivemind.proto import runtime_pb2
+
+from client import aio
+from client.routing import RouteStep, plan_route
+from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
+from swarm.dht_records import ServerInfo, fetch_servers
+from swarm.protocol import (
+    BlockService,
+    InferenceOpen,
+    InferenceReply,
+    InferenceStep,
+    RemoteError,
+    SpanRequest,
+    join_message,
+    pack_tensor,
+    split_message,
+    unpack_tensor,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmConnection:
+    """Joins the DHT as a client (it accepts no incoming connections) and talks to servers."""
+
+    def __init__(self, initial_peers: Sequence[str], prefix: str, num_blocks: int,
+                 request_timeout: float = CLIENT.request_timeout, servers_max_age: float = 5.0):
+        if not initial_peers:
+            raise ValueError("initial_peers is empty: pass the multiaddress printed by `swarm dht` or `swarm server`")
+        self.prefix, self.num_blocks = prefix, num_blocks
+        self.request_timeout = request_timeout
+        self.servers_max_age = servers_max_age
+        self.dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+        self.p2p = aio.run(self.dht.replicate_p2p())
+        self._servers: list[ServerInfo] = []
+        self._servers_time = 0.0
+
+    # ------------------------------------------------------------------------------------ discovery
+
+    def servers(self, refresh: bool = False) -> list[ServerInfo]:
+        if refresh or time.monotonic() - self._servers_time > self.servers_max_age:
+            self._servers = fetch_servers(self.dht, self.prefix, self.num_blocks)
+            self._servers_time = time.monotonic()
+        return self._servers
+
+    def plan(self, start: int = 0, end: int | None = None) -> list[RouteStep]:
+        end = self.num_blocks if end is None else end
+        try:
+            return plan_route(self.servers(), start, end)
+        except RuntimeError:
+            return plan_route(self.servers(refresh=True), start, end)  # the swarm may have changed since
+
+    def stub(self, peer_id):
+        return BlockService.get_stub(self.p2p, peer_id, namespace=self.prefix)
+
+    # ------------------------------------------------------------------------------------ stateless calls
+
+    async def span_call(self, kind: str, step: RouteStep, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Forward or backward through one route step; payloads over the unary limit go over a stream."""
+        meta = SpanRequest(start=step.start, end=step.end)
+        stub = self.stub(step.peer_id)
+        try:
+            packed = [pack_tensor(t) for t in tensors]
+            if sum(len(p.buffer) for p in packed) <= MAX_UNARY_PAYLOAD_BYTES:
+                method = stub.rpc_forward if kind == "forward" else stub.rpc_backward
+                request = runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed)
+                response = await method(request, timeout=self.request_timeout)
+                return unpack_tensor(response.tensors[0], "server output")
+            method = stub.rpc_forward_stream if kind == "forward" else stub.rpc_backward_stream
+            messages = split_message(meta, tensors)
+
+            async def requests():
+                for message in messages:
+                    yield message
+
+            async def call():
+                replies = [reply async for reply in await method(requests())]
+                if not replies:
+                    raise RemoteError("transport", "server closed the stream without replying")
+                return unpack_tensor(join_message(replies[0], replies[1:])[0], "server output")
+
+            return await asyncio.wait_for(call(), timeout=self.request_timeout)
+        except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+            raise RemoteError.from_exception(exc, str(step.peer_id)) from None
+
+    def shutdown(self) -> None:
+        try:
+            aio.run(self.p2p.shutdown(), timeout=5)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+        self.dht.shutdown()
+
+
+class SpanStream:
+    """An open inference stream with one server: a KV cache there, one message per step."""
+
+    def __init__(self, connection: SwarmConnection, step: RouteStep, batch_size: int, max_length: int):
+        self.connection, self.step = connection, step
+        self.batch_size, self.max_length = batch_size, max_length
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._replies = None
+        self.position = 0
+        self.step_id = 0
+
+    async def open(self) -> None:
+        async def requests():
+            while (message := await self._queue.get()) is not None:
+                yield message
+
+        meta = InferenceOpen(start=self.step.start, end=self.step.end, max_length=self.max_length, batch_size=self.batch_size)
+        try:
+            self._replies = await asyncio.wait_for(
+                self.connection.stub(self.step.peer_id).rpc_inference(requests()), CLIENT.connect_timeout)
+            self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode()))
+            await self._next_reply()
+        except BaseException:
+            self._queue.put_nowait(None)
+            raise
+
+    async def _next_reply(self) -> runtime_pb2.ExpertResponse:
+        try:
+            reply = await asyncio.wait_for(anext(self._replies, None), self.connection.request_timeout)
+        except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
+        if reply is None:
+            raise RemoteError("transport", "server closed the inference stream", str(self.step.peer_id))
+        return reply
+
+    async def send(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        message = runtime_pb2.ExpertRequest(metadata=InferenceStep(step=self.step_id).encode(),
+                                            tensors=[pack_tensor(t) for t in tensors])
+        self._queue.put_nowait(message)
+        reply = await self._next_reply()
+        self.position = InferenceReply.decode(reply.metadata).position
+        self.step_id += 1
+        return unpack_tensor(reply.tensors[0], "server output")
+
+    async def close(self) -> None:
+        self._queue.put_nowait(None)
+        if self._replies is not None:
+            try:
+                await asyncio.wait_for(anext(self._replies, None), 1.0)
+            except Exception:  # noqa: BLE001 - the server may already be gone; nothing to recover
+                pass

@@ -1,0 +1,91 @@
+"""Inference sessions: one KV-cached stream per route step, and the history needed to rebuild them."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from client import aio
+from client.connection import SpanStream, SwarmConnection
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceSession:
+    """Sends new tokens' hidden states through a chain of servers that keep the past in their KV caches.
+
+    Usable as a context manager; the streams open on the first step (when the batch size is known).
+    `token_ids` keeps the tokens a model-level caller has fed, so `generate()` can continue the session.
+    """
+
+    def __init__(self, connection: SwarmConnection, max_length: int, start: int = 0, end: int | None = None,
+                 batch_size: int | None = None):
+        self.connection, self.max_length = connection, max_length
+        self.start, self.end = start, connection.num_blocks if end is None else end
+        self.batch_size = batch_size
+        self.streams: list[SpanStream] = []
+        self.position = 0  # tokens processed so far
+        self.token_ids: torch.Tensor | None = None  # [batch, position], maintained by the model class
+        self.closed = False
+
+    async def _open(self, batch_size: int) -> None:
+        route = self.connection.plan(self.start, self.end)
+        streams = [SpanStream(self.connection, step, batch_size, self.max_length) for step in route]
+        try:
+            for stream in streams:
+                await stream.open()
+        except BaseException:
+            for stream in streams:
+                await stream.close()
+            raise
+        self.streams = streams
+        logger.debug("opened inference session through %s", [(str(s.step.peer_id)[-6:], s.step.start, s.step.end) for s in streams])
+
+    async def _step(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not self.streams:
+            await self._open(tensors[0].shape[0])
+        hidden = tensors[0]
+        for stream in self.streams:
+            hidden = await stream.send([hidden, *tensors[1:]])
+        return hidden
+
+    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run new tokens [batch, length, hidden] through every block; returns the last block's output."""
+        if self.closed:
+            raise RuntimeError("this inference session is closed")
+        batch, length, _ = hidden.shape
+        if self.batch_size is not None and batch != self.batch_size:
+            raise ValueError(f"session is for batch size {self.batch_size}, got {batch}")
+        if self.position + length > self.max_length:
+            raise ValueError(
+                f"the session holds {self.position} tokens and max_length={self.max_length}: {length} more do not fit. "
+                "Open the session with a larger max_length"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(self.position, self.position + length).expand(batch, length)
+        tensors = [hidden.detach(), position_ids.expand(batch, length).to(torch.int64).contiguous()]
+        if attention_mask is not None:
+            tensors.append(attention_mask.to(torch.int64).contiguous())
+        output = aio.run(self._step(tensors))
+        self.batch_size = batch
+        self.position += length
+        return output.to(hidden.dtype)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+
+        async def close_all():
+            for stream in self.streams:
+                await stream.close()
+
+        aio.run(close_all())
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,204 @@
+"""Distributed causal LMs: real transformers models whose transformer blocks run in the swarm.
+
+Embeddings, the final norm and the LM head stay on the client. Forward with `labels` gives the loss,
+and `generate()` keeps Hugging Face semantics, with the KV cache held by the servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache, GenerationConfig, PretrainedConfig
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from client.connection import SwarmConnection
+from client.inference_session import InferenceSession
+from client.remote_sequential import RemoteSequential
+from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
+from swarm.config import CLIENT
+from swarm.models import ModelFamily, family_for
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteSessionCache(DynamicCache):
+    """Stands in for the KV cache during `generate()`: the real one lives on the servers.
+
+    It only tells transformers how many tokens the session has seen, so new calls send only new tokens.
+    """
+
+    def __init__(self, session: InferenceSession):
+        super().__init__()
+        self.session = session
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+
+class DistributedBaseModel(nn.Module):
+    """The base model (embeddings, remote blocks, final norm) of a distributed causal LM."""
+
+    def __init__(self, config: PretrainedConfig, family: ModelFamily, embed_tokens: nn.Module, norm: nn.Module,
+                 layers: RemoteSequential):
+        super().__init__()
+        self.config, self.family = config, family
+        self.embed_tokens, self.norm, self.layers = embed_tokens, norm, layers
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.family.embed(self, input_ids)
+        batch, length, _ = inputs_embeds.shape
+        session = past_key_values.session if isinstance(past_key_values, RemoteSessionCache) else None
+        past = session.position if session is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length).expand(batch, length)
+        if session is not None:
+            new_mask = attention_mask[:, -length:] if attention_mask is not None else None
+            if new_mask is not None and bool(new_mask.all()):
+                new_mask = None
+            hidden = session.step(inputs_embeds, position_ids, new_mask)
+        else:
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError("a local KV cache cannot be used with remote blocks; use model.inference_session()")
+            hidden = self.layers(inputs_embeds, position_ids, attention_mask)
+        hidden = self.family.final_norm(self, hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+
+class DistributedModelForCausalLM:
+    """Entry point: `DistributedModelForCausalLM.from_pretrained(MODEL, initial_peers=[...])`.
+
+    Returns an instance of a subclass of the model's own transformers class (e.g. LlamaForCausalLM)
+    whose blocks are a RemoteSequential.
+    """
+
+    @staticmethod
+    def from_pretrained(model: str, initial_peers: Sequence[str], *, dht_prefix: str | None = None,
+                        torch_dtype: str | torch.dtype = "float32", request_timeout: float = CLIENT.request_timeout):
+        checkpoint = Checkpoint(model)
+        config = checkpoint.config
+        family = family_for(config)
+        dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else resolve_dtype(torch_dtype, config)
+        cls = _distributed_class(family)
+
+        # Build the transformers model without any block, then give it remote ones.
+        empty = copy.deepcopy(config)
+        empty.num_hidden_layers = 0
+        if getattr(empty, "layer_types", None) is not None:
+            empty.layer_types = []
+        with _default_dtype(dtype):
+            lm = cls(empty)
+        local_base = getattr(lm, family.base_model_attr)
+        connection = SwarmConnection(initial_peers, dht_prefix or default_dht_prefix(model), config.num_hidden_layers,
+                                     request_timeout=request_timeout)
+        base = DistributedBaseModel(config, family, local_base.embed_tokens, local_base.norm, RemoteSequential(connection))
+        setattr(lm, family.base_model_attr, base)
+        lm.config = config
+
+        tensors = checkpoint.load(lambda k: k.startswith(family.client_prefixes), dtype)
+        missing, unexpected = lm.load_state_dict(tensors, strict=False)
+        tied = getattr(config, "tie_word_embeddings", False)
+        missing = [k for k in missing if not (tied and k.startswith("lm_head."))]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if tied:
+            lm.lm_head.weight = base.embed_tokens.weight
+        try:
+            lm.generation_config = GenerationConfig.from_pretrained(checkpoint.local_dir or model)
+        except OSError:
+            lm.generation_config = GenerationConfig.from_model_config(config)
+        return lm.to(dtype).eval()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class DistributedCausalLMMixin:
+    """Adds inference sessions and session-aware generation to a transformers causal LM class."""
+
+    _active_session: InferenceSession | None = None
+
+    @property
+    def remote_layers(self) -> RemoteSequential:
+        return self.get_decoder().layers
+
+    def get_decoder(self):
+        return getattr(self, self.base_model_prefix)
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int = CLIENT.max_length, batch_size: int | None = None):
+        """Open KV-cached streams through the swarm; `generate()` calls inside continue one another."""
+        if self._active_session is not None:
+            raise RuntimeError("an inference session is already open on this model")
+        session = self.remote_layers.inference_session(max_length, batch_size)
+        self._active_session = session
+        try:
+            with session:
+                yield session
+        finally:
+            self._active_session = None
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        if self._active_session is None:
+            generation_config = kwargs.get("generation_config") or self.generation_config
+            prompt = inputs if inputs is not None else kwargs.get("input_ids")
+            prompt_length = prompt.shape[1] if prompt is not None else 1
+            max_new = kwargs.get("max_new_tokens") or generation_config.max_new_tokens
+            max_length = prompt_length + max_new if max_new is not None else (kwargs.get("max_length") or generation_config.max_length)
+            with self.inference_session(max_length=max_length):
+                return self.generate(inputs, *args, **kwargs)
+
+        session = self._active_session
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        if session.token_ids is not None and input_ids is not None:
+            history = session.token_ids
+            continues = input_ids.shape[1] >= history.shape[1] and torch.equal(input_ids[:, : history.shape[1]], history)
+            if not continues:  # only new tokens were given: they follow what the session already holds
+                if attention_mask is not None:
+                    attention_mask = torch.cat([torch.ones_like(history), attention_mask], dim=1)
+                input_ids = torch.cat([history, input_ids], dim=1)
+        elif session.token_ids is not None and input_ids is None:
+            input_ids = session.token_ids
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if session.token_ids is not None and "attention_mask" not in kwargs:
+            kwargs["attention_mask"] = torch.ones_like(input_ids)
+        kwargs["past_key_values"] = RemoteSessionCache(session)
+        kwargs.setdefault("use_cache", True)
+        output = super().generate(input_ids, *args, **kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        # The last sampled token was never fed through the servers; it is re-sent first next time.
+        session.token_ids = sequences[:, : session.position]
+        return output
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def _distributed_class(family: ModelFamily) -> type:
+    if family.name not in _CLASSES:
+        base = family.causal_lm_class
+        _CLASSES[family.name] = type(f"Distributed{base.__name__}", (DistributedCausalLMMixin, base), {})
+    return _CLASSES[family.name]

@@ -1,0 +1,1 @@
+"""A swarm peer that hosts a contiguous span of transformer blocks."""

@@ -1,0 +1,122 @@
+"""The computation a server offers: validated forward, backward and inference steps over its span."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from swarm.config import SERVER
+from swarm.models.span import BlockSpan
+from swarm.protocol import BadRequest, BlocksNotServed, MaxLengthExceeded
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_size: int = SERVER.max_batch_size
+    max_chunk_tokens: int = SERVER.max_chunk_tokens
+
+
+@dataclass
+class SpanInputs:
+    hidden: torch.Tensor  # [batch, length, hidden_size] in the server's dtype
+    position_ids: torch.Tensor  # [batch, length] int64
+    attention_mask: torch.Tensor | None  # [batch, length] int64 of 0/1, or None for "attend to everything"
+
+
+class SpanBackend:
+    def __init__(self, span: BlockSpan, dtype: torch.dtype, limits: Limits = Limits()):
+        self.span, self.dtype, self.limits = span, dtype, limits
+        self.start, self.end = span.start, span.end
+        self.hidden_size = span.config.hidden_size
+        self.max_position = getattr(span.config, "max_position_embeddings", None) or (1 << 20)
+
+    # ------------------------------------------------------------------------------------ validation
+
+    def check_span(self, start: int, end: int) -> None:
+        if not (self.start <= start < end <= self.end):
+            raise BlocksNotServed(f"this server hosts blocks {self.start}:{self.end}; the request asked for {start}:{end}")
+
+    def check_inputs(self, tensors: list[torch.Tensor], extra: int = 0) -> SpanInputs:
+        """Validate [hidden, position_ids, attention_mask?] (+ `extra` tensors shaped like hidden)."""
+        if len(tensors) not in (2 + extra, 3 + extra):
+            raise BadRequest(f"expected hidden states, position ids and an optional attention mask, got {len(tensors)} tensors")
+        hidden, position_ids = tensors[0], tensors[1]
+        mask = tensors[2] if len(tensors) == 3 + extra else None
+        self.check_hidden(hidden, "hidden states")
+        batch, length, _ = hidden.shape
+        if position_ids.dtype not in (torch.int64, torch.int32) or tuple(position_ids.shape) != (batch, length):
+            raise BadRequest(f"position ids must be integers of shape {[batch, length]}, got {position_ids.dtype} {list(position_ids.shape)}")
+        if length and (position_ids.min() < 0 or position_ids.max() >= self.max_position):
+            raise BadRequest(f"position ids must lie in [0, {self.max_position})")
+        if mask is not None:
+            if tuple(mask.shape) != (batch, length) or mask.dtype not in (torch.int64, torch.int32, torch.bool):
+                raise BadRequest(f"attention mask must be 0/1 integers of shape {[batch, length]}, got {mask.dtype} {list(mask.shape)}")
+            if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+                raise BadRequest("attention mask may only hold 0 and 1")
+            mask = mask.to(torch.int64)
+        return SpanInputs(hidden.to(self.dtype), position_ids.to(torch.int64), mask)
+
+    def check_hidden(self, hidden: torch.Tensor, what: str) -> None:
+        if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
+            raise BadRequest(f"{what} must have shape [batch, length, {self.hidden_size}], got {list(hidden.shape)}")
+        if not hidden.is_floating_point():
+            raise BadRequest(f"{what} must be floating point, got {hidden.dtype}")
+        batch, length, _ = hidden.shape
+        if batch < 1 or batch > self.limits.max_batch_size:
+            raise BadRequest(f"batch size {batch} is outside 1..{self.limits.max_batch_size}")
+        if batch * length > self.limits.max_chunk_tokens:
+            raise BadRequest(f"{batch}x{length} tokens exceed this server's limit of {self.limits.max_chunk_tokens} per request; split the batch")
+        if not bool(torch.isfinite(hidden).all()):
+            raise BadRequest(f"{what} contain NaN or Inf")
+
+    # ------------------------------------------------------------------------------------ compute
+
+    @torch.inference_mode()
+    def forward(self, inputs: SpanInputs, start: int, end: int) -> torch.Tensor:
+        return self.span(inputs.hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end)
+
+    def backward(self, inputs: SpanInputs, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Gradient of the span's output w.r.t. its input, recomputing the forward (servers keep no activations)."""
+        self.check_hidden(grad_output, "output gradient")
+        if grad_output.shape != inputs.hidden.shape:
+            raise BadRequest(f"output gradient has shape {list(grad_output.shape)}, hidden states {list(inputs.hidden.shape)}")
+        with torch.enable_grad():
+            hidden = inputs.hidden.detach().requires_grad_(True)
+            output = self.span(hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end)
+            (grad_input,) = torch.autograd.grad(output, hidden, grad_output.to(output.dtype))
+        return grad_input
+
+
+class InferenceState:
+    """One client's KV cache on this server, for blocks [start, end) and up to max_length tokens."""
+
+    def __init__(self, backend: SpanBackend, start: int, end: int, batch_size: int, max_length: int):
+        self.backend, self.start, self.end = backend, start, end
+        self.batch_size, self.max_length = batch_size, max_length
+        self.cache = backend.span.new_cache()
+        self.mask = torch.ones(batch_size, 0, dtype=torch.int64)
+        self.position = 0
+        self.broken = False
+
+    @torch.inference_mode()
+    def step(self, inputs: SpanInputs) -> torch.Tensor:
+        if self.broken:
+            raise BadRequest("this session failed earlier; open a new one")
+        batch, length, _ = inputs.hidden.shape
+        if batch != self.batch_size:
+            raise BadRequest(f"session was opened for batch size {self.batch_size}, step has {batch}")
+        if self.position + length > self.max_length:
+            raise MaxLengthExceeded(
+                f"session holds {self.position} tokens and max_length={self.max_length}; "
+                f"{length} more do not fit. Open the session with a larger max_length"
+            )
+        new_mask = inputs.attention_mask if inputs.attention_mask is not None else torch.ones(batch, length, dtype=torch.int64)
+        mask = torch.cat([self.mask, new_mask], dim=1)
+        try:
+            output = self.backend.span(inputs.hidden, inputs.position_ids, mask, cache=self.cache, start=self.start, end=self.end)
+        except Exception:
+            self.broken = True  # the cache may hold part of this step: never serve from it again
+            raise
+        self.mask, self.position = mask, self.position + length
+        return output

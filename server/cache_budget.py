@@ -1,0 +1,34 @@
+"""The KV-cache budget: how many tokens (batch_size * max_length summed over sessions) may be reserved."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from swarm.protocol import CacheFull
+
+
+class CacheBudget:
+    def __init__(self, total_tokens: int):
+        self.total = total_tokens
+        self.used = 0
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+    @contextmanager
+    def reserve(self, tokens: int) -> Iterator[None]:
+        """Hold `tokens` for the duration of the block; fail at once with a clear error when they do not fit."""
+        if tokens > self.total:
+            raise CacheFull(
+                f"a session of {tokens} tokens (batch_size * max_length) exceeds this server's whole KV-cache "
+                f"budget of {self.total}; use a smaller max_length or batch"
+            )
+        if tokens > self.free:
+            raise CacheFull(f"KV cache is full: {self.free} of {self.total} tokens free, {tokens} requested; retry later or use another server")
+        self.used += tokens
+        try:
+            yield
+        finally:
+            self.used -= tokens

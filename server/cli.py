@@ -1,0 +1,58 @@
+"""`swarm server`: host a span of blocks of a model and serve it to the swarm."""
+
+from __future__ import annotations
+
+import argparse
+
+from swarm.config import SERVER
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks takes START:END (e.g. 0:10), got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks {text}: need 0 <= START < END")
+    return start, end
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from swarm.cli import add_swarm_arguments
+
+    parser.add_argument("model", help="a folder with a Hugging Face checkpoint (config.json + *.safetensors), or a hub repo id")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--blocks", type=parse_blocks, help="host blocks START:END (END exclusive), e.g. 0:10")
+    which.add_argument("--num-blocks", type=int, help="host this many blocks, chosen where the swarm needs them most")
+    add_swarm_arguments(parser, allow_new_swarm=True)
+    parser.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"],
+                        help="addresses to listen on, e.g. /ip4/127.0.0.1/tcp/0")
+    parser.add_argument("--announce-maddrs", nargs="+", default=None, help="public addresses others should dial")
+    parser.add_argument("--identity-path", default=None, help="private key file; keeps this server's peer ID stable")
+    parser.add_argument("--torch-dtype", choices=["auto", "float32", "bfloat16", "float16"], default=SERVER.torch_dtype,
+                        help="dtype to compute in; auto takes the checkpoint's")
+    parser.add_argument("--cache-tokens", type=int, default=SERVER.cache_tokens,
+                        help="KV-cache budget in tokens, summed over sessions as batch_size * max_length")
+    parser.add_argument("--max-batch-size", type=int, default=SERVER.max_batch_size, help="largest batch accepted")
+    parser.add_argument("--max-chunk-tokens", type=int, default=SERVER.max_chunk_tokens,
+                        help="largest batch * length accepted in one request")
+    parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: the folder or repo name)")
+    parser.add_argument("--public-name", default="", help="a name shown to others in `swarm status`")
+    parser.add_argument("--update-period", type=float, default=SERVER.update_period, help="seconds between DHT announcements")
+    parser.add_argument("--shutdown-timeout", type=float, default=SERVER.shutdown_timeout,
+                        help="seconds to let open sessions finish on SIGTERM")
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.server import Server, ServerOptions
+
+    server = Server(ServerOptions(
+        model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, initial_peers=args.initial_peers,
+        new_swarm=args.new_swarm, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
+        identity_path=args.identity_path, torch_dtype=args.torch_dtype, cache_tokens=args.cache_tokens,
+        dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
+        max_batch_size=args.max_batch_size, max_chunk_tokens=args.max_chunk_tokens,
+        shutdown_timeout=args.shutdown_timeout,
+    ))
+    server.run()
+    return 0

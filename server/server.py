@@ -1,0 +1,208 @@
+"""A server: load a span of blocks, join the DHT, serve RPCs, announce itself, leave cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import hivemind
+import torch
+
+from server.backend import Limits, SpanBackend
+from server.block_selection import choose_span
+from server.cache_budget import CacheBudget
+from server.handler import BlockHandler
+from swarm import __version__
+from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
+from swarm.config import SERVER
+from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_servers
+from swarm.models import family_for
+from swarm.models.span import BlockSpan
+from swarm.protocol import BlockService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerOptions:
+    model: str
+    blocks: tuple[int, int] | None = None
+    num_blocks: int | None = None
+    initial_peers: Sequence[str] = ()
+    new_swarm: bool = False
+    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)
+    announce_maddrs: Sequence[str] | None = None
+    identity_path: str | None = None
+    torch_dtype: str = SERVER.torch_dtype
+    cache_tokens: int = SERVER.cache_tokens
+    dht_prefix: str | None = None
+    public_name: str = ""
+    update_period: float = SERVER.update_period
+    max_batch_size: int = SERVER.max_batch_size
+    max_chunk_tokens: int = SERVER.max_chunk_tokens
+    shutdown_timeout: float = SERVER.shutdown_timeout
+
+
+def measure_speed(span: BlockSpan, dtype: torch.dtype) -> tuple[float, float]:
+    """(ms per block for one decode step, forward tokens/s of the whole span), measured on random input."""
+    hidden_size = span.config.hidden_size
+    with torch.inference_mode():
+        cache = span.new_cache()
+        prompt = torch.randn(1, 8, hidden_size, dtype=dtype)
+        span(prompt, torch.arange(8)[None], cache=cache)
+        times = []
+        for step in range(8, 12):
+            begin = time.perf_counter()
+            span(torch.randn(1, 1, hidden_size, dtype=dtype), torch.tensor([[step]]), cache=cache)
+            times.append(time.perf_counter() - begin)
+        batch = torch.randn(1, 128, hidden_size, dtype=dtype)
+        begin = time.perf_counter()
+        span(batch, torch.arange(128)[None])
+        forward_s = time.perf_counter() - begin
+    decode_ms = sorted(times)[len(times) // 2] * 1000
+    return decode_ms / (span.end - span.start), 128 / forward_s
+
+
+class Server:
+    def __init__(self, options: ServerOptions):
+        if (options.blocks is None) == (options.num_blocks is None):
+            raise ValueError("give exactly one of --blocks A:B or --num-blocks N")
+        if not options.new_swarm and not options.initial_peers:
+            raise ValueError("give --initial-peers MADDR... to join a swarm, or --new-swarm to start one")
+        self.options = options
+        self.checkpoint = Checkpoint(options.model)
+        self.config = self.checkpoint.config
+        self.family = family_for(self.config)
+        self.num_model_blocks = self.config.num_hidden_layers
+        self.prefix = options.dht_prefix or default_dht_prefix(options.model)
+        self.dtype = resolve_dtype(options.torch_dtype, self.config)
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self.dht: hivemind.DHT | None = None
+        self.ready = threading.Event()
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def _start_dht(self) -> hivemind.DHT:
+        o = self.options
+        return hivemind.DHT(
+            initial_peers=[] if o.new_swarm else list(o.initial_peers),
+            start=True,
+            host_maddrs=list(o.host_maddrs),
+            announce_maddrs=list(o.announce_maddrs) if o.announce_maddrs else None,
+            identity_path=o.identity_path,
+        )
+
+    def _choose_blocks(self) -> tuple[int, int]:
+        o = self.options
+        if o.blocks is not None:
+            start, end = o.blocks
+            if not 0 <= start < end <= self.num_model_blocks:
+                raise ValueError(f"--blocks {start}:{end} is outside the model's {self.num_model_blocks} blocks")
+            return start, end
+        servers = fetch_servers(self.dht, self.prefix, self.num_model_blocks)
+        spans = [(s.record.start, s.record.end) for s in servers if s.record.state != ServerState.OFFLINE]
+        return choose_span(self.num_model_blocks, min(o.num_blocks, self.num_model_blocks), spans)
+
+    def _record(self, state: ServerState) -> ServerRecord:
+        return ServerRecord(
+            state=state,
+            start=self.start,
+            end=self.end,
+            public_name=self.options.public_name,
+            version=__version__,
+            torch_dtype=str(self.dtype).replace("torch.", ""),
+            ms_per_block=round(self.ms_per_block, 3),
+            forward_tokens_per_s=round(self.forward_tps, 1),
+            cache_tokens_left=self.budget.free,
+        )
+
+    def info(self) -> dict:
+        return {
+            **self._record(ServerState.ONLINE).to_dict(),
+            "dht_prefix": self.prefix,
+            "num_model_blocks": self.num_model_blocks,
+            "hidden_size": self.config.hidden_size,
+            "sessions_open": self.handler.stats.sessions_open,
+            "requests": self.handler.stats.requests,
+            "bytes_in": self.handler.stats.bytes_in,
+            "bytes_out": self.handler.stats.bytes_out,
+        }
+
+    def _announce(self, state: ServerState, expiration: float | None = None) -> None:
+        ttl = expiration if expiration is not None else self.options.update_period * SERVER.expiration_factor
+        announce_span(self.dht, self.prefix, self.num_model_blocks, self._record(state), ttl)
+
+    # ------------------------------------------------------------------------------------ run
+
+    def run(self, install_signal_handlers: bool = True) -> None:
+        """Serve until SIGTERM/SIGINT (or `stop()`), then leave the swarm cleanly."""
+        o = self.options
+        self.dht = self._start_dht()
+        try:
+            self.start, self.end = self._choose_blocks()
+            logger.info("loading blocks %d:%d of %s (%s)", self.start, self.end, o.model, self.dtype)
+            keys = tuple(self.family.block_keys_prefix(i) for i in range(self.start, self.end))
+            tensors = self.checkpoint.load(lambda k: k.startswith(keys), self.dtype)
+            span = BlockSpan.from_state_dict(self.family, self.config, self.start, self.end, tensors, self.dtype)
+            del tensors
+            self.ms_per_block, self.forward_tps = measure_speed(span, self.dtype)
+            self.budget = CacheBudget(o.cache_tokens)
+            backend = SpanBackend(span, self.dtype, Limits(o.max_batch_size, o.max_chunk_tokens))
+            self.handler = BlockHandler(backend, self.budget, self.info)
+            try:
+                import uvloop
+
+                runner = uvloop.run
+            except ImportError:  # pragma: no cover - uvloop is a dependency, but keep serving without it
+                runner = asyncio.run
+            runner(self._serve(install_signal_handlers))
+        finally:
+            self.dht.shutdown()
+            logger.info("server stopped")
+
+    async def _serve(self, install_signal_handlers: bool) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self._stop_event.set)
+        if self._stop.is_set():
+            self._stop_event.set()
+        p2p = await self.dht.replicate_p2p()
+        await BlockService().add_p2p_handlers(p2p, wrapper=self.handler, namespace=self.prefix)
+        await asyncio.to_thread(self._announce, ServerState.ONLINE)
+        maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
+        logger.info(
+            "serving blocks %d:%d of %s as %s (%.2f ms/block per decode step, %.0f tokens/s forward)",
+            self.start, self.end, self.prefix, p2p.peer_id, self.ms_per_block, self.forward_tps,
+        )
+        print(f"Server ready: blocks {self.start}:{self.end} of {self.prefix}", flush=True)
+        for maddr in maddrs:
+            print(f"Join with: --initial-peers {maddr}", flush=True)
+        self.ready.set()
+        while not self._stop_event.is_set():
+            try:
+                await asyncio.wait_for(self._stop_event.wait(), timeout=self.options.update_period)
+            except asyncio.TimeoutError:
+                await asyncio.to_thread(self._announce, ServerState.ONLINE)
+        logger.info("leaving: announcing offline and draining %d open session(s)", self.handler.stats.sessions_open)
+        await asyncio.to_thread(self._announce, ServerState.OFFLINE, self.options.update_period)
+        deadline = time.monotonic() + self.options.shutdown_timeout
+        while self.handler.stats.sessions_open and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await BlockService().remove_p2p_handlers(p2p, namespace=self.prefix)
+        self.handler.shutdown()
+        await p2p.shutdown()
+
+    def stop(self) -> None:
+        """Ask a running server to leave; safe to call from any thread."""
+        self._stop.set()
+        if self._loop is not None and self._stop_event is not None:
+            self._loop.call_soon_threadsafe(self._stop_event.set)

@@ -1,0 +1,74 @@
+"""The `swarm` command: one entry point whose subcommands are thin layers over the Python API.
+
+Subcommands live beside the code they drive (server/cli.py, client/cli.py, ...) and are found by
+name here, so this package never imports the server or the client at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# subcommand -> module defining `add_arguments(parser)` and `run(args) -> int | None`
+SUBCOMMANDS = {
+    "server": ("server.cli", "host a span of a model's blocks and serve it to the swarm"),
+    "dht": ("swarm.bootstrap", "run a DHT-only bootstrap node that others join through"),
+    "generate": ("client.cli_generate", "generate text through the swarm, streaming tokens as they come"),
+    "status": ("client.cli_status", "show the servers of a swarm and the coverage of every block"),
+    "demo": ("client.demo", "start a local swarm of SmolLM2-135M-Instruct, ask it a question, show its status"),
+}
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("hivemind", "transformers", "httpx", "huggingface_hub", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm",
+        description="Run and fine-tune large language models together: servers host spans of a model's "
+        "transformer blocks, clients chain them over a hivemind DHT.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(_module=module)
+    return parser
+
+
+def add_swarm_arguments(parser: argparse.ArgumentParser, allow_new_swarm: bool = False) -> None:
+    """Options every peer shares: where the swarm is and which addresses to use."""
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--initial-peers", nargs="+", metavar="MADDR", default=[],
+                       help="multiaddresses of peers already in the swarm, as printed by `swarm dht` or `swarm server`")
+    if allow_new_swarm:
+        group.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args._module.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        logging.getLogger("swarm").debug("failed", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

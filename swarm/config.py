@@ -1,0 +1,36 @@
+"""One source of defaults, read by the command line, the classes and the docs alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+
+# A unary libp2p message may not exceed 4 MiB; larger payloads go over a stream in chunks this big.
+MAX_UNARY_PAYLOAD_BYTES = 3 * 1024 * 1024
+STREAM_CHUNK_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerDefaults:
+    update_period: float = 30.0  # seconds between DHT announcements
+    expiration_factor: float = 2.5  # records live this many update periods, so a crashed server vanishes by itself
+    cache_tokens: int = 16384  # KV-cache budget: sum over open sessions of batch_size * max_length
+    max_batch_size: int = 64
+    max_chunk_tokens: int = 8192  # tokens (batch * length) in one forward/backward/inference step
+    request_timeout: float = 300.0  # seconds a client may keep an inference session idle
+    shutdown_timeout: float = 10.0  # seconds to let in-flight work finish on SIGTERM
+    torch_dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class ClientDefaults:
+    request_timeout: float = 60.0  # seconds for one remote call
+    connect_timeout: float = 20.0  # seconds to open a session on one server
+    max_length: int = 2048  # inference session length when the caller gives none
+    hop_overhead_ms: float = 2.0  # routing cost of one extra hop before pings are measured
+    default_ms_per_block: float = 10.0  # routing cost of a block when a server reports no throughput
+
+
+SERVER = ServerDefaults()
+CLIENT = ClientDefaults()

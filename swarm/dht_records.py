@@ -1,0 +1,153 @@
+"""DHT keys, the server record schema, and read/write helpers over hivemind.DHT.
+
+A server stores one record per hosted block under `{prefix}.{block}` with its peer ID as the
+subkey, and one entry in the model index. Records expire by themselves, so a crashed server
+disappears from the swarm without anyone noticing it explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from hivemind import DHT
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+
+from swarm import __version__
+
+MODEL_INDEX_KEY = "_swarm.models"
+
+
+class ServerState(str, enum.Enum):
+    OFFLINE = "offline"
+    JOINING = "joining"
+    ONLINE = "online"
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """What a server tells the swarm about itself. Parses older and newer versions without failing."""
+
+    state: ServerState
+    start: int
+    end: int
+    public_name: str = ""
+    version: str = __version__
+    torch_dtype: str = "float32"
+    ms_per_block: float | None = None  # measured time of one block for a decode step (batch 1)
+    forward_tokens_per_s: float | None = None  # measured throughput of the whole span for a forward pass
+    cache_tokens_left: int = 0
+    codecs: tuple[str, ...] = ("none",)
+    adapters: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["state"] = self.state.value
+        data["codecs"], data["adapters"] = list(self.codecs), list(self.adapters)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ServerRecord | None:
+        """None when the value is not a usable record (garbage in the DHT must not break a client)."""
+        if not isinstance(data, dict):
+            return None
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            values["state"] = ServerState(values.get("state"))
+            start, end = int(values.pop("start")), int(values.pop("end"))
+            for name in ("codecs", "adapters"):
+                if name in values:
+                    values[name] = tuple(str(x) for x in values[name])
+            record = cls(start=start, end=end, **values)
+        except (KeyError, ValueError, TypeError):
+            return None
+        return record if 0 <= record.start < record.end else None
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    peer_id: PeerID
+    record: ServerRecord
+
+
+@dataclass
+class ModelEntry:
+    prefix: str
+    num_blocks: int
+    servers: list[ServerInfo] = field(default_factory=list)
+
+
+def block_key(prefix: str, index: int) -> str:
+    return f"{prefix}.{index}"
+
+
+# ---------------------------------------------------------------------------------------------- writes
+
+
+async def _store_span(
+    dht: DHT, node: DHTNode, prefix: str, num_blocks: int, record: dict, expiration_time: float
+) -> None:
+    subkey = node.peer_id.to_base58()
+    keys = [block_key(prefix, i) for i in range(record["start"], record["end"])]
+    await node.store_many(
+        keys=keys + [MODEL_INDEX_KEY],
+        values=[record] * len(keys) + [{"num_blocks": num_blocks}],
+        expiration_time=expiration_time,
+        subkeys=[subkey] * len(keys) + [prefix],
+        num_workers=8,
+    )
+
+
+def announce_span(dht: DHT, prefix: str, num_blocks: int, record: ServerRecord, expiration: float) -> None:
+    """Store the record under every block of the span; it expires `expiration` seconds from now."""
+    dht.run_coroutine(partial(_store_span, prefix=prefix, num_blocks=num_blocks, record=record.to_dict(),
+                              expiration_time=get_dht_time() + expiration))
+
+
+# ---------------------------------------------------------------------------------------------- reads
+
+
+async def _get_many(dht: DHT, node: DHTNode, keys: list[str]) -> dict[str, Any]:
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"), num_workers=8)
+    result = {}
+    for key, entry in found.items():
+        value = entry.value if entry is not None else None
+        if isinstance(value, dict):
+            result[key] = {subkey: item.value for subkey, item in value.items()}
+    return result
+
+
+def fetch_servers(dht: DHT, prefix: str, num_blocks: int) -> list[ServerInfo]:
+    """Every live server of a model with its record (state offline included; callers filter)."""
+    keys = [block_key(prefix, i) for i in range(num_blocks)]
+    raw = dht.run_coroutine(partial(_get_many, keys=keys))
+    servers: dict[str, ServerRecord] = {}
+    for key in keys:
+        for subkey, value in raw.get(key, {}).items():
+            record = ServerRecord.from_dict(value)
+            if record is None or record.end > num_blocks or not isinstance(subkey, str):
+                continue
+            servers.setdefault(subkey, record)
+    result = []
+    for subkey, record in servers.items():
+        try:
+            result.append(ServerInfo(PeerID.from_base58(subkey), record))
+        except ValueError:
+            continue
+    return sorted(result, key=lambda s: (s.record.start, s.record.end, s.peer_id.to_base58()))
+
+
+def fetch_models(dht: DHT) -> dict[str, int]:
+    """Models the swarm serves: DHT prefix -> number of blocks."""
+    raw = dht.run_coroutine(partial(_get_many, keys=[MODEL_INDEX_KEY])).get(MODEL_INDEX_KEY, {})
+    models = {}
+    for prefix, value in raw.items():
+        if isinstance(prefix, str) and isinstance(value, dict) and isinstance(value.get("num_blocks"), int):
+            models[prefix] = value["num_blocks"]
+    return models

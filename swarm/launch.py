@@ -1,0 +1,101 @@
+"""Start swarm peers as local processes (for the demo, tests and benchmarks) and stop them cleanly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_JOIN = re.compile(r"Join with: --initial-peers (\S+)")
+LOCALHOST = "/ip4/127.0.0.1/tcp/0"
+
+
+class PeerProcess:
+    """A `swarm dht` or `swarm server` child process whose output goes to a log file."""
+
+    def __init__(self, args: Sequence[str], name: str, env: dict | None = None):
+        self.name = name
+        self.log_path = Path(tempfile.mkstemp(prefix=f"swarm-{name}-", suffix=".log")[1])
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "swarm.cli", *args], stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self.maddrs: list[str] = []
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            found = _JOIN.findall(text)
+            if found:
+                self.maddrs = found
+                return found
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}:\n{text[-3000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} did not become ready in {timeout:.0f} s:\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not exit in %.0f s; killing it", self.name, timeout)
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+class LocalSwarm:
+    """A bootstrap node and servers on 127.0.0.1, each its own process."""
+
+    def __init__(self):
+        self.bootstrap: PeerProcess | None = None
+        self.servers: list[PeerProcess] = []
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return self.bootstrap.maddrs if self.bootstrap else []
+
+    def start_bootstrap(self) -> list[str]:
+        self.bootstrap = PeerProcess(["dht", "--new-swarm", "--host-maddrs", LOCALHOST], "dht")
+        return self.bootstrap.wait_ready()
+
+    def start_servers(self, model: str, spans: Sequence[tuple[int, int]], extra_args: Sequence[str] = (),
+                      env: dict | None = None, timeout: float = 180.0) -> list[PeerProcess]:
+        """Start one server per span, all at once, and wait until every one is serving."""
+        started = []
+        for start, end in spans:
+            args = ["server", model, "--blocks", f"{start}:{end}", "--initial-peers", *self.initial_peers,
+                    "--host-maddrs", LOCALHOST, *extra_args]
+            started.append(PeerProcess(args, f"server-{start}-{end}", env))
+        self.servers += started
+        for server in started:
+            server.wait_ready(timeout)
+        return started
+
+    def stop(self) -> None:
+        for peer in [*self.servers, *([self.bootstrap] if self.bootstrap else [])]:
+            peer.stop()
+        self.servers, self.bootstrap = [], None
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

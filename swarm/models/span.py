@@ -1,0 +1,102 @@
+"""A contiguous span of decoder blocks, run exactly as the full transformers model runs them."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig
+
+from swarm.models import ModelFamily
+
+
+def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
+    """A copy of the model config that describes only blocks [start, end), numbered from 0."""
+    config = copy.deepcopy(config)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        config.layer_types = list(layer_types[start:end])
+    config.num_hidden_layers = end - start
+    if getattr(config, "_attn_implementation", None) is None:
+        config._attn_implementation = "sdpa"
+    return config
+
+
+class BlockSpan(nn.Module):
+    """Blocks [start, end) of a model. Inputs and outputs are hidden states of shape [batch, length, hidden]."""
+
+    def __init__(self, family: ModelFamily, config: PretrainedConfig, start: int, end: int, layers: list[nn.Module]):
+        super().__init__()
+        self.family, self.start, self.end = family, start, end
+        self.config = span_config(config, start, end)
+        for local_index, layer in enumerate(layers):
+            # The cache indexes layers by position; a span's cache holds only its own blocks.
+            layer.self_attn.layer_idx = local_index
+        self.layers = nn.ModuleList(layers)
+        self.rotary_emb = family.rotary_class(config=self.config)
+        self._mask_function = family.mask_function(self.config)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        family: ModelFamily,
+        config: PretrainedConfig,
+        start: int,
+        end: int,
+        tensors: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+    ) -> BlockSpan:
+        """Build the span from checkpoint tensors named as in the full model (e.g. 'model.layers.3.mlp...')."""
+        layers = []
+        for index in range(start, end):
+            prefix = family.block_keys_prefix(index)
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            with torch.device("meta"):
+                layer = family.decoder_layer_class(span_config(config, start, end), index - start)
+            missing = set(layer.state_dict()) - set(state)
+            if missing:
+                raise ValueError(f"checkpoint lacks {len(missing)} tensors of block {index}, e.g. {prefix}{min(missing)}")
+            layer.load_state_dict(state, strict=True, assign=True)
+            layers.append(layer.to(dtype))
+        # The rotary embedding keeps its float32 frequencies, as in transformers' own loading.
+        return cls(family, config, start, end, layers).eval().requires_grad_(False)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> torch.Tensor:
+        """Run blocks [start, end) of the span (all by default).
+
+        `attention_mask` is the 2-D padding mask over cached + new tokens (1 = attend); `cache` is one
+        made by `new_cache()`, indexed by block position within this span.
+        """
+        first = (self.start if start is None else start) - self.start
+        last = (self.end if end is None else end) - self.start
+        mask = self._mask_function(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=first,
+        )
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        for layer in self.layers[first:last]:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        return hidden

@@ -1,0 +1,240 @@
+"""Wire protocol: typed request metadata, safe tensor (de)serialization, limits and error codes.
+
+Nothing a peer sends is unpickled or executed: metadata is JSON checked by pydantic models,
+tensors are raw little-endian buffers checked against an allow-list of dtypes and their shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import torch
+from hivemind.p2p import ServicerBase
+from hivemind.proto import runtime_pb2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from swarm.config import PROTOCOL_VERSION, STREAM_CHUNK_BYTES
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class SwarmError(Exception):
+    """An error with a stable code that travels to the remote side as '[code] message'."""
+
+    code = "error"
+
+    def __init__(self, message: str):
+        super().__init__(f"[{self.code}] {message}")
+        self.message = message
+
+
+class BadRequest(SwarmError):
+    code = "bad_request"
+
+
+class BlocksNotServed(SwarmError):
+    code = "blocks_not_served"
+
+
+class MaxLengthExceeded(SwarmError):
+    code = "max_length_exceeded"
+
+
+class CacheFull(SwarmError):
+    code = "cache_full"
+
+
+class ServerBusy(SwarmError):
+    code = "server_busy"
+
+
+_REMOTE_ERROR = re.compile(r"\[([a-z_]+)\] (.*)", re.S)
+
+
+class RemoteError(RuntimeError):
+    """An error a server reported, as seen by the client."""
+
+    def __init__(self, code: str, message: str, peer: str | None = None):
+        where = f" (server {peer})" if peer else ""
+        super().__init__(f"{message}{where}")
+        self.code, self.message, self.peer = code, message, peer
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, peer: str | None = None) -> RemoteError:
+        match = _REMOTE_ERROR.search(str(exc))
+        if match:
+            message = match.group(2).strip()
+            if message[-2:] in ("')", '")'):  # unary errors arrive as repr(exception)
+                message = message[:-2]
+            return cls(match.group(1), message, peer)
+        return cls("transport", f"{type(exc).__name__}: {exc}", peer)
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+
+
+class _Meta(BaseModel):
+    # Unknown fields from newer peers are ignored; missing ones take their defaults.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    version: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode(cls, raw: bytes):
+        if len(raw) > 64 * 1024:
+            raise BadRequest(f"metadata of {len(raw)} bytes is larger than the 64 KiB limit")
+        try:
+            return cls.model_validate(json.loads(raw or b"{}"))
+        except (ValueError, ValidationError) as exc:
+            raise BadRequest(f"malformed {cls.__name__}: {_short(exc)}") from None
+
+
+class SpanRequest(_Meta):
+    """Forward or backward through blocks [start, end) of the model."""
+
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+
+
+class InferenceOpen(_Meta):
+    """First message of an inference stream: reserve a KV cache for the session."""
+
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    max_length: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+
+
+class InferenceStep(_Meta):
+    """One step of an inference stream: the new tokens' hidden states (and their positions and mask)."""
+
+    step: int = Field(ge=0)
+
+
+class SpanReply(_Meta):
+    pass
+
+
+class InferenceReply(_Meta):
+    position: int = 0  # tokens in the session's cache after this step
+    cache_tokens_left: int = 0
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).replace("\n", "; ")
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+ALLOWED_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in ALLOWED_DTYPES.items()}
+MAX_TENSOR_ELEMENTS = 1 << 30
+
+
+def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    tensor = tensor.detach().cpu().contiguous()
+    name = _DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        raise TypeError(f"cannot send a tensor of dtype {tensor.dtype}")
+    raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return runtime_pb2.Tensor(buffer=raw, size=list(tensor.shape), dtype=name, requires_grad=False)
+
+
+def unpack_tensor(proto: runtime_pb2.Tensor, what: str = "tensor") -> torch.Tensor:
+    dtype = ALLOWED_DTYPES.get(proto.dtype)
+    if dtype is None:
+        raise BadRequest(f"{what}: dtype {proto.dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
+    if proto.compression != runtime_pb2.CompressionType.NONE:
+        raise BadRequest(f"{what}: unsupported compression {proto.compression}")
+    shape = list(proto.size)
+    if len(shape) > 8 or any(d < 0 for d in shape):
+        raise BadRequest(f"{what}: invalid shape {shape}")
+    numel = math.prod(shape)
+    if numel > MAX_TENSOR_ELEMENTS:
+        raise BadRequest(f"{what}: {numel} elements exceed the limit of {MAX_TENSOR_ELEMENTS}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(proto.buffer) != numel * itemsize:
+        raise BadRequest(f"{what}: buffer has {len(proto.buffer)} bytes, shape {shape} of {proto.dtype} needs {numel * itemsize}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(proto.buffer), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def payload_bytes(tensors: Iterable[runtime_pb2.Tensor]) -> int:
+    return sum(len(t.buffer) for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+def split_message(meta: _Meta, tensors: Sequence[torch.Tensor], message_type=runtime_pb2.ExpertRequest) -> list:
+    """Pack tensors into stream messages of at most STREAM_CHUNK_BYTES of payload each.
+
+    Every tensor is cut into byte chunks; the first message carries the metadata and a header tensor
+    per input (shape and dtype with an empty buffer), the rest only carry chunks.
+    """
+    packed = [pack_tensor(t) for t in tensors]
+    headers = [runtime_pb2.Tensor(size=p.size, dtype=p.dtype) for p in packed]
+    chunks: list[runtime_pb2.Tensor] = []
+    for index, p in enumerate(packed):
+        for offset in range(0, max(len(p.buffer), 1), STREAM_CHUNK_BYTES):
+            # The chunk's index into the inputs rides in `size` so the receiver can reassemble.
+            chunks.append(runtime_pb2.Tensor(buffer=p.buffer[offset : offset + STREAM_CHUNK_BYTES], size=[index]))
+    messages = [message_type(metadata=meta.encode(), tensors=headers)]
+    messages += [message_type(tensors=[c]) for c in chunks]
+    return messages
+
+
+def join_message(first, rest: Iterable, max_bytes: int = 1 << 31) -> list[runtime_pb2.Tensor]:
+    """Inverse of split_message, given the first message and the remaining ones."""
+    buffers = [bytearray() for _ in first.tensors]
+    total = 0
+    for message in rest:
+        for chunk in message.tensors:
+            if len(chunk.size) != 1 or not 0 <= chunk.size[0] < len(buffers):
+                raise BadRequest("stream chunk refers to an unknown tensor")
+            total += len(chunk.buffer)
+            if total > max_bytes:
+                raise BadRequest(f"streamed request exceeds the limit of {max_bytes} bytes")
+            buffers[chunk.size[0]] += chunk.buffer
+    return [runtime_pb2.Tensor(buffer=bytes(b), size=h.size, dtype=h.dtype) for b, h in zip(buffers, first.tensors, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------- service
+
+
+class BlockService(ServicerBase):
+    """The RPC interface of a server. Clients call it through `BlockService.get_stub(p2p, peer, namespace=...)`;
+    servers register their implementation with `BlockService().add_p2p_handlers(p2p, wrapper=impl, ...)`,
+    so both sides derive the same handler names from this one class."""
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context) -> runtime_pb2.ExpertInfo:
+        raise NotImplementedError
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
+
+    async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
+        raise NotImplementedError
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
+
+    async def rpc_backward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
+        raise NotImplementedError
+
+    async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
+        raise NotImplementedError
