@@ -189,8 +189,8 @@ class DistributedCausalLMMixin:
         kwargs.setdefault("use_cache", True)
         output = super().generate(input_ids, *args, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        # The last sampled token was never fed through the servers; it is re-sent first next time.
-        session.token_ids = sequences[:, : session.position]
+        # The servers hold all but the last sampled token; the next call feeds it first.
+        session.token_ids = sequences
         return output
 
 

@@ -135,9 +135,10 @@ class Server:
             "bytes_out": self.handler.stats.bytes_out,
         }
 
-    def _announce(self, state: ServerState, expiration: float | None = None) -> None:
+    def _announce(self, state: ServerState, expiration: float | None = None, timeout: float = 10.0) -> None:
         ttl = expiration if expiration is not None else self.options.update_period * SERVER.expiration_factor
-        announce_span(self.dht, self.prefix, self.num_model_blocks, self._record(state), ttl)
+        if not announce_span(self.dht, self.prefix, self.num_model_blocks, self._record(state), ttl, timeout):
+            logger.warning("announcing %s to the DHT timed out after %.0f s; will retry", state.value, timeout)
 
     # ------------------------------------------------------------------------------------ run
 
@@ -193,7 +194,7 @@ class Server:
             except asyncio.TimeoutError:
                 await asyncio.to_thread(self._announce, ServerState.ONLINE)
         logger.info("leaving: announcing offline and draining %d open session(s)", self.handler.stats.sessions_open)
-        await asyncio.to_thread(self._announce, ServerState.OFFLINE, self.options.update_period)
+        await asyncio.to_thread(self._announce, ServerState.OFFLINE, self.options.update_period, 3.0)
         deadline = time.monotonic() + self.options.shutdown_timeout
         while self.handler.stats.sessions_open and time.monotonic() < deadline:
             await asyncio.sleep(0.1)

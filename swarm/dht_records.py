@@ -104,10 +104,20 @@ async def _store_span(
     )
 
 
-def announce_span(dht: DHT, prefix: str, num_blocks: int, record: ServerRecord, expiration: float) -> None:
-    """Store the record under every block of the span; it expires `expiration` seconds from now."""
-    dht.run_coroutine(partial(_store_span, prefix=prefix, num_blocks=num_blocks, record=record.to_dict(),
-                              expiration_time=get_dht_time() + expiration))
+def announce_span(dht: DHT, prefix: str, num_blocks: int, record: ServerRecord, expiration: float,
+                  timeout: float = 10.0) -> bool:
+    """Store the record under every block of the span; it expires `expiration` seconds from now.
+
+    Returns False if the DHT did not confirm within `timeout` (for example, when no other peer is reachable).
+    """
+    future = dht.run_coroutine(partial(_store_span, prefix=prefix, num_blocks=num_blocks, record=record.to_dict(),
+                                       expiration_time=get_dht_time() + expiration), return_future=True)
+    try:
+        future.result(timeout)
+        return True
+    except TimeoutError:
+        future.cancel()
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- reads

@@ -19,6 +19,16 @@ _JOIN = re.compile(r"Join with: --initial-peers (\S+)")
 LOCALHOST = "/ip4/127.0.0.1/tcp/0"
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to the child when the process that started it dies (no orphaned peers)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class PeerProcess:
     """A `swarm dht` or `swarm server` child process whose output goes to a log file."""
 
@@ -28,7 +38,7 @@ class PeerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "swarm.cli", *args], stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=_die_with_parent,
         )
         self.maddrs: list[str] = []
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+
+# hivemind recognises streaming RPCs by typing.AsyncIterator hints (not collections.abc's), keep this import.
+from typing import AsyncIterator  # noqa: UP035
 
 import torch
 from hivemind.p2p import ServicerBase

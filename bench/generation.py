@@ -1,0 +1,230 @@
+"""Greedy generation through a local swarm against plain transformers on the same machine.
+
+For each model: tokens/s of `generate()` locally and through a LocalSwarm of N servers, steady-state
+per-token decode latency (prefill excluded), their ratio, and the overhead each server hop adds.
+Run: python bench/generation.py [--models tiny,smollm2] [--runs 5] [--server-threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+
+from client.model import DistributedModelForCausalLM
+from swarm.assets import ensure_smollm2
+from swarm.launch import LocalSwarm
+
+MODELS = ("tiny", "smollm2")
+
+
+class StepClock(StoppingCriteria):
+    """Never stops generation; records when each new token is ready (called once per generated token)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Timing:
+    """Per-run measurements of one side (local or swarm), in seconds."""
+
+    totals: list[float] = field(default_factory=list)
+    prefills: list[float] = field(default_factory=list)
+    decode_steps: list[float] = field(default_factory=list)  # every decode step of every measured run
+
+    def tokens_per_s(self, new_tokens: int) -> float:
+        return new_tokens / statistics.median(self.totals)
+
+    @property
+    def step_ms(self) -> float:
+        return 1000 * statistics.median(self.decode_steps)
+
+    @property
+    def prefill_ms(self) -> float:
+        return 1000 * statistics.median(self.prefills)
+
+
+def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, timing: Timing | None) -> torch.Tensor:
+    """One greedy generate() of exactly `new_tokens` tokens; adds its timings to `timing` unless it is None."""
+    clock = StepClock()
+    start = time.perf_counter()
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                            stopping_criteria=StoppingCriteriaList([clock]))
+    total = time.perf_counter() - start
+    if timing is not None:
+        timing.totals.append(total)
+        timing.prefills.append(clock.times[0] - start)  # first forward over the prompt plus the first token
+        timing.decode_steps += [b - a for a, b in pairwise(clock.times)]
+    return output
+
+
+def measure(model, input_ids: torch.Tensor, new_tokens: int, runs: int) -> tuple[Timing, torch.Tensor]:
+    """A warm-up run, then `runs` measured ones; returns the timings and the (greedy, hence fixed) output."""
+    output = timed_generate(model, input_ids, new_tokens, None)
+    timing = Timing()
+    for _ in range(runs):
+        timed_generate(model, input_ids, new_tokens, timing)
+    return timing, output
+
+
+def build_tiny(folder: Path) -> Path:
+    """A random Llama small enough that the swarm's overhead, not compute, dominates."""
+    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=12,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # random init gives flat logits; sharpen them so the greedy comparison means something
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.mul_(8.0 if "embed" in name or "lm_head" in name else 2.0)
+    path = folder / "tiny-llama"
+    model.save_pretrained(path)
+    return path
+
+
+def even_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
+    bounds = [round(i * num_blocks / servers) for i in range(servers + 1)]
+    return list(pairwise(bounds))
+
+
+@dataclass
+class Result:
+    name: str
+    dtype: str
+    spans: list[tuple[int, int]]
+    local: Timing
+    swarm: Timing
+    new_tokens: int
+    same_output: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.swarm.tokens_per_s(self.new_tokens) / self.local.tokens_per_s(self.new_tokens)
+
+    @property
+    def hop_overhead_ms(self) -> float:
+        return (self.swarm.step_ms - self.local.step_ms) / len(self.spans)
+
+    def table(self) -> str:
+        rows = [f"{'':8}{'tok/s':>9}{'total s':>10}{'prefill ms':>12}{'decode ms/tok':>15}"]
+        for label, t in (("local", self.local), ("swarm", self.swarm)):
+            rows.append(f"{label:8}{t.tokens_per_s(self.new_tokens):9.1f}{statistics.median(t.totals):10.3f}"
+                        f"{t.prefill_ms:12.1f}{t.step_ms:15.2f}")
+        rows.append(f"ratio swarm/local tok/s: {self.ratio:.2f}x; decode step ratio "
+                    f"{self.local.step_ms / self.swarm.step_ms:.2f}x; per-hop overhead {self.hop_overhead_ms:.2f} ms "
+                    f"({len(self.spans)} hops)")
+        rows.append(f"greedy output identical to local: {'yes' if self.same_output else 'NO'}")
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        return (f"{self.name} {self.dtype}: swarm {self.swarm.tokens_per_s(self.new_tokens):.1f} tok/s, "
+                f"local {self.local.tokens_per_s(self.new_tokens):.1f} tok/s, ratio {self.ratio:.2f}x, "
+                f"per-hop overhead {self.hop_overhead_ms:.1f} ms")
+
+
+def bench_model(name: str, path: Path, args: argparse.Namespace) -> Result:
+    dtype = getattr(torch, args.dtype)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    num_blocks, vocab = local.config.num_hidden_layers, local.config.vocab_size
+    spans = even_spans(num_blocks, args.servers)
+    input_ids = torch.randint(vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        local_timing, local_output = measure(local, input_ids, args.new_tokens, args.runs)
+    del local
+
+    env = {"OMP_NUM_THREADS": str(args.server_threads)} if args.server_threads else None
+    with LocalSwarm() as swarm:
+        started = time.perf_counter()
+        swarm.start_bootstrap()
+        swarm.start_servers(str(path), spans, extra_args=["--torch-dtype", args.dtype], env=env)
+        print(f"  swarm of {len(spans)} servers {spans} ready in {time.perf_counter() - started:.1f} s"
+              f" (server threads: {args.server_threads or 'default'})")
+        model = DistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, torch_dtype=args.dtype)
+        try:
+            with torch.inference_mode():
+                swarm_timing, swarm_output = measure(model, input_ids, args.new_tokens, args.runs)
+        finally:
+            model.model.layers.connection.shutdown()
+
+    same = torch.equal(local_output, swarm_output)
+    if not same:
+        mismatch = (local_output != swarm_output).nonzero()[0, 1].item() - args.prompt_tokens
+        print(f"  WARNING: swarm greedy output differs from local from new token {mismatch} on")
+    return Result(name, args.dtype, spans, local_timing, swarm_timing, args.new_tokens, same)
+
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy over `seconds` (from /proc/stat; None where it does not exist)."""
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except OSError:
+        return None
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def warn_if_busy() -> None:
+    """Timings on a few CPU cores mean little while other processes keep them busy: say so."""
+    busy = cpu_busy()
+    if busy is not None and busy > 0.2:
+        print(f"  WARNING: other processes keep {100 * busy:.0f}% of the {os.cpu_count()} CPUs busy: timings will be skewed")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--runs", type=int, default=5, help="measured runs per side, after one warm-up run")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (never fewer)")
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="random prompt length, batch 1")
+    parser.add_argument("--servers", type=int, default=3, help="servers, splitting the blocks evenly")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype everywhere")
+    parser.add_argument("--server-threads", type=int, default=0,
+                        help="OMP_NUM_THREADS for server processes (default: inherit, i.e. torch's default)")
+    args = parser.parse_args()
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    threads = torch.get_num_threads()  # what the distributed client runs with; the local baseline gets the same
+    torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {threads} intra-op threads for the local baseline and the client; "
+          f"batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy, median of {args.runs} runs")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
+        for name in args.models.split(","):
+            path = build_tiny(Path(tmp)) if name == "tiny" else ensure_smollm2()
+            print(f"\n== {name} ({args.dtype}) ==")
+            warn_if_busy()
+            result = bench_model(name, path, args)
+            print(result.table())
+            results.append(result)
+    print()
+    for result in results:
+        print(result.summary())
+
+
+if __name__ == "__main__":
+    main()

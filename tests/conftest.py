@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny random Llama saved to disk, its local reference, and one swarm of real
+server processes on 127.0.0.1 that the whole session shares (starting peers is the slow part)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TINY_SPANS = [(0, 2), (2, 4), (4, 6)]
+TINY_CACHE_TOKENS = 4096
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    values = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    torch.manual_seed(2024)
+    model = LlamaForCausalLM(tiny_llama_config())
+    # Random init has tiny weights; scale them up so logits are peaked and token-identity tests mean something.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.mul_(8.0 if "embed" in name or "lm_head" in name else 2.0)
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def reference_model(tiny_model_path) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_swarm(tiny_model_path):
+    from swarm.launch import LocalSwarm
+
+    swarm = LocalSwarm()
+    try:
+        swarm.start_bootstrap()
+        swarm.start_servers(tiny_model_path, TINY_SPANS, ["--cache-tokens", str(TINY_CACHE_TOKENS), "--torch-dtype", "float32",
+                                                        "--max-chunk-tokens", "16384"])
+        yield swarm
+    finally:
+        swarm.stop()
+
+
+@pytest.fixture(scope="session")
+def dist_model(tiny_swarm, tiny_model_path):
+    from client.model import DistributedModelForCausalLM
+
+    model = DistributedModelForCausalLM.from_pretrained(tiny_model_path, tiny_swarm.initial_peers)
+    yield model
+    model.model.layers.connection.shutdown()
