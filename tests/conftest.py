@@ -19,6 +19,21 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**values)
 
 
+def tiny_tokenizer():
+    """A byte-level BPE trained in-process (the hub is unreachable): 300 tokens, ids 0-2 special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Hello world, a swarm of peers."] * 20,
+                                  trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> str:
     torch.manual_seed(2024)
@@ -30,6 +45,7 @@ def tiny_model_path(tmp_path_factory) -> str:
                 param.mul_(8.0 if "embed" in name or "lm_head" in name else 2.0)
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
     model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return str(path)
 
 

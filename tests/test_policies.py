@@ -1,0 +1,85 @@
+"""Pure policies: route planning, block selection and DHT record parsing (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from client.routing import NoRouteError, RouteStep, plan_route
+from server.block_selection import choose_span, coverage
+from swarm.dht_records import ServerInfo, ServerRecord, ServerState
+
+
+def server(name: str, start: int, end: int, ms: float | None = 1.0, state=ServerState.ONLINE) -> ServerInfo:
+    return ServerInfo(name, ServerRecord(state=state, start=start, end=end, ms_per_block=ms))
+
+
+def route(servers, start=0, end=6, **kwargs) -> list[tuple[str, int, int]]:
+    return [(s.peer_id, s.start, s.end) for s in plan_route(servers, start, end, **kwargs)]
+
+
+@pytest.mark.parametrize(
+    "servers, expected",
+    [
+        ([server("a", 0, 2), server("b", 2, 4), server("c", 4, 6)], [("a", 0, 2), ("b", 2, 4), ("c", 4, 6)]),
+        ([server("a", 0, 6), server("b", 0, 3), server("c", 3, 6)], [("a", 0, 6)]),  # fewer hops
+        ([server("a", 0, 6, ms=50), server("b", 0, 3), server("c", 3, 6)], [("b", 0, 3), ("c", 3, 6)]),  # a is slow
+        ([server("a", 0, 4), server("b", 2, 6, ms=2)], [("a", 0, 4), ("b", 4, 6)]),  # enters b mid-span
+        ([server("a", 0, 6, state=ServerState.OFFLINE), server("b", 0, 6, ms=9)], [("b", 0, 6)]),
+        ([server("a", 0, 6, ms=None), server("b", 0, 6, ms=20)], [("a", 0, 6)]),  # unknown speed = default 10 ms
+    ],
+)
+def test_plan_route(servers, expected):
+    assert route(servers) == expected
+
+
+def test_plan_route_sub_range_and_bans():
+    servers = [server("a", 0, 6), server("b", 0, 6, ms=5)]
+    assert route(servers, 2, 5) == [("a", 2, 5)]
+    assert route(servers, banned={"a"}) == [("b", 0, 6)]
+
+
+def test_plan_route_reports_the_uncovered_block():
+    with pytest.raises(NoRouteError, match="no online server hosts block 3"):
+        route([server("a", 0, 3), server("b", 4, 6)])
+    with pytest.raises(NoRouteError, match="block 0"):
+        route([])
+
+
+def test_route_steps_are_values():
+    assert RouteStep("a", 0, 2) == RouteStep("a", 0, 2)
+
+
+@pytest.mark.parametrize(
+    "num_blocks, length, spans, expected",
+    [
+        (30, 10, [], (0, 10)),
+        (30, 10, [(0, 10)], (10, 20)),
+        (30, 10, [(0, 10), (10, 20)], (20, 30)),
+        (30, 10, [(0, 10), (20, 30)], (10, 20)),
+        (30, 10, [(0, 10), (10, 20), (20, 30)], (0, 10)),
+        (30, 10, [(0, 10), (10, 20), (20, 30), (0, 10)], (10, 20)),
+        (6, 6, [(0, 3)], (0, 6)),
+        (8, 3, [(0, 4), (6, 8)], (3, 6)),  # the hole 4:6 must be covered
+    ],
+)
+def test_choose_span_covers_least_served_blocks(num_blocks, length, spans, expected):
+    assert choose_span(num_blocks, length, spans) == expected
+
+
+def test_choose_span_rejects_impossible_lengths():
+    with pytest.raises(ValueError, match="cannot host 7 blocks"):
+        choose_span(6, 7, [])
+    assert coverage(4, [(0, 2), (1, 9)]) == [1, 2, 1, 1]
+
+
+def test_server_record_round_trip_and_tolerance():
+    record = ServerRecord(state=ServerState.ONLINE, start=2, end=5, public_name="x", ms_per_block=1.5,
+                          cache_tokens_left=100, adapters=("a",))
+    assert ServerRecord.from_dict(record.to_dict()) == record
+    newer = {**record.to_dict(), "new_field": {"nested": 1}}
+    assert ServerRecord.from_dict(newer) == record
+    older = {"state": "online", "start": 0, "end": 4}
+    assert ServerRecord.from_dict(older).cache_tokens_left == 0
+    for garbage in (None, 5, "x", {"state": "dancing", "start": 0, "end": 1}, {"state": "online", "start": 3, "end": 1},
+                    {"state": "online", "start": "a", "end": 2}, {"state": "online"}):
+        assert ServerRecord.from_dict(garbage) is None
