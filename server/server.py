@@ -194,7 +194,8 @@ class Server:
             except asyncio.TimeoutError:
                 await asyncio.to_thread(self._announce, ServerState.ONLINE)
         logger.info("leaving: announcing offline and draining %d open session(s)", self.handler.stats.sessions_open)
-        await asyncio.to_thread(self._announce, ServerState.OFFLINE, self.options.update_period, 3.0)
+        # The DHT keeps the entry that expires last, so the offline record must outlive the online one.
+        await asyncio.to_thread(self._announce, ServerState.OFFLINE, None, 3.0)
         deadline = time.monotonic() + self.options.shutdown_timeout
         while self.handler.stats.sessions_open and time.monotonic() < deadline:
             await asyncio.sleep(0.1)

@@ -158,3 +158,31 @@ def test_eight_concurrent_clients(tiny_swarm, tiny_model_path, reference_model):
     assert not errors, errors
     for i in range(8):
         assert torch.equal(results[i], expected[i]), f"client {i} got a wrong continuation"
+
+
+def test_stopping_criteria_and_streamer(dist_model, reference_model, tiny_model_path):
+    from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+    prompt = torch.randint(3, 320, (1, 6), generator=torch.Generator().manual_seed(9))
+    full = reference_model.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    stop_token = int(full[0, 6 + 7])  # the 8th generated token becomes the end of sequence
+    first_stop = 6 + full[0, 6:].tolist().index(stop_token)
+    ours = dist_model.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=stop_token)
+    assert torch.equal(ours, full[:, : first_stop + 1])
+
+    class AtLength(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 10, dtype=torch.bool)
+
+    ours = dist_model.generate(prompt, max_new_tokens=20, do_sample=False, stopping_criteria=StoppingCriteriaList([AtLength()]))
+    assert torch.equal(ours, full[:, :10])
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    pieces = []
+
+    class Collect(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            pieces.append(text)
+
+    ours = dist_model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, streamer=Collect(tokenizer))
+    assert "".join(pieces) == tokenizer.decode(ours[0])
