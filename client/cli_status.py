@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from swarm.dht_records import ServerInfo, ServerState
+if TYPE_CHECKING:
+    from swarm.dht_records import ServerInfo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def block_coverage(num_blocks: int, servers: list[ServerInfo]) -> list[int]:
+    from swarm.dht_records import ServerState
+
     counts = [0] * num_blocks
     for server in servers:
         if server.record.state == ServerState.ONLINE:

@@ -107,7 +107,9 @@ class Server:
                 raise ValueError(f"--blocks {start}:{end} is outside the model's {self.num_model_blocks} blocks")
             return start, end
         servers = fetch_servers(self.dht, self.prefix, self.num_model_blocks)
-        spans = [(s.record.start, s.record.end) for s in servers if s.record.state != ServerState.OFFLINE]
+        # Our own record may still be there from before a restart with the same identity: ignore it.
+        spans = [(s.record.start, s.record.end) for s in servers
+                 if s.record.state != ServerState.OFFLINE and s.peer_id != self.dht.peer_id]
         return choose_span(self.num_model_blocks, min(o.num_blocks, self.num_model_blocks), spans)
 
     def _record(self, state: ServerState) -> ServerRecord:
@@ -145,6 +147,9 @@ class Server:
     def run(self, install_signal_handlers: bool = True) -> None:
         """Serve until SIGTERM/SIGINT (or `stop()`), then leave the swarm cleanly."""
         o = self.options
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            # Until the event loop takes over, SIGTERM during loading stops the server once it can (Ctrl-C aborts at once).
+            signal.signal(signal.SIGTERM, lambda *_: self.stop())
         self.dht = self._start_dht()
         try:
             self.start, self.end = self._choose_blocks()
