@@ -30,6 +30,7 @@ def test_num_blocks_servers_fill_the_model_and_leave_cleanly(tiny_model_path):
         assert "blocks 2:6 of tiny-llama" in second.log()  # covers the uncovered 4:6, overlapping least
 
         dht = hivemind.DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True)
+        p2p = aio.run(dht.replicate_p2p())
         try:
             assert fetch_models(dht) == {"tiny-llama": 6}
             servers = fetch_servers(dht, "tiny-llama", 6)
@@ -37,7 +38,6 @@ def test_num_blocks_servers_fill_the_model_and_leave_cleanly(tiny_model_path):
                 (0, 4, ServerState.ONLINE), (2, 6, ServerState.ONLINE)]
             assert all(s.record.ms_per_block > 0 and s.record.cache_tokens_left > 0 for s in servers)
 
-            p2p = aio.run(dht.replicate_p2p())
             first_peer = next(s.peer_id for s in servers if s.record.start == 0)
             stub = BlockService.get_stub(p2p, first_peer, namespace="tiny-llama")
             info = json.loads(aio.run(stub.rpc_info(runtime_pb2.ExpertUID(), timeout=10)).serialized_info)
@@ -50,4 +50,5 @@ def test_num_blocks_servers_fill_the_model_and_leave_cleanly(tiny_model_path):
             states = {(s.record.start, s.record.state) for s in fetch_servers(dht, "tiny-llama", 6)}
             assert (0, ServerState.OFFLINE) in states and (2, ServerState.ONLINE) in states
         finally:
+            aio.run(p2p.shutdown())
             dht.shutdown()
