@@ -2,13 +2,24 @@
 
 For each model: tokens/s of `generate()` locally and through a LocalSwarm of N servers, steady-state
 per-token decode latency (prefill excluded), their ratio, and the overhead each server hop adds.
-Run: python bench/generation.py [--models tiny,smollm2] [--runs 5] [--server-threads 1]
+Run: python bench/generation.py [--models tiny,smollm2] [--runs 5] [--server-env OMP_NUM_THREADS=1]
+
+Each side runs as it would on its own: the local baseline in a separate process with the default OpenMP
+settings (busy-waiting threads suit a process that has the machine to itself), the swarm client here with
+passive OpenMP waiting, as the `swarm` command and LocalSwarm's servers use when peers share a machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
+
+_USER_OMP_POLICY = os.environ.get("OMP_WAIT_POLICY")
+if "--baseline-worker" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must be set before torch starts its OpenMP runtime
 import statistics
 import tempfile
 import time
@@ -17,7 +28,15 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.utils import logging as hf_logging
 
 from client.model import DistributedModelForCausalLM
 from swarm.assets import ensure_smollm2
@@ -124,7 +143,7 @@ class Result:
         for label, t in (("local", self.local), ("swarm", self.swarm)):
             rows.append(f"{label:8}{t.tokens_per_s(self.new_tokens):9.1f}{statistics.median(t.totals):10.3f}"
                         f"{t.prefill_ms:12.1f}{t.step_ms:15.2f}")
-        rows.append(f"ratio swarm/local tok/s: {self.ratio:.2f}x; decode step ratio "
+        rows.append(f"ratio swarm/local tok/s: {self.ratio:.2f}x; steady-state decode ratio "
                     f"{self.local.step_ms / self.swarm.step_ms:.2f}x; per-hop overhead {self.hop_overhead_ms:.2f} ms "
                     f"({len(self.spans)} hops)")
         rows.append(f"greedy output identical to local: {'yes' if self.same_output else 'NO'}")
@@ -136,23 +155,44 @@ class Result:
                 f"per-hop overhead {self.hop_overhead_ms:.1f} ms")
 
 
-def bench_model(name: str, path: Path, args: argparse.Namespace) -> Result:
-    dtype = getattr(torch, args.dtype)
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    num_blocks, vocab = local.config.num_hidden_layers, local.config.vocab_size
-    spans = even_spans(num_blocks, args.servers)
-    input_ids = torch.randint(vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        local_timing, local_output = measure(local, input_ids, args.new_tokens, args.runs)
-    del local
+def prompt_ids(vocab_size: int, length: int) -> torch.Tensor:
+    return torch.randint(vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
 
-    env = {"OMP_NUM_THREADS": str(args.server_threads)} if args.server_threads else None
+
+def baseline_worker(path: str, dtype: str, prompt_tokens: int, new_tokens: int, runs: int) -> None:
+    """Runs in a child process: local generate() timings and output, printed as one JSON line."""
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    input_ids = prompt_ids(local.config.vocab_size, prompt_tokens)
+    with torch.inference_mode():
+        timing, output = measure(local, input_ids, new_tokens, runs)
+    print(json.dumps({"totals": timing.totals, "prefills": timing.prefills, "decode_steps": timing.decode_steps,
+                      "output": output.tolist()}))
+
+
+def measure_local(path: Path, args: argparse.Namespace) -> tuple[Timing, torch.Tensor]:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if _USER_OMP_POLICY is not None:
+        env["OMP_WAIT_POLICY"] = _USER_OMP_POLICY
+    command = [sys.executable, __file__, "--baseline-worker", str(path), args.dtype, str(args.prompt_tokens),
+               str(args.new_tokens), str(args.runs)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    return Timing(data["totals"], data["prefills"], data["decode_steps"]), torch.tensor(data["output"])
+
+
+def bench_model(name: str, path: Path, args: argparse.Namespace) -> Result:
+    local_timing, local_output = measure_local(path, args)
+    config = AutoConfig.from_pretrained(path)
+    spans = even_spans(config.num_hidden_layers, args.servers)
+    input_ids = prompt_ids(config.vocab_size, args.prompt_tokens)
+
+    env = dict(item.split("=", 1) for item in args.server_env)
     with LocalSwarm() as swarm:
         started = time.perf_counter()
         swarm.start_bootstrap()
         swarm.start_servers(str(path), spans, extra_args=["--torch-dtype", args.dtype], env=env)
         print(f"  swarm of {len(spans)} servers {spans} ready in {time.perf_counter() - started:.1f} s"
-              f" (server threads: {args.server_threads or 'default'})")
+              f" (server env: {' '.join(args.server_env) or 'inherited'})")
         model = DistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, torch_dtype=args.dtype)
         try:
             with torch.inference_mode():
@@ -197,9 +237,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=16, help="random prompt length, batch 1")
     parser.add_argument("--servers", type=int, default=3, help="servers, splitting the blocks evenly")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype everywhere")
-    parser.add_argument("--server-threads", type=int, default=0,
-                        help="OMP_NUM_THREADS for server processes (default: inherit, i.e. torch's default)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment variable for the server processes, e.g. OMP_NUM_THREADS=1 (repeatable)")
     args = parser.parse_args()
+    if any("=" not in item for item in args.server_env):
+        parser.error("--server-env takes NAME=VALUE")
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
@@ -207,11 +249,18 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--baseline-worker"]:
+        path, dtype, prompt_tokens, new_tokens, runs = sys.argv[2:7]
+        baseline_worker(path, dtype, int(prompt_tokens), int(new_tokens), int(runs))
+        return
     args = parse_args()
+    hf_logging.disable_progress_bar()
     threads = torch.get_num_threads()  # what the distributed client runs with; the local baseline gets the same
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {threads} intra-op threads for the local baseline and the client; "
-          f"batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy, median of {args.runs} runs")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; batch 1, prompt {args.prompt_tokens}, "
+          f"{args.new_tokens} new tokens, greedy, median of {args.runs} runs after a warm-up; "
+          "swarm prefill includes opening the session")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
         for name in args.models.split(","):

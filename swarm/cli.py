@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    if args.command in ("generate", "demo"):
+        # A client mostly waits on the network; its OpenMP threads should sleep, not spin, while they wait
+        # (set before torch starts its thread pool; the user's own setting wins).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:

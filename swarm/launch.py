@@ -15,6 +15,10 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# Peers that share one machine should not busy-wait: an idle OpenMP thread that spins steals the core the
+# next server in the chain needs. The user's own setting, or `env`, wins.
+COLOCATED_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 _JOIN = re.compile(r"Join with: --initial-peers (\S+)")
 LOCALHOST = "/ip4/127.0.0.1/tcp/0"
 
@@ -38,7 +42,7 @@ class PeerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "swarm.cli", *args], stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=_die_with_parent,
+            env={**COLOCATED_ENV, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=_die_with_parent,
         )
         self.maddrs: list[str] = []
 
