@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from swarm.dht_records import fetch_servers
     from swarm.launch import LocalSwarm
 
-    console = Console()
+    console = Console(width=120)
     model_path = args.model or str(ensure_smollm2())
     num_blocks = AutoConfig.from_pretrained(model_path).num_hidden_layers
     spans = spans_for(num_blocks, args.servers)
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold]Starting {len(spans)} servers:[/] blocks " + ", ".join(f"{a}:{b}" for a, b in spans))
         begin = time.monotonic()
         swarm.start_servers(model_path, spans, ["--torch-dtype", args.torch_dtype])
-        console.print(f"Servers ready in {time.monotonic() - begin:.1f} s; join address: {swarm.initial_peers[0]}")
+        console.print(f"Servers ready in {time.monotonic() - begin:.1f} s; join with: --initial-peers {swarm.initial_peers[0]}",
+                      soft_wrap=True)
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = DistributedModelForCausalLM.from_pretrained(model_path, swarm.initial_peers, torch_dtype="float32")
