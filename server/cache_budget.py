@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from swarm.protocol import CacheFull
 
 
@@ -17,9 +14,8 @@ class CacheBudget:
     def free(self) -> int:
         return self.total - self.used
 
-    @contextmanager
-    def reserve(self, tokens: int) -> Iterator[None]:
-        """Hold `tokens` for the duration of the block; fail at once with a clear error when they do not fit."""
+    def acquire(self, tokens: int) -> None:
+        """Hold `tokens` until `release(tokens)`; fail at once with a clear error when they do not fit."""
         if tokens > self.total:
             raise CacheFull(
                 f"a session of {tokens} tokens (batch_size * max_length) exceeds this server's whole KV-cache "
@@ -28,7 +24,6 @@ class CacheBudget:
         if tokens > self.free:
             raise CacheFull(f"KV cache is full: {self.free} of {self.total} tokens free, {tokens} requested; retry later or use another server")
         self.used += tokens
-        try:
-            yield
-        finally:
-            self.used -= tokens
+
+    def release(self, tokens: int) -> None:
+        self.used -= tokens

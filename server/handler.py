@@ -114,7 +114,7 @@ class BlockHandler:
 
         protos, output = await self._guard(kind, call())
         messages = split_message(SpanReply(), [output], runtime_pb2.ExpertResponse)
-        self._count(kind, protos, [pack_tensor(output)])
+        self._count(kind, protos, [chunk for message in messages for chunk in message.tensors])
         for message in messages:
             yield message
 
@@ -145,8 +145,8 @@ class BlockHandler:
                 raise BadRequest(f"batch size {meta.batch_size} exceeds this server's limit of {self.backend.limits.max_batch_size}")
             if meta.max_length > self.backend.max_position:
                 raise BadRequest(f"max_length {meta.max_length} exceeds the model's {self.backend.max_position} positions")
-            reservation = self.budget.reserve(meta.batch_size * meta.max_length)
-            reservation.__enter__()
+            tokens = meta.batch_size * meta.max_length
+            self.budget.acquire(tokens)
         except SwarmError as exc:
             self.stats.errors += 1
             logger.info("inference session refused: %s", exc)
@@ -171,7 +171,7 @@ class BlockHandler:
                 yield response
         finally:
             self.stats.sessions_open -= 1
-            reservation.__exit__(None, None, None)
+            self.budget.release(tokens)
 
     async def _inference_step(self, state: InferenceState, request: runtime_pb2.ExpertRequest) -> torch.Tensor:
         InferenceStep.decode(request.metadata)
