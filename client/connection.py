@@ -67,9 +67,14 @@ class SwarmConnection:
 
     # ------------------------------------------------------------------------------------ stateless calls
 
-    async def span_call(self, kind: str, step: RouteStep, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Forward or backward through one route step; payloads over the unary limit go over a stream."""
-        meta = SpanRequest(start=step.start, end=step.end)
+    async def span_call(self, kind: str, step: RouteStep, tensors: Sequence[torch.Tensor],
+                        lora_names: Sequence[str] = (), lora_scaling: float = 1.0) -> list[torch.Tensor]:
+        """Forward or backward through one route step; payloads over the unary limit go over a stream.
+
+        `tensors` ends with the LoRA tensors named by `lora_names`. Returns the server's tensors: [output] for a
+        forward, [grad w.r.t. the input, grad w.r.t. each LoRA tensor] for a backward.
+        """
+        meta = SpanRequest(start=step.start, end=step.end, lora=list(lora_names), lora_scaling=lora_scaling)
         stub = self.stub(step.peer_id)
         try:
             packed = [pack_tensor(t) for t in tensors]
@@ -77,7 +82,7 @@ class SwarmConnection:
                 method = stub.rpc_forward if kind == "forward" else stub.rpc_backward
                 request = runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed)
                 response = await method(request, timeout=self.request_timeout)
-                return unpack_tensor(response.tensors[0], "server output")
+                return [unpack_tensor(t, "server output") for t in response.tensors]
             method = stub.rpc_forward_stream if kind == "forward" else stub.rpc_backward_stream
             messages = split_message(meta, tensors)
 
@@ -89,7 +94,7 @@ class SwarmConnection:
                 replies = [reply async for reply in await method(requests())]
                 if not replies:
                     raise RemoteError("transport", "server closed the stream without replying")
-                return unpack_tensor(join_message(replies[0], replies[1:])[0], "server output")
+                return [unpack_tensor(t, "server output") for t in join_message(replies[0], replies[1:])]
 
             return await asyncio.wait_for(call(), timeout=self.request_timeout)
         except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:

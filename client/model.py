@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from client.connection import SwarmConnection
 from client.inference_session import InferenceSession
+from client.lora import RemoteLora
 from client.remote_sequential import RemoteSequential
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
 from swarm.config import CLIENT
@@ -146,9 +147,30 @@ class DistributedCausalLMMixin:
     def get_decoder(self):
         return getattr(self, self.base_model_prefix)
 
+    def add_lora_adapter(self, lora_config) -> RemoteLora:
+        """Create LoRA tensors (a peft LoraConfig: r, lora_alpha, target_modules) for every remote block.
+
+        They are ordinary parameters of this model (train them with any torch optimizer); the servers apply
+        them to each forward and backward request and keep nothing.
+        """
+        if self.remote_layers.lora is not None:
+            raise RuntimeError("this model already has a LoRA adapter")
+        lora = RemoteLora(self.get_decoder().family, self.config, lora_config, self.config.num_hidden_layers)
+        self.remote_layers.lora = lora.to(self.dtype)
+        return self.remote_layers.lora
+
+    def save_lora_adapter(self, directory) -> None:
+        """Save the adapter in the peft format (adapter_config.json + adapter_model.safetensors)."""
+        if self.remote_layers.lora is None:
+            raise RuntimeError("this model has no LoRA adapter; call add_lora_adapter() first")
+        self.remote_layers.lora.save_pretrained(directory, base_model_name_or_path=self.name_or_path)
+
     @contextlib.contextmanager
     def inference_session(self, max_length: int = CLIENT.max_length, batch_size: int | None = None):
         """Open KV-cached streams through the swarm; `generate()` calls inside continue one another."""
+        if self.remote_layers.lora is not None:
+            raise NotImplementedError("generation with a client-side LoRA adapter is not supported yet (planned); "
+                                      "forward() and backward() apply it")
         if self._active_session is not None:
             raise RuntimeError("an inference session is already open on this model")
         session = self.remote_layers.inference_session(max_length, batch_size)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from swarm import lora
 from swarm.config import SERVER
 from swarm.models.span import BlockSpan
 from swarm.protocol import BadRequest, BlocksNotServed, MaxLengthExceeded
@@ -70,22 +71,32 @@ class SpanBackend:
         if not bool(torch.isfinite(hidden).all()):
             raise BadRequest(f"{what} contain NaN or Inf")
 
+    def layers(self, start: int, end: int) -> dict:
+        return {i: self.span.layers[i - self.start] for i in range(start, end)}
+
     # ------------------------------------------------------------------------------------ compute
 
     @torch.inference_mode()
-    def forward(self, inputs: SpanInputs, start: int, end: int) -> torch.Tensor:
-        return self.span(inputs.hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end)
+    def forward(self, inputs: SpanInputs, start: int, end: int, lora_names=(), lora_tensors=(), scaling: float = 1.0) -> torch.Tensor:
+        layers = self.layers(start, end)
+        pairs = lora.parse_lora(lora_names, lora_tensors, layers, self.dtype)
+        with lora.applied(layers, pairs, scaling):
+            return self.span(inputs.hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end)
 
-    def backward(self, inputs: SpanInputs, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Gradient of the span's output w.r.t. its input, recomputing the forward (servers keep no activations)."""
+    def backward(self, inputs: SpanInputs, grad_output: torch.Tensor, start: int, end: int, lora_names=(),
+                 lora_tensors=(), scaling: float = 1.0) -> list[torch.Tensor]:
+        """Gradients w.r.t. the span's input and each LoRA tensor, recomputing the forward (servers keep no activations)."""
         self.check_hidden(grad_output, "output gradient")
         if grad_output.shape != inputs.hidden.shape:
             raise BadRequest(f"output gradient has shape {list(grad_output.shape)}, hidden states {list(inputs.hidden.shape)}")
+        layers = self.layers(start, end)
         with torch.enable_grad():
             hidden = inputs.hidden.detach().requires_grad_(True)
-            output = self.span(hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end)
-            (grad_input,) = torch.autograd.grad(output, hidden, grad_output.to(output.dtype))
-        return grad_input
+            leaves = [t.detach().to(self.dtype).requires_grad_(True) for t in lora_tensors]
+            pairs = lora.parse_lora(lora_names, leaves, layers, self.dtype)
+            with lora.applied(layers, pairs, scaling):
+                output = self.span(hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end)
+            return list(torch.autograd.grad(output, [hidden, *leaves], grad_output.to(output.dtype), allow_unused=True))
 
 
 class InferenceState:

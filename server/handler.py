@@ -85,21 +85,29 @@ class BlockHandler:
 
     # ------------------------------------------------------------------------------------ forward / backward
 
-    async def _span_call(self, kind: str, metadata: bytes, protos) -> torch.Tensor:
+    async def _span_call(self, kind: str, metadata: bytes, protos) -> list[torch.Tensor]:
+        """Forward: [output]. Backward: [grad w.r.t. input, grad w.r.t. each LoRA tensor in request order]."""
         meta = SpanRequest.decode(metadata)
         self.backend.check_span(meta.start, meta.end)
         tensors = [unpack_tensor(t, f"tensor {i}") for i, t in enumerate(protos)]
+        if len(meta.lora) >= len(tensors):
+            raise BadRequest(f"metadata names {len(meta.lora)} LoRA tensors but the request carries {len(tensors)} tensors")
+        split = len(tensors) - len(meta.lora)
+        tensors, lora_tensors = tensors[:split], tensors[split:]
+        lora_args = (meta.lora, lora_tensors, meta.lora_scaling)
         if kind == "forward":
             inputs = self.backend.check_inputs(tensors)
-            output = await self._compute(self.backend.forward, inputs, meta.start, meta.end)
+            outputs = [await self._compute(self.backend.forward, inputs, meta.start, meta.end, *lora_args)]
         else:
-            inputs = self.backend.check_inputs(tensors[:-1] if tensors else tensors)
-            output = await self._compute(self.backend.backward, inputs, tensors[-1], meta.start, meta.end)
-        return output.to(tensors[0].dtype)
+            inputs = self.backend.check_inputs(tensors[:-1])
+            outputs = await self._compute(self.backend.backward, inputs, tensors[-1], meta.start, meta.end, *lora_args)
+            outputs = [g if g is not None else torch.zeros_like(t) for g, t in zip(outputs, [tensors[0], *lora_tensors], strict=True)]
+        reference = [tensors[0], *lora_tensors]
+        return [out.to(ref.dtype) for out, ref in zip(outputs, reference, strict=False)]
 
     async def _unary(self, kind: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
-        output = await self._guard(kind, self._span_call(kind, request.metadata, request.tensors))
-        response = runtime_pb2.ExpertResponse(tensors=[pack_tensor(output)], metadata=SpanReply().encode())
+        outputs = await self._guard(kind, self._span_call(kind, request.metadata, request.tensors))
+        response = runtime_pb2.ExpertResponse(tensors=[pack_tensor(t) for t in outputs], metadata=SpanReply().encode())
         self._count(kind, request.tensors, response.tensors)
         return response
 
@@ -112,8 +120,8 @@ class BlockHandler:
             protos = join_message(first, rest)
             return protos, await self._span_call(kind, first.metadata, protos)
 
-        protos, output = await self._guard(kind, call())
-        messages = split_message(SpanReply(), [output], runtime_pb2.ExpertResponse)
+        protos, outputs = await self._guard(kind, call())
+        messages = split_message(SpanReply(), outputs, runtime_pb2.ExpertResponse)
         self._count(kind, protos, [chunk for message in messages for chunk in message.tensors])
         for message in messages:
             yield message

@@ -102,6 +102,9 @@ class SpanRequest(_Meta):
 
     start: int = Field(ge=0)
     end: int = Field(ge=1)
+    # LoRA tensors ride after the inputs, in this order (names as in swarm.lora); scaling = alpha / rank.
+    lora: list[str] = Field(default_factory=list, max_length=4096)
+    lora_scaling: float = 1.0
 
 
 class InferenceOpen(_Meta):

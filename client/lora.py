@@ -1,0 +1,81 @@
+"""Client-owned LoRA adapters for remote blocks: ordinary torch parameters, saved in the peft format."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PretrainedConfig
+
+from swarm.lora import linear_modules, lora_name, peft_key
+from swarm.models import ModelFamily
+
+
+def target_linear_shapes(family: ModelFamily, config: PretrainedConfig, lora_config: LoraConfig) -> dict[str, tuple[int, int]]:
+    """Module path -> (in_features, out_features) of the linear layers of one block that the config targets."""
+    with torch.device("meta"):
+        layer = family.decoder_layer_class(config, 0)
+    targets = lora_config.target_modules
+    targets = {targets} if isinstance(targets, str) else set(targets or ())
+    shapes = {path: (m.in_features, m.out_features) for path, m in linear_modules(layer).items()
+              if path.rsplit(".", 1)[-1] in targets}
+    if not shapes:
+        raise ValueError(f"target_modules {sorted(targets)} match no linear layer of a block; "
+                         f"choose from {sorted({p.rsplit('.', 1)[-1] for p in linear_modules(layer)})}")
+    return shapes
+
+
+class RemoteLora(nn.Module):
+    """LoRA tensors for every block of a model; the servers apply them per request and keep nothing."""
+
+    def __init__(self, family: ModelFamily, config: PretrainedConfig, lora_config: LoraConfig, num_blocks: int):
+        super().__init__()
+        if lora_config.lora_dropout:
+            raise ValueError("lora_dropout > 0 is not supported for remote blocks yet; use lora_dropout=0")
+        if getattr(lora_config, "use_dora", False):
+            raise ValueError("DoRA is not supported for remote blocks")
+        self.lora_config = lora_config
+        rank = lora_config.r
+        self.scaling = lora_config.lora_alpha / (math.sqrt(rank) if lora_config.use_rslora else rank)
+        self.shapes = target_linear_shapes(family, config, lora_config)
+        self.names: list[str] = []
+        self.params = nn.ParameterList()
+        for block in range(num_blocks):
+            for module, (in_features, out_features) in sorted(self.shapes.items()):
+                a = torch.empty(rank, in_features)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # peft's default initialisation: B = 0, so the delta starts at 0
+                for kind, tensor in (("A", a), ("B", torch.zeros(out_features, rank))):
+                    self.names.append(lora_name(block, module, kind))
+                    self.params.append(nn.Parameter(tensor))
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    def named_lora(self) -> dict[str, nn.Parameter]:
+        return dict(zip(self.names, self.params, strict=True))
+
+    def for_blocks(self, start: int, end: int) -> tuple[list[str], list[nn.Parameter]]:
+        names = [n for n in self.names if start <= int(n.split(".", 1)[0]) < end]
+        return names, [self.params[self._index[n]] for n in names]
+
+    def index(self, name: str) -> int:
+        return self._index[name]
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        result = {}
+        for name, param in self.named_lora().items():
+            block, rest = name.split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            result[peft_key(int(block), module, kind)] = param.detach().contiguous()
+        return result
+
+    def save_pretrained(self, directory: str | Path, base_model_name_or_path: str | None = None) -> None:
+        """Write adapter_config.json and adapter_model.safetensors, loadable with peft on the local model."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = LoraConfig(**{**self.lora_config.to_dict(), "base_model_name_or_path": base_model_name_or_path,
+                               "task_type": "CAUSAL_LM", "target_modules": sorted({m.rsplit(".", 1)[-1] for m in self.shapes})})
+        config.save_pretrained(str(directory))
+        save_file(self.peft_state_dict(), str(directory / "adapter_model.safetensors"))

@@ -1,0 +1,106 @@
+"""LoRA tensors on the wire: their names, their validation, and applying them to a span for one call.
+
+A LoRA tensor is named '{block}.{module}.{A|B}', e.g. '3.self_attn.q_proj.A', where `module` is a
+linear layer inside the decoder block. A has shape [rank, in_features], B [out_features, rank]; the layer
+computes base(x) + scaling * (x @ A.T) @ B.T, as peft does (dropout 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from swarm.protocol import BadRequest
+
+MAX_RANK = 256
+_NAME = re.compile(r"(\d+)\.([A-Za-z0-9_.]+)\.(A|B)")
+
+
+def lora_name(block: int, module: str, kind: str) -> str:
+    return f"{block}.{module}.{kind}"
+
+
+def peft_key(block: int, module: str, kind: str) -> str:
+    """The key peft uses for this tensor in adapter_model.safetensors (Llama-style layout)."""
+    return f"base_model.model.model.layers.{block}.{module}.lora_{kind}.weight"
+
+
+def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    block: int
+    module: str
+    A: torch.Tensor  # [rank, in_features]
+    B: torch.Tensor  # [out_features, rank]
+
+
+def parse_lora(names: Sequence[str], tensors: Sequence[torch.Tensor], layers: dict[int, nn.Module],
+               dtype: torch.dtype) -> list[LoraPair]:
+    """Validate every name and shape against the hosted blocks; pair A with B. Raises BadRequest."""
+    if len(names) != len(tensors):
+        raise BadRequest(f"{len(names)} LoRA names but {len(tensors)} LoRA tensors")
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in zip(names, tensors, strict=True):
+        match = _NAME.fullmatch(name)
+        if match is None:
+            raise BadRequest(f"LoRA tensor name {name!r} is not of the form BLOCK.MODULE.A or BLOCK.MODULE.B")
+        block, module, kind = int(match.group(1)), match.group(2), match.group(3)
+        if block not in layers:
+            raise BadRequest(f"LoRA tensor {name!r} is for block {block}, which this request does not run")
+        linear = linear_modules(layers[block]).get(module)
+        if linear is None:
+            raise BadRequest(f"LoRA tensor {name!r}: block {block} has no linear layer {module!r}")
+        if not tensor.is_floating_point() or tensor.ndim != 2:
+            raise BadRequest(f"LoRA tensor {name!r} must be a 2-D floating-point matrix, got {tensor.dtype} {list(tensor.shape)}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise BadRequest(f"LoRA tensor {name!r} contains NaN or Inf")
+        slot = found.setdefault((block, module), {})
+        if kind in slot:
+            raise BadRequest(f"LoRA tensor {name!r} appears twice")
+        slot[kind] = tensor.to(dtype)
+    pairs = []
+    for (block, module), slot in sorted(found.items()):
+        if set(slot) != {"A", "B"}:
+            raise BadRequest(f"LoRA for block {block} {module} needs both A and B")
+        linear = linear_modules(layers[block])[module]
+        a, b = slot["A"], slot["B"]
+        rank = a.shape[0]
+        if not 1 <= rank <= MAX_RANK or tuple(a.shape) != (rank, linear.in_features) or tuple(b.shape) != (linear.out_features, rank):
+            raise BadRequest(
+                f"LoRA for block {block} {module}: A must be [rank, {linear.in_features}] and B [{linear.out_features}, rank] "
+                f"with 1 <= rank <= {MAX_RANK}; got A {list(a.shape)}, B {list(b.shape)}"
+            )
+        pairs.append(LoraPair(block, module, a, b))
+    return pairs
+
+
+@contextlib.contextmanager
+def applied(layers: dict[int, nn.Module], pairs: Sequence[LoraPair], scaling: float) -> Iterator[None]:
+    """Add the LoRA deltas to the outputs of their linear layers for the duration of one call.
+
+    The hooks live only inside this block, so the adapter is passed per call rather than stored on the model.
+    Callers must not run two calls on the same layers at once (servers use one compute thread).
+    """
+    handles = []
+
+    def hook_for(pair: LoraPair):
+        def hook(module, inputs, output):
+            return output + scaling * (inputs[0] @ pair.A.T) @ pair.B.T
+
+        return hook
+
+    try:
+        for pair in pairs:
+            handles.append(linear_modules(layers[pair.block])[pair.module].register_forward_hook(hook_for(pair)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
