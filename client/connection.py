@@ -111,8 +111,10 @@ class SwarmConnection:
 class SpanStream:
     """An open inference stream with one server: a KV cache there, one message per step."""
 
-    def __init__(self, connection: SwarmConnection, step: RouteStep, batch_size: int, max_length: int):
+    def __init__(self, connection: SwarmConnection, step: RouteStep, batch_size: int, max_length: int,
+                 lora_names: Sequence[str] = (), lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0):
         self.connection, self.step = connection, step
+        self.lora_names, self.lora_tensors, self.lora_scaling = list(lora_names), list(lora_tensors), lora_scaling
         self.batch_size, self.max_length = batch_size, max_length
         self._queue: asyncio.Queue = asyncio.Queue()
         self._replies = None
@@ -124,11 +126,13 @@ class SpanStream:
             while (message := await self._queue.get()) is not None:
                 yield message
 
-        meta = InferenceOpen(start=self.step.start, end=self.step.end, max_length=self.max_length, batch_size=self.batch_size)
+        meta = InferenceOpen(start=self.step.start, end=self.step.end, max_length=self.max_length, batch_size=self.batch_size,
+                             lora=self.lora_names, lora_scaling=self.lora_scaling)
         try:
             self._replies = await asyncio.wait_for(
                 self.connection.stub(self.step.peer_id).rpc_inference(requests()), CLIENT.connect_timeout)
-            self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode()))
+            self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(),
+                                                             tensors=[pack_tensor(t) for t in self.lora_tensors]))
             await self._next_reply()
         except BaseException:
             self._queue.put_nowait(None)

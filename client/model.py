@@ -168,9 +168,6 @@ class DistributedCausalLMMixin:
     @contextlib.contextmanager
     def inference_session(self, max_length: int = CLIENT.max_length, batch_size: int | None = None):
         """Open KV-cached streams through the swarm; `generate()` calls inside continue one another."""
-        if self.remote_layers.lora is not None:
-            raise NotImplementedError("generation with a client-side LoRA adapter is not supported yet (planned); "
-                                      "forward() and backward() apply it")
         if self._active_session is not None:
             raise RuntimeError("an inference session is already open on this model")
         session = self.remote_layers.inference_session(max_length, batch_size)

@@ -86,7 +86,7 @@ class RemoteSequential(nn.Module):
         return output.to(hidden.dtype)
 
     def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:
-        return InferenceSession(self.connection, max_length, self.start, self.end, batch_size)
+        return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.lora)
 
     def extra_repr(self) -> str:
         return f"blocks {self.start}:{self.end} of {self.connection.prefix!r} (remote)"

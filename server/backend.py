@@ -102,8 +102,11 @@ class SpanBackend:
 class InferenceState:
     """One client's KV cache on this server, for blocks [start, end) and up to max_length tokens."""
 
-    def __init__(self, backend: SpanBackend, start: int, end: int, batch_size: int, max_length: int):
+    def __init__(self, backend: SpanBackend, start: int, end: int, batch_size: int, max_length: int,
+                 lora_pairs=(), lora_scaling: float = 1.0):
         self.backend, self.start, self.end = backend, start, end
+        self.layers = backend.layers(start, end)
+        self.lora_pairs, self.lora_scaling = list(lora_pairs), lora_scaling
         self.batch_size, self.max_length = batch_size, max_length
         self.cache = backend.span.new_cache()
         self.mask = torch.ones(batch_size, 0, dtype=torch.int64)
@@ -125,7 +128,8 @@ class InferenceState:
         new_mask = inputs.attention_mask if inputs.attention_mask is not None else torch.ones(batch, length, dtype=torch.int64)
         mask = torch.cat([self.mask, new_mask], dim=1)
         try:
-            output = self.backend.span(inputs.hidden, inputs.position_ids, mask, cache=self.cache, start=self.start, end=self.end)
+            with lora.applied(self.layers, self.lora_pairs, self.lora_scaling):
+                output = self.backend.span(inputs.hidden, inputs.position_ids, mask, cache=self.cache, start=self.start, end=self.end)
         except Exception:
             self.broken = True  # the cache may hold part of this step: never serve from it again
             raise

@@ -17,6 +17,7 @@ from hivemind.proto import runtime_pb2
 
 from server.backend import InferenceState, SpanBackend
 from server.cache_budget import CacheBudget
+from swarm import lora
 from swarm.config import SERVER
 from swarm.protocol import (
     BadRequest,
@@ -153,6 +154,8 @@ class BlockHandler:
                 raise BadRequest(f"batch size {meta.batch_size} exceeds this server's limit of {self.backend.limits.max_batch_size}")
             if meta.max_length > self.backend.max_position:
                 raise BadRequest(f"max_length {meta.max_length} exceeds the model's {self.backend.max_position} positions")
+            lora_tensors = [unpack_tensor(t, f"LoRA tensor {i}") for i, t in enumerate(first.tensors)]
+            lora_pairs = lora.parse_lora(meta.lora, lora_tensors, self.backend.layers(meta.start, meta.end), self.backend.dtype)
             tokens = meta.batch_size * meta.max_length
             self.budget.acquire(tokens)
         except SwarmError as exc:
@@ -161,7 +164,8 @@ class BlockHandler:
             raise
         self.stats.sessions_open += 1
         try:
-            state = InferenceState(self.backend, meta.start, meta.end, meta.batch_size, meta.max_length)
+            state = InferenceState(self.backend, meta.start, meta.end, meta.batch_size, meta.max_length,
+                                   lora_pairs, meta.lora_scaling)
             yield runtime_pb2.ExpertResponse(metadata=InferenceReply(cache_tokens_left=self.budget.free).encode())
             while True:
                 try:

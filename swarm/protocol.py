@@ -114,6 +114,9 @@ class InferenceOpen(_Meta):
     end: int = Field(ge=1)
     max_length: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+    # A client's own LoRA tensors for the session ride in the opening message (names as in swarm.lora).
+    lora: list[str] = Field(default_factory=list, max_length=4096)
+    lora_scaling: float = 1.0
 
 
 class InferenceStep(_Meta):

@@ -68,10 +68,19 @@ def test_saved_adapter_loads_with_peft(lora_model, tiny_model_path, tmp_path):
     assert (ours - without_adapter).abs().max() > 0.1  # the adapter matters, so the comparison means something
 
 
-def test_generation_with_client_adapter_is_refused_clearly(lora_model):
-    model, _ = lora_model
-    with pytest.raises(NotImplementedError, match="not supported yet"):
-        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+def test_generation_with_client_adapter_matches_local_peft(lora_model, tiny_model_path):
+    """The servers do not host this adapter: the session carries it, and no other session sees it."""
+    model, lora = lora_model
+    reference = local_peft(tiny_model_path, lora).eval()
+    prompt = torch.randint(3, 320, (1, 6), generator=torch.Generator().manual_seed(14))
+    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    ours = model.generate(prompt, **kwargs)
+    with torch.no_grad():
+        theirs = reference.generate(input_ids=prompt, **kwargs)
+        with reference.disable_adapter():
+            plain = reference.generate(input_ids=prompt, **kwargs)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, plain)  # the adapter changes the continuation
 
 
 def test_training_loss_curve_matches_local_peft(dist_model, tiny_model_path):
@@ -121,3 +130,22 @@ def test_bad_lora_tensors_are_rejected(dist_model):
             aio.run(connection.span_call("forward", step, [*inputs, *tensors], names, 2.0))
     with pytest.raises(RemoteError, match="names 3 LoRA tensors but the request carries 2"):
         aio.run(connection.span_call("forward", step, inputs, ["a", "b", "c"], 2.0))
+
+
+def test_sessions_with_and_without_adapter_do_not_mix(lora_model):
+    from client.inference_session import InferenceSession
+
+    model, lora = lora_model
+    layers = model.remote_layers
+    hidden = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        with_adapter = layers(hidden)
+        layers.lora = None
+        without = layers(hidden)
+        layers.lora = lora
+    assert (with_adapter - without).abs().max() > 0.1
+    adapted, plain = InferenceSession(layers.connection, 8, lora=lora), InferenceSession(layers.connection, 8)
+    with adapted, plain:
+        outputs = [(adapted.step(hidden[:, i : i + 1]), plain.step(hidden[:, i : i + 1])) for i in range(8)]
+    torch.testing.assert_close(torch.cat([a for a, _ in outputs], 1), with_adapter, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat([b for _, b in outputs], 1), without, atol=1e-4, rtol=0)
