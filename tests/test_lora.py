@@ -149,3 +149,61 @@ def test_sessions_with_and_without_adapter_do_not_mix(lora_model):
         outputs = [(adapted.step(hidden[:, i : i + 1]), plain.step(hidden[:, i : i + 1])) for i in range(8)]
     torch.testing.assert_close(torch.cat([a for a, _ in outputs], 1), with_adapter, atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.cat([b for _, b in outputs], 1), without, atol=1e-4, rtol=0)
+
+
+def test_two_clients_train_different_adapters_at_once(tiny_swarm, tiny_model_path):
+    """Both clients' requests interleave on the same servers; each run equals its own local peft run."""
+    import threading
+
+    from client.model import DistributedModelForCausalLM
+
+    data = torch.randint(3, 320, (2, 6, 2, 12), generator=torch.Generator().manual_seed(16))
+
+    def train(model, params, batches) -> list[float]:
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        losses = []
+        for batch in batches:
+            optimizer.zero_grad()
+            loss = model(batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+
+    clients, expected = [], []
+    for index in range(2):
+        model = DistributedModelForCausalLM.from_pretrained(tiny_model_path, tiny_swarm.initial_peers)
+        torch.manual_seed(100 + index)
+        lora = model.add_lora_adapter(LoraConfig(**{**LORA, "r": 2 + 2 * index}))
+        with torch.no_grad():
+            for param in lora.params:
+                param.normal_(0, 0.2)
+        reference = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32),
+                                   LoraConfig(**{**LORA, "r": 2 + 2 * index}))
+        set_peft_model_state_dict(reference, lora.peft_state_dict())
+        expected.append(train(reference, [p for n, p in reference.named_parameters() if "lora_" in n], data[index]))
+        clients.append((model, lora))
+
+    results: dict[int, list[float]] = {}
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            model, lora = clients[index]
+            results[index] = train(model, list(lora.parameters()), data[index])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        for model, _ in clients:
+            model.model.layers.connection.shutdown()
+    assert not errors, errors
+    for index in range(2):
+        for step, (ours, theirs) in enumerate(zip(results[index], expected[index], strict=True)):
+            assert abs(ours - theirs) <= 1e-3 * abs(theirs), f"client {index} step {step}: {ours} vs {theirs}"
