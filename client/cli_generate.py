@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--torch-dtype", choices=["auto", "float32", "bfloat16"], default="float32",
                         help="dtype of the client-side embeddings and LM head")
+    parser.add_argument("--adapter", default=None, metavar="DIR_OR_NAME",
+                        help="a peft LoRA adapter folder (applied by this client) or the name of an adapter the servers host")
     parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: folder or repo name)")
 
 
@@ -34,6 +36,13 @@ def run(args: argparse.Namespace) -> int:
     model = DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, dht_prefix=args.dht_prefix,
                                                         torch_dtype=args.torch_dtype)
     try:
+        if args.adapter is not None:
+            from pathlib import Path
+
+            if Path(args.adapter).is_dir():
+                model.load_lora_adapter(args.adapter)
+            else:
+                model.use_hosted_adapter(args.adapter)
         if args.chat:
             text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                                  add_generation_prompt=True)

@@ -55,12 +55,12 @@ class SwarmConnection:
             self._servers_time = time.monotonic()
         return self._servers
 
-    def plan(self, start: int = 0, end: int | None = None) -> list[RouteStep]:
+    def plan(self, start: int = 0, end: int | None = None, adapter: str | None = None) -> list[RouteStep]:
         end = self.num_blocks if end is None else end
         try:
-            return plan_route(self.servers(), start, end)
+            return plan_route(self.servers(), start, end, adapter=adapter)
         except RuntimeError:
-            return plan_route(self.servers(refresh=True), start, end)  # the swarm may have changed since
+            return plan_route(self.servers(refresh=True), start, end, adapter=adapter)  # the swarm may have changed
 
     def stub(self, peer_id):
         return BlockService.get_stub(self.p2p, peer_id, namespace=self.prefix)
@@ -68,13 +68,13 @@ class SwarmConnection:
     # ------------------------------------------------------------------------------------ stateless calls
 
     async def span_call(self, kind: str, step: RouteStep, tensors: Sequence[torch.Tensor],
-                        lora_names: Sequence[str] = (), lora_scaling: float = 1.0) -> list[torch.Tensor]:
+                        lora_names: Sequence[str] = (), lora_scaling: float = 1.0, adapter: str = "") -> list[torch.Tensor]:
         """Forward or backward through one route step; payloads over the unary limit go over a stream.
 
         `tensors` ends with the LoRA tensors named by `lora_names`. Returns the server's tensors: [output] for a
         forward, [grad w.r.t. the input, grad w.r.t. each LoRA tensor] for a backward.
         """
-        meta = SpanRequest(start=step.start, end=step.end, lora=list(lora_names), lora_scaling=lora_scaling)
+        meta = SpanRequest(start=step.start, end=step.end, lora=list(lora_names), lora_scaling=lora_scaling, adapter=adapter)
         stub = self.stub(step.peer_id)
         try:
             packed = [pack_tensor(t) for t in tensors]
@@ -112,8 +112,9 @@ class SpanStream:
     """An open inference stream with one server: a KV cache there, one message per step."""
 
     def __init__(self, connection: SwarmConnection, step: RouteStep, batch_size: int, max_length: int,
-                 lora_names: Sequence[str] = (), lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0):
-        self.connection, self.step = connection, step
+                 lora_names: Sequence[str] = (), lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0,
+                 adapter: str = ""):
+        self.connection, self.step, self.adapter = connection, step, adapter
         self.lora_names, self.lora_tensors, self.lora_scaling = list(lora_names), list(lora_tensors), lora_scaling
         self.batch_size, self.max_length = batch_size, max_length
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -127,7 +128,7 @@ class SpanStream:
                 yield message
 
         meta = InferenceOpen(start=self.step.start, end=self.step.end, max_length=self.max_length, batch_size=self.batch_size,
-                             lora=self.lora_names, lora_scaling=self.lora_scaling)
+                             lora=self.lora_names, lora_scaling=self.lora_scaling, adapter=self.adapter)
         try:
             self._replies = await asyncio.wait_for(
                 self.connection.stub(self.step.peer_id).rpc_inference(requests()), CLIENT.connect_timeout)

@@ -20,8 +20,9 @@ class InferenceSession:
     """
 
     def __init__(self, connection: SwarmConnection, max_length: int, start: int = 0, end: int | None = None,
-                 batch_size: int | None = None, lora=None):
+                 batch_size: int | None = None, lora=None, adapter: str | None = None):
         self.connection, self.max_length = connection, max_length
+        self.adapter = adapter  # a named adapter hosted by the servers
         self.lora = lora  # a client.lora.RemoteLora; its values are snapshotted when the streams open
         self.start, self.end = start, connection.num_blocks if end is None else end
         self.batch_size = batch_size
@@ -31,14 +32,15 @@ class InferenceSession:
         self.closed = False
 
     async def _open(self, batch_size: int) -> None:
-        route = self.connection.plan(self.start, self.end)
+        route = self.connection.plan(self.start, self.end, self.adapter)
         streams = []
         for step in route:
             names, tensors, scaling = [], [], 1.0
             if self.lora is not None:
                 names, params = self.lora.for_blocks(step.start, step.end)
                 tensors, scaling = [p.detach().clone() for p in params], self.lora.scaling
-            streams.append(SpanStream(self.connection, step, batch_size, self.max_length, names, tensors, scaling))
+            streams.append(SpanStream(self.connection, step, batch_size, self.max_length, names, tensors, scaling,
+                                      self.adapter or ""))
         try:
             for stream in streams:
                 await stream.open()

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarm.lora import linear_modules, lora_name, peft_key
+from swarm.lora import linear_modules, lora_name, peft_key, read_peft_adapter
 from swarm.models import ModelFamily
 
 
@@ -52,6 +52,21 @@ class RemoteLora(nn.Module):
                     self.names.append(lora_name(block, module, kind))
                     self.params.append(nn.Parameter(tensor))
         self._index = {name: i for i, name in enumerate(self.names)}
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, family: ModelFamily, config: PretrainedConfig, num_blocks: int) -> RemoteLora:
+        """Load a peft adapter saved by `save_pretrained` (or by peft on the local model)."""
+        saved = read_peft_adapter(directory)
+        lora = cls(family, config, LoraConfig.from_pretrained(str(directory)), num_blocks)
+        missing = set(lora.names) - set(saved.tensors)
+        extra = set(saved.tensors) - set(lora.names)
+        if missing or extra:
+            raise ValueError(f"{directory}: adapter tensors do not match the model (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(extra)[:3]})")
+        with torch.no_grad():
+            for name, param in lora.named_lora().items():
+                param.copy_(saved.tensors[name])
+        return lora
 
     def named_lora(self) -> dict[str, nn.Parameter]:
         return dict(zip(self.names, self.params, strict=True))

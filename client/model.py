@@ -159,6 +159,23 @@ class DistributedCausalLMMixin:
         self.remote_layers.lora = lora.to(self.dtype)
         return self.remote_layers.lora
 
+    def load_lora_adapter(self, directory) -> RemoteLora:
+        """Attach a saved peft LoRA adapter as this client's own (the servers need not host it)."""
+        if self.remote_layers.lora is not None:
+            raise RuntimeError("this model already has a LoRA adapter")
+        lora = RemoteLora.from_pretrained(directory, self.get_decoder().family, self.config, self.config.num_hidden_layers)
+        self.remote_layers.lora = lora.to(self.dtype)
+        return self.remote_layers.lora
+
+    def use_hosted_adapter(self, name: str | None) -> None:
+        """Run with an adapter the servers host (`swarm server --adapters NAME=PATH`); None for the plain model.
+
+        Routes then use only servers that announce it; if none does, calls fail with a clear error.
+        """
+        if name is not None and self.remote_layers.lora is not None:
+            raise RuntimeError("this model has its own LoRA adapter; remove it before using a hosted one")
+        self.remote_layers.adapter = name
+
     def save_lora_adapter(self, directory) -> None:
         """Save the adapter in the peft format (adapter_config.json + adapter_model.safetensors)."""
         if self.remote_layers.lora is None:

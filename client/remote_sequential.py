@@ -26,7 +26,7 @@ class _RemoteChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask, chain: RemoteSequential, *lora_params):
-        route = chain.connection.plan(chain.start, chain.end)
+        route = chain.connection.plan(chain.start, chain.end, chain.adapter)
         step_inputs = []
         for step in route:
             step_inputs.append(hidden)
@@ -62,6 +62,7 @@ class RemoteSequential(nn.Module):
         self.connection = connection
         self.start, self.end = start, connection.num_blocks if end is None else end
         self.lora = None  # a client.lora.RemoteLora once an adapter is attached
+        self.adapter: str | None = None  # or the name of an adapter that servers host
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -71,7 +72,8 @@ class RemoteSequential(nn.Module):
         if self.lora is not None:
             names, params = self.lora.for_blocks(step.start, step.end)
             tensors, scaling = [*tensors, *params], self.lora.scaling
-        return aio.run(self.connection.span_call(kind, step, [t.detach() for t in tensors], names, scaling))
+        return aio.run(self.connection.span_call(kind, step, [t.detach() for t in tensors], names, scaling,
+                                                 self.adapter or ""))
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,7 +88,7 @@ class RemoteSequential(nn.Module):
         return output.to(hidden.dtype)
 
     def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:
-        return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.lora)
+        return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.lora, self.adapter)
 
     def extra_repr(self) -> str:
         return f"blocks {self.start}:{self.end} of {self.connection.prefix!r} (remote)"

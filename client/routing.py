@@ -27,12 +27,15 @@ def plan_route(
     banned: Collection = (),
     hop_ms: float = CLIENT.hop_overhead_ms,
     default_ms_per_block: float = CLIENT.default_ms_per_block,
+    adapter: str | None = None,
 ) -> list[RouteStep]:
     """The cheapest chain covering blocks [start, end): each hop costs `hop_ms` plus its blocks' compute time.
 
     A server may be entered in the middle of its span and left before its end. Ties prefer fewer hops.
+    With `adapter`, only servers that host that named adapter are used.
     """
-    usable = [s for s in servers if s.record.state == ServerState.ONLINE and s.peer_id not in banned]
+    usable = [s for s in servers if s.record.state == ServerState.ONLINE and s.peer_id not in banned
+              and (adapter is None or adapter in s.record.adapters)]
     best: dict[int, tuple[float, int, int | None, ServerInfo | None]] = {start: (0.0, 0, None, None)}
     for i in range(start, end):
         if i not in best:
@@ -48,8 +51,9 @@ def plan_route(
                     best[j] = candidate
     if end not in best:
         covered = max(best)
+        with_adapter = f" with adapter {adapter!r}" if adapter is not None else ""
         raise NoRouteError(
-            f"no online server hosts block {covered} (blocks {start}:{end} needed; "
+            f"no online server{with_adapter} hosts block {covered} (blocks {start}:{end} needed; "
             f"{len(usable)} usable server(s) of {len(servers)} known). Start a server for it or wait for one to join"
         )
     steps, j = [], end

@@ -30,6 +30,7 @@ class SpanBackend:
         self.span, self.dtype, self.limits = span, dtype, limits
         self.start, self.end = span.start, span.end
         self.hidden_size = span.config.hidden_size
+        self.adapters: dict[str, tuple[list[lora.LoraPair], float]] = {}  # hosted adapters: name -> (pairs, scaling)
         self.max_position = getattr(span.config, "max_position_embeddings", None) or (1 << 20)
 
     # ------------------------------------------------------------------------------------ validation
@@ -74,17 +75,37 @@ class SpanBackend:
     def layers(self, start: int, end: int) -> dict:
         return {i: self.span.layers[i - self.start] for i in range(start, end)}
 
+    def host_adapter(self, name: str, adapter: lora.SavedAdapter) -> None:
+        """Serve a peft adapter from disk under `name`; its tensors are checked against the hosted blocks."""
+        names = sorted(adapter.tensors)
+        pairs = lora.parse_lora(names, [adapter.tensors[n] for n in names], self.layers(self.start, self.end), self.dtype)
+        if not pairs:
+            raise ValueError(f"adapter {name!r} has no tensors for blocks {self.start}:{self.end}")
+        self.adapters[name] = (pairs, adapter.scaling)
+
+    def resolve_lora(self, start: int, end: int, adapter: str, names, tensors, scaling: float):
+        """The LoRA pairs and scaling for one request: a hosted adapter by name, or the request's own tensors."""
+        if adapter:
+            if names:
+                raise BadRequest("a request may name a hosted adapter or carry LoRA tensors, not both")
+            if adapter not in self.adapters:
+                raise BadRequest(f"this server does not host adapter {adapter!r}; it hosts {sorted(self.adapters) or 'none'}")
+            pairs, scaling = self.adapters[adapter]
+            return [p for p in pairs if start <= p.block < end], scaling
+        return lora.parse_lora(names, tensors, self.layers(start, end), self.dtype), scaling
+
     # ------------------------------------------------------------------------------------ compute
 
     @torch.inference_mode()
-    def forward(self, inputs: SpanInputs, start: int, end: int, lora_names=(), lora_tensors=(), scaling: float = 1.0) -> torch.Tensor:
+    def forward(self, inputs: SpanInputs, start: int, end: int, lora_names=(), lora_tensors=(), scaling: float = 1.0,
+                adapter: str = "") -> torch.Tensor:
         layers = self.layers(start, end)
-        pairs = lora.parse_lora(lora_names, lora_tensors, layers, self.dtype)
+        pairs, scaling = self.resolve_lora(start, end, adapter, lora_names, lora_tensors, scaling)
         with lora.applied(layers, pairs, scaling):
             return self.span(inputs.hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end)
 
     def backward(self, inputs: SpanInputs, grad_output: torch.Tensor, start: int, end: int, lora_names=(),
-                 lora_tensors=(), scaling: float = 1.0) -> list[torch.Tensor]:
+                 lora_tensors=(), scaling: float = 1.0, adapter: str = "") -> list[torch.Tensor]:
         """Gradients w.r.t. the span's input and each LoRA tensor, recomputing the forward (servers keep no activations)."""
         self.check_hidden(grad_output, "output gradient")
         if grad_output.shape != inputs.hidden.shape:
@@ -93,7 +114,7 @@ class SpanBackend:
         with torch.enable_grad():
             hidden = inputs.hidden.detach().requires_grad_(True)
             leaves = [t.detach().to(self.dtype).requires_grad_(True) for t in lora_tensors]
-            pairs = lora.parse_lora(lora_names, leaves, layers, self.dtype)
+            pairs, scaling = self.resolve_lora(start, end, adapter, lora_names, leaves, scaling)
             with lora.applied(layers, pairs, scaling):
                 output = self.span(hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end)
             return list(torch.autograd.grad(output, [hidden, *leaves], grad_output.to(output.dtype), allow_unused=True))

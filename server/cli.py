@@ -17,6 +17,13 @@ def parse_blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+def parse_adapter(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--adapters takes NAME=PATH, got {text!r}")
+    return name, path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from swarm.cli import add_swarm_arguments
 
@@ -39,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: the folder or repo name)")
     parser.add_argument("--public-name", default="", help="a name shown to others in `swarm status`")
     parser.add_argument("--update-period", type=float, default=SERVER.update_period, help="seconds between DHT announcements")
+    parser.add_argument("--adapters", nargs="+", default=[], metavar="NAME=PATH", type=parse_adapter,
+                        help="peft LoRA adapters to host (folders with adapter_config.json), which clients pick by NAME")
     parser.add_argument("--shutdown-timeout", type=float, default=SERVER.shutdown_timeout,
                         help="seconds to let open sessions finish on SIGTERM")
 
@@ -52,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         identity_path=args.identity_path, torch_dtype=args.torch_dtype, cache_tokens=args.cache_tokens,
         dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
         max_batch_size=args.max_batch_size, max_chunk_tokens=args.max_chunk_tokens,
-        shutdown_timeout=args.shutdown_timeout,
+        shutdown_timeout=args.shutdown_timeout, adapters=dict(args.adapters),
     ))
     server.run()
     return 0

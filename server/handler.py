@@ -17,7 +17,6 @@ from hivemind.proto import runtime_pb2
 
 from server.backend import InferenceState, SpanBackend
 from server.cache_budget import CacheBudget
-from swarm import lora
 from swarm.config import SERVER
 from swarm.protocol import (
     BadRequest,
@@ -95,7 +94,7 @@ class BlockHandler:
             raise BadRequest(f"metadata names {len(meta.lora)} LoRA tensors but the request carries {len(tensors)} tensors")
         split = len(tensors) - len(meta.lora)
         tensors, lora_tensors = tensors[:split], tensors[split:]
-        lora_args = (meta.lora, lora_tensors, meta.lora_scaling)
+        lora_args = (meta.lora, lora_tensors, meta.lora_scaling, meta.adapter)
         if kind == "forward":
             inputs = self.backend.check_inputs(tensors)
             outputs = [await self._compute(self.backend.forward, inputs, meta.start, meta.end, *lora_args)]
@@ -155,7 +154,8 @@ class BlockHandler:
             if meta.max_length > self.backend.max_position:
                 raise BadRequest(f"max_length {meta.max_length} exceeds the model's {self.backend.max_position} positions")
             lora_tensors = [unpack_tensor(t, f"LoRA tensor {i}") for i, t in enumerate(first.tensors)]
-            lora_pairs = lora.parse_lora(meta.lora, lora_tensors, self.backend.layers(meta.start, meta.end), self.backend.dtype)
+            lora_pairs, lora_scaling = self.backend.resolve_lora(meta.start, meta.end, meta.adapter, meta.lora, lora_tensors,
+                                                                 meta.lora_scaling)
             tokens = meta.batch_size * meta.max_length
             self.budget.acquire(tokens)
         except SwarmError as exc:
@@ -165,7 +165,7 @@ class BlockHandler:
         self.stats.sessions_open += 1
         try:
             state = InferenceState(self.backend, meta.start, meta.end, meta.batch_size, meta.max_length,
-                                   lora_pairs, meta.lora_scaling)
+                                   lora_pairs, lora_scaling)
             yield runtime_pb2.ExpertResponse(metadata=InferenceReply(cache_tokens_left=self.budget.free).encode())
             while True:
                 try:

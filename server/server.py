@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import hivemind
 import torch
@@ -21,6 +21,7 @@ from swarm import __version__
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
 from swarm.config import SERVER
 from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_servers
+from swarm.lora import read_peft_adapter
 from swarm.models import family_for
 from swarm.models.span import BlockSpan
 from swarm.protocol import BlockService
@@ -46,6 +47,7 @@ class ServerOptions:
     max_batch_size: int = SERVER.max_batch_size
     max_chunk_tokens: int = SERVER.max_chunk_tokens
     shutdown_timeout: float = SERVER.shutdown_timeout
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> folder of a peft LoRA adapter to host
 
 
 def measure_speed(span: BlockSpan, dtype: torch.dtype) -> tuple[float, float]:
@@ -123,6 +125,7 @@ class Server:
             ms_per_block=round(self.ms_per_block, 3),
             forward_tokens_per_s=round(self.forward_tps, 1),
             cache_tokens_left=self.budget.free,
+            adapters=tuple(sorted(self.options.adapters)),
         )
 
     def info(self) -> dict:
@@ -161,6 +164,9 @@ class Server:
             self.ms_per_block, self.forward_tps = measure_speed(span, self.dtype)
             self.budget = CacheBudget(o.cache_tokens)
             backend = SpanBackend(span, self.dtype, Limits(o.max_batch_size, o.max_chunk_tokens))
+            for name, path in o.adapters.items():
+                backend.host_adapter(name, read_peft_adapter(path, range(self.start, self.end)))
+                logger.info("hosting adapter %r from %s", name, path)
             self.handler = BlockHandler(backend, self.budget, self.info)
             try:
                 import uvloop

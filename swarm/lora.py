@@ -8,9 +8,12 @@ computes base(x) + scaling * (x @ A.T) @ B.T, as peft does (dropout 0).
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +31,52 @@ def lora_name(block: int, module: str, kind: str) -> str:
 def peft_key(block: int, module: str, kind: str) -> str:
     """The key peft uses for this tensor in adapter_model.safetensors (Llama-style layout)."""
     return f"base_model.model.model.layers.{block}.{module}.lora_{kind}.weight"
+
+
+_PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.([A-Za-z0-9_.]+)\.lora_(A|B)(?:\.[A-Za-z0-9_]+)?\.weight")
+
+
+def name_from_peft_key(key: str) -> str | None:
+    """'base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight' -> '3.self_attn.q_proj.A' (None if not LoRA)."""
+    match = _PEFT_KEY.fullmatch(key)
+    return lora_name(int(match.group(1)), match.group(2), match.group(3)) if match else None
+
+
+def block_of(name: str) -> int:
+    return int(name.split(".", 1)[0])
+
+
+@dataclass(frozen=True)
+class SavedAdapter:
+    """A peft LoRA adapter read from disk: wire-named tensors and their scaling."""
+
+    tensors: dict[str, torch.Tensor]
+    scaling: float
+    config: dict
+
+
+def read_peft_adapter(directory: str | Path, blocks: range | None = None) -> SavedAdapter:
+    """Read adapter_config.json and adapter_model.safetensors (only the tensors of `blocks`, if given)."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    if not config_path.exists() or not weights_path.exists():
+        raise FileNotFoundError(f"{directory} is not a peft adapter folder (needs adapter_config.json and adapter_model.safetensors)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        raise ValueError(f"{directory}: only plain LoRA adapters are supported (peft_type LORA, no DoRA)")
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    tensors = {}
+    with safe_open(str(weights_path), framework="pt") as f:
+        for key in f.keys():
+            name = name_from_peft_key(key)
+            if name is None:
+                raise ValueError(f"{directory}: tensor {key!r} is not a LoRA matrix of a decoder block")
+            if blocks is None or block_of(name) in blocks:
+                tensors[name] = f.get_tensor(key)
+    return SavedAdapter(tensors, scaling, config)
 
 
 def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:

@@ -105,6 +105,8 @@ class SpanRequest(_Meta):
     # LoRA tensors ride after the inputs, in this order (names as in swarm.lora); scaling = alpha / rank.
     lora: list[str] = Field(default_factory=list, max_length=4096)
     lora_scaling: float = 1.0
+    adapter: str = Field(default="", max_length=256)
+    adapter: str = Field(default="", max_length=256)  # a named adapter the server hosts (instead of `lora`)
 
 
 class InferenceOpen(_Meta):
@@ -117,6 +119,7 @@ class InferenceOpen(_Meta):
     # A client's own LoRA tensors for the session ride in the opening message (names as in swarm.lora).
     lora: list[str] = Field(default_factory=list, max_length=4096)
     lora_scaling: float = 1.0
+    adapter: str = Field(default="", max_length=256)
 
 
 class InferenceStep(_Meta):

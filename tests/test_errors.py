@@ -132,3 +132,10 @@ def test_kv_cache_budget_exhausted(dist_model, concurrent_session):
     # Once the big session is closed, its tokens are free again.
     with layers.inference_session(max_length=200) as session:
         session.step(torch.randn(1, 2, 64))
+
+
+def test_unknown_hosted_adapter(dist_model, concurrent_session):
+    step = _first_server(dist_model)
+    with pytest.raises(RemoteError, match="does not host adapter 'x'; it hosts none"):
+        aio.run(dist_model.model.layers.connection.span_call(
+            "forward", step, [torch.randn(1, 3, 64), torch.arange(3)[None]], adapter="x"))
