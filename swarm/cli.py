@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "dht": ("swarm.bootstrap", "run a DHT-only bootstrap node that others join through"),
     "generate": ("client.cli_generate", "generate text through the swarm, streaming tokens as they come"),
     "status": ("client.cli_status", "show the servers of a swarm and the coverage of every block"),
+    "finetune": ("client.cli_finetune", "fine-tune a LoRA adapter through the swarm"),
     "demo": ("client.demo", "start a local swarm of SmolLM2-135M-Instruct, ask it a question, show its status"),
 }
 
