@@ -25,17 +25,17 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 
 import torch
+from common import baseline_env, build_tiny, warn_if_busy  # bench/common.py
 from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from client.model import DistributedModelForCausalLM
 from swarm.assets import ensure_smollm2
-from swarm.launch import LocalSwarm
+from swarm.launch import LocalSwarm, even_spans
 
 MODELS = ("tiny", "smollm2")
 LR = 1e-4
@@ -46,20 +46,8 @@ def lora_config() -> LoraConfig:
     return LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
 
 
-def build_tiny(folder: Path) -> Path:
-    """A random Llama small enough that the swarm's overhead, not compute, dominates (as in bench/generation.py)."""
-    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=12,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    path = folder / "tiny-llama"
-    model.save_pretrained(path)
-    return path
 
 
-def even_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
-    bounds = [round(i * num_blocks / servers) for i in range(servers + 1)]
-    return list(pairwise(bounds))
 
 
 def batch_ids(vocab_size: int, batch: int, seq_len: int) -> torch.Tensor:
@@ -122,9 +110,7 @@ def baseline_worker(path: str, dtype: str, batch: int, seq_len: int, steps: int)
 
 
 def measure_local(path: Path, args: argparse.Namespace) -> tuple[float, list[float]]:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if _USER_OMP_POLICY is not None:
-        env["OMP_WAIT_POLICY"] = _USER_OMP_POLICY
+    env = baseline_env(_USER_OMP_POLICY)
     command = [sys.executable, __file__, "--baseline-worker", str(path), args.dtype, str(args.batch),
                str(args.seq_len), str(args.steps)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
@@ -154,21 +140,6 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> Result:
     return result
 
 
-def warn_if_busy() -> None:
-    """Timings on a few CPU cores mean little while other processes keep them busy: say so."""
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(1.0)
-        total1, idle1 = sample()
-    except OSError:
-        return
-    busy = 1 - (idle1 - idle0) / max(total1 - total0, 1)
-    if busy > 0.2:
-        print(f"  WARNING: other processes keep {100 * busy:.0f}% of the {os.cpu_count()} CPUs busy: timings will be skewed")
 
 
 def parse_args() -> argparse.Namespace:
@@ -202,7 +173,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         for name in args.models.split(","):
-            path = build_tiny(Path(tmp)) if name == "tiny" else ensure_smollm2()
+            path = build_tiny(Path(tmp), sharpen=False) if name == "tiny" else ensure_smollm2()
             print(f"\n== {name} ({args.dtype}) ==")
             warn_if_busy()
             result = bench_model(name, path, args)

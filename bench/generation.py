@@ -28,11 +28,10 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
+from common import baseline_env, build_tiny, warn_if_busy  # bench/common.py
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -40,7 +39,7 @@ from transformers.utils import logging as hf_logging
 
 from client.model import DistributedModelForCausalLM
 from swarm.assets import ensure_smollm2
-from swarm.launch import LocalSwarm
+from swarm.launch import LocalSwarm, even_spans
 
 MODELS = ("tiny", "smollm2")
 
@@ -100,24 +99,8 @@ def measure(model, input_ids: torch.Tensor, new_tokens: int, runs: int) -> tuple
     return timing, output
 
 
-def build_tiny(folder: Path) -> Path:
-    """A random Llama small enough that the swarm's overhead, not compute, dominates."""
-    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=12,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # random init gives flat logits; sharpen them so the greedy comparison means something
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.mul_(8.0 if "embed" in name or "lm_head" in name else 2.0)
-    path = folder / "tiny-llama"
-    model.save_pretrained(path)
-    return path
 
 
-def even_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
-    bounds = [round(i * num_blocks / servers) for i in range(servers + 1)]
-    return list(pairwise(bounds))
 
 
 @dataclass
@@ -170,9 +153,7 @@ def baseline_worker(path: str, dtype: str, prompt_tokens: int, new_tokens: int, 
 
 
 def measure_local(path: Path, args: argparse.Namespace) -> tuple[Timing, torch.Tensor]:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if _USER_OMP_POLICY is not None:
-        env["OMP_WAIT_POLICY"] = _USER_OMP_POLICY
+    env = baseline_env(_USER_OMP_POLICY)
     command = [sys.executable, __file__, "--baseline-worker", str(path), args.dtype, str(args.prompt_tokens),
                str(args.new_tokens), str(args.runs)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
@@ -207,26 +188,8 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> Result:
     return Result(name, args.dtype, spans, local_timing, swarm_timing, args.new_tokens, same)
 
 
-def cpu_busy(seconds: float = 1.0) -> float | None:
-    """Fraction of all CPUs busy over `seconds` (from /proc/stat; None where it does not exist)."""
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except OSError:
-        return None
-    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
-def warn_if_busy() -> None:
-    """Timings on a few CPU cores mean little while other processes keep them busy: say so."""
-    busy = cpu_busy()
-    if busy is not None and busy > 0.2:
-        print(f"  WARNING: other processes keep {100 * busy:.0f}% of the {os.cpu_count()} CPUs busy: timings will be skewed")
 
 
 def parse_args() -> argparse.Namespace:

@@ -4,7 +4,6 @@ three servers, show the swarm's status, and shut everything down."""
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import time
 
@@ -19,11 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-dtype", choices=["float32", "bfloat16"], default="float32", help="servers' dtype")
 
 
-def spans_for(num_blocks: int, servers: int) -> list[tuple[int, int]]:
-    bounds = [round(i * num_blocks / servers) for i in range(servers + 1)]
-    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from transformers import AutoConfig, AutoTokenizer, TextStreamer
@@ -33,12 +27,12 @@ def run(args: argparse.Namespace) -> int:
     from swarm.assets import ensure_smollm2
     from swarm.checkpoint import default_dht_prefix
     from swarm.dht_records import fetch_servers
-    from swarm.launch import LocalSwarm
+    from swarm.launch import LocalSwarm, even_spans
 
     console = Console(width=120)
     model_path = args.model or str(ensure_smollm2())
     num_blocks = AutoConfig.from_pretrained(model_path).num_hidden_layers
-    spans = spans_for(num_blocks, args.servers)
+    spans = even_spans(num_blocks, args.servers)
     with LocalSwarm() as swarm:
         console.print("[bold]Starting a bootstrap node on 127.0.0.1[/]")
         swarm.start_bootstrap()

@@ -23,6 +23,12 @@ _JOIN = re.compile(r"Join with: --initial-peers (\S+)")
 LOCALHOST = "/ip4/127.0.0.1/tcp/0"
 
 
+def even_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
+    """Split blocks [0, num_blocks) into `servers` contiguous spans of nearly equal length."""
+    bounds = [round(i * num_blocks / servers) for i in range(servers + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]  # noqa: B905 - bounds[1:] is one shorter
+
+
 def _die_with_parent() -> None:
     """Ask Linux to send SIGTERM to the child when the process that started it dies (no orphaned peers)."""
     try:
