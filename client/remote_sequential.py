@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
+
 import torch
 from torch import nn
 
@@ -9,6 +12,7 @@ from client import aio
 from client.connection import SwarmConnection
 from client.inference_session import InferenceSession
 from client.routing import RouteStep
+from swarm.config import CLIENT
 
 
 def _span_tensors(hidden, position_ids, attention_mask) -> list[torch.Tensor]:
@@ -18,36 +22,74 @@ def _span_tensors(hidden, position_ids, attention_mask) -> list[torch.Tensor]:
     return tensors
 
 
+def split_batch(batch: int, length: int, max_chunk_tokens: int = CLIENT.max_chunk_tokens) -> list[slice]:
+    """Chunks of whole sequences, each within the servers' per-request token limit, of nearly equal size.
+
+    The chunks travel the route concurrently. Splitting further to pipeline a batch that fits in one request
+    was measured slower when the servers share the client's cores (SmolLM2 step 1.77x local against 1.62x).
+    """
+    per_chunk_limit = max(1, max_chunk_tokens // max(length, 1))
+    chunks = min(batch, math.ceil(batch / per_chunk_limit))
+    size = math.ceil(batch / max(chunks, 1))
+    return [slice(i, min(i + size, batch)) for i in range(0, batch, size)] or [slice(0, 0)]
+
+
+async def _gather(coroutines) -> list:
+    return await asyncio.gather(*coroutines)
+
+
+def _part(tensor, where: slice):
+    return None if tensor is None else tensor[where]
+
+
 class _RemoteChain(torch.autograd.Function):
     """Forward through every route step, keeping each step's input on the client for the backward pass.
 
-    The chain's LoRA parameters are inputs of the function, so autograd hands them their gradients.
+    The batch travels in chunks, concurrently; the chain's LoRA parameters are inputs of the function, so
+    autograd hands them their gradients (summed over chunks).
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask, chain: RemoteSequential, *lora_params):
         route = chain.connection.plan(chain.start, chain.end, chain.adapter)
-        step_inputs = []
-        for step in route:
-            step_inputs.append(hidden)
-            (hidden,) = chain.call("forward", step, _span_tensors(hidden, position_ids, attention_mask))
-        ctx.chain, ctx.route, ctx.step_inputs = chain, route, step_inputs
+        slices = split_batch(hidden.shape[0], hidden.shape[1], chain.max_chunk_tokens)
+
+        async def run_chunk(where: slice):
+            h, step_inputs = hidden[where], []
+            for step in route:
+                step_inputs.append(h)
+                (h,) = await chain.acall("forward", step, _span_tensors(h, position_ids[where], _part(attention_mask, where)))
+            return step_inputs, h
+
+        results = aio.run(_gather(run_chunk(where) for where in slices))
+        ctx.chain, ctx.route, ctx.slices = chain, route, slices
+        ctx.chunk_inputs = [inputs for inputs, _ in results]
         ctx.position_ids, ctx.attention_mask = position_ids, attention_mask
-        return hidden
+        return torch.cat([output for _, output in results], dim=0)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad = grad_output
         lora = ctx.chain.lora
+        position_ids, attention_mask = ctx.position_ids, ctx.attention_mask
+
+        async def run_chunk(where: slice, step_inputs: list[torch.Tensor]):
+            grad, lora_grads = grad_output[where], {}
+            for step, hidden in zip(reversed(ctx.route), reversed(step_inputs), strict=True):
+                tensors = _span_tensors(hidden, position_ids[where], _part(attention_mask, where)) + [grad.contiguous()]
+                grad, *step_lora_grads = await ctx.chain.acall("backward", step, tensors)
+                if lora is not None:
+                    names, _ = lora.for_blocks(step.start, step.end)
+                    lora_grads.update(zip(names, step_lora_grads, strict=True))
+            return grad, lora_grads
+
+        results = aio.run(_gather(run_chunk(w, i) for w, i in zip(ctx.slices, ctx.chunk_inputs, strict=True)))
+        grad_input = torch.cat([grad for grad, _ in results], dim=0)
         lora_grads: list[torch.Tensor | None] = [None] * (len(lora.names) if lora is not None else 0)
-        for step, hidden in zip(reversed(ctx.route), reversed(ctx.step_inputs), strict=True):
-            tensors = _span_tensors(hidden, ctx.position_ids, ctx.attention_mask) + [grad.contiguous()]
-            grad, *step_lora_grads = ctx.chain.call("backward", step, tensors)
-            if lora is not None:
-                names, _ = lora.for_blocks(step.start, step.end)
-                for name, value in zip(names, step_lora_grads, strict=True):
-                    lora_grads[lora.index(name)] = value
-        return (grad, None, None, None, *lora_grads)
+        for _, chunk_grads in results:
+            for name, value in chunk_grads.items():
+                index = lora.index(name)
+                lora_grads[index] = value if lora_grads[index] is None else lora_grads[index] + value
+        return (grad_input, None, None, None, *lora_grads)
 
 
 class RemoteSequential(nn.Module):
@@ -63,17 +105,18 @@ class RemoteSequential(nn.Module):
         self.start, self.end = start, connection.num_blocks if end is None else end
         self.lora = None  # a client.lora.RemoteLora once an adapter is attached
         self.adapter: str | None = None  # or the name of an adapter that servers host
+        self.max_chunk_tokens = CLIENT.max_chunk_tokens  # larger batches are split into concurrent requests
 
     def __len__(self) -> int:
         return self.end - self.start
 
-    def call(self, kind: str, step: RouteStep, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    async def acall(self, kind: str, step: RouteStep, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One forward or backward request for a route step, with this chain's adapter (if any)."""
         names, scaling = [], 1.0
         if self.lora is not None:
             names, params = self.lora.for_blocks(step.start, step.end)
             tensors, scaling = [*tensors, *params], self.lora.scaling
-        return aio.run(self.connection.span_call(kind, step, [t.detach() for t in tensors], names, scaling,
-                                                 self.adapter or ""))
+        return await self.connection.span_call(kind, step, [t.detach() for t in tensors], names, scaling, self.adapter or "")
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,6 +28,7 @@ class ClientDefaults:
     request_timeout: float = 60.0  # seconds for one remote call
     connect_timeout: float = 20.0  # seconds to open a session on one server
     max_length: int = 2048  # inference session length when the caller gives none
+    max_chunk_tokens: int = 8192  # tokens per forward/backward request; larger batches are split (servers' default limit)
     hop_overhead_ms: float = 2.0  # routing cost of one extra hop before pings are measured
     default_ms_per_block: float = 10.0  # routing cost of a block when a server reports no throughput
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from client.model import DistributedModelForCausalLM
+from swarm.config import CLIENT
 
 
 def test_route_spans_three_servers(dist_model, tiny_swarm):
@@ -121,6 +122,24 @@ def _local_blocks(reference_model, hidden: torch.Tensor) -> torch.Tensor:
 def test_large_requests_are_streamed(dist_model, reference_model):
     """32 x 500 hidden states of 64 floats (4.1 MB) exceed the 4 MiB unary limit in both directions."""
     big = torch.randn(32, 500, 64, generator=torch.Generator().manual_seed(8))
+    ours_in, theirs_in = big.clone().requires_grad_(True), big.clone().requires_grad_(True)
+    layers = dist_model.model.layers
+    layers.max_chunk_tokens = 16384  # one request, as the test swarm's servers allow
+    try:
+        ours = layers(ours_in)
+    finally:
+        layers.max_chunk_tokens = CLIENT.max_chunk_tokens
+    theirs = _local_blocks(reference_model, theirs_in)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    weights = torch.randn_like(big)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, atol=1e-4, rtol=0)
+
+
+def test_batches_over_the_request_limit_are_split(dist_model, reference_model):
+    """48 x 400 tokens exceed the servers' 16384-token limit: the client sends chunks concurrently."""
+    big = torch.randn(48, 400, 64, generator=torch.Generator().manual_seed(18))
     ours_in, theirs_in = big.clone().requires_grad_(True), big.clone().requires_grad_(True)
     ours = dist_model.model.layers(ours_in)
     theirs = _local_blocks(reference_model, theirs_in)

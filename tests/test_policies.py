@@ -83,3 +83,18 @@ def test_server_record_round_trip_and_tolerance():
     for garbage in (None, 5, "x", {"state": "dancing", "start": 0, "end": 1}, {"state": "online", "start": 3, "end": 1},
                     {"state": "online", "start": "a", "end": 2}, {"state": "online"}):
         assert ServerRecord.from_dict(garbage) is None
+
+
+@pytest.mark.parametrize(
+    "batch, length, limit, expected",
+    [
+        (4, 128, 8192, [(0, 4)]),  # fits in one request
+        (32, 500, 8192, [(0, 16), (16, 32)]),  # 16 sequences of 500 tokens per request
+        (5, 3000, 8192, [(0, 2), (2, 4), (4, 5)]),
+        (3, 9000, 8192, [(0, 1), (1, 2), (2, 3)]),  # a single sequence over the limit still goes alone (server decides)
+    ],
+)
+def test_split_batch_respects_the_token_limit(batch, length, limit, expected):
+    from client.remote_sequential import split_batch
+
+    assert [(s.start, s.stop) for s in split_batch(batch, length, limit)] == expected
