@@ -119,35 +119,32 @@ def _local_blocks(reference_model, hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-def test_large_requests_are_streamed(dist_model, reference_model):
-    """32 x 500 hidden states of 64 floats (4.1 MB) exceed the 4 MiB unary limit in both directions."""
-    big = torch.randn(32, 500, 64, generator=torch.Generator().manual_seed(8))
+def _assert_remote_blocks_match_local(layers, reference_model, big: torch.Tensor) -> None:
+    """Outputs and input gradients of the remote blocks equal the local model's."""
     ours_in, theirs_in = big.clone().requires_grad_(True), big.clone().requires_grad_(True)
-    layers = dist_model.model.layers
-    layers.max_chunk_tokens = 16384  # one request, as the test swarm's servers allow
-    try:
-        ours = layers(ours_in)
-    finally:
-        layers.max_chunk_tokens = CLIENT.max_chunk_tokens
+    ours = layers(ours_in)
     theirs = _local_blocks(reference_model, theirs_in)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     weights = torch.randn_like(big)
     (ours * weights).sum().backward()
     (theirs * weights).sum().backward()
     torch.testing.assert_close(ours_in.grad, theirs_in.grad, atol=1e-4, rtol=0)
+
+
+def test_large_requests_are_streamed(dist_model, reference_model):
+    """32 x 500 hidden states of 64 floats (4.1 MB) exceed the 4 MiB unary limit in both directions."""
+    layers = dist_model.model.layers
+    layers.max_chunk_tokens = 16384  # one request, as the test swarm's servers allow
+    try:
+        _assert_remote_blocks_match_local(layers, reference_model, torch.randn(32, 500, 64, generator=torch.Generator().manual_seed(8)))
+    finally:
+        layers.max_chunk_tokens = CLIENT.max_chunk_tokens
 
 
 def test_batches_over_the_request_limit_are_split(dist_model, reference_model):
     """48 x 400 tokens exceed the servers' 16384-token limit: the client sends chunks concurrently."""
     big = torch.randn(48, 400, 64, generator=torch.Generator().manual_seed(18))
-    ours_in, theirs_in = big.clone().requires_grad_(True), big.clone().requires_grad_(True)
-    ours = dist_model.model.layers(ours_in)
-    theirs = _local_blocks(reference_model, theirs_in)
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    weights = torch.randn_like(big)
-    (ours * weights).sum().backward()
-    (theirs * weights).sum().backward()
-    torch.testing.assert_close(ours_in.grad, theirs_in.grad, atol=1e-4, rtol=0)
+    _assert_remote_blocks_match_local(dist_model.model.layers, reference_model, big)
 
 
 def test_eight_concurrent_clients(tiny_swarm, tiny_model_path, reference_model):
