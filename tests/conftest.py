@@ -75,3 +75,33 @@ def dist_model(tiny_swarm, tiny_model_path):
     model = DistributedModelForCausalLM.from_pretrained(tiny_model_path, tiny_swarm.initial_peers)
     yield model
     model.model.layers.connection.shutdown()
+
+
+def run_concurrently(tasks, timeout: float = 120.0) -> list:
+    """Run each zero-argument callable in its own thread, all released at once; their results in order.
+
+    Re-raises the first failure, so a test sees what went wrong in any client.
+    """
+    import threading
+
+    results: list = [None] * len(tasks)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(tasks))
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait()
+            results[index] = tasks[index]()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(tasks))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    if errors:
+        raise errors[0]
+    if any(thread.is_alive() for thread in threads):
+        raise TimeoutError(f"a concurrent task did not finish in {timeout:.0f} s")
+    return results

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 from client.model import DistributedModelForCausalLM
 from swarm.config import CLIENT
+from tests.conftest import run_concurrently
 
 
 def test_route_spans_three_servers(dist_model, tiny_swarm):
@@ -151,27 +150,14 @@ def test_eight_concurrent_clients(tiny_swarm, tiny_model_path, reference_model):
     prompts = [torch.randint(3, 320, (1, 4 + i), generator=torch.Generator().manual_seed(100 + i)) for i in range(8)]
     expected = [reference_model.generate(p, max_new_tokens=16, min_new_tokens=16, do_sample=False) for p in prompts]
     models = [DistributedModelForCausalLM.from_pretrained(tiny_model_path, tiny_swarm.initial_peers) for _ in range(8)]
-    results: dict[int, torch.Tensor] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(8)
-
-    def client(index: int) -> None:
-        try:
-            barrier.wait()
-            results[index] = models[index].generate(prompts[index], max_new_tokens=16, min_new_tokens=16, do_sample=False)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        results = run_concurrently([
+            lambda i=i: models[i].generate(prompts[i], max_new_tokens=16, min_new_tokens=16, do_sample=False)
+            for i in range(8)
+        ])
     finally:
         for m in models:
             m.model.layers.connection.shutdown()
-    assert not errors, errors
     for i in range(8):
         assert torch.equal(results[i], expected[i]), f"client {i} got a wrong continuation"
 

@@ -10,6 +10,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from transformers import LlamaForCausalLM
 
+from tests.conftest import run_concurrently
+
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], lora_dropout=0.0)
 
 
@@ -153,8 +155,6 @@ def test_sessions_with_and_without_adapter_do_not_mix(lora_model):
 
 def test_two_clients_train_different_adapters_at_once(tiny_swarm, tiny_model_path):
     """Both clients' requests interleave on the same servers; each run equals its own local peft run."""
-    import threading
-
     from client.model import DistributedModelForCausalLM
 
     data = torch.randint(3, 320, (2, 6, 2, 12), generator=torch.Generator().manual_seed(16))
@@ -184,26 +184,13 @@ def test_two_clients_train_different_adapters_at_once(tiny_swarm, tiny_model_pat
         expected.append(train(reference, [p for n, p in reference.named_parameters() if "lora_" in n], data[index]))
         clients.append((model, lora))
 
-    results: dict[int, list[float]] = {}
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        try:
-            model, lora = clients[index]
-            results[index] = train(model, list(lora.parameters()), data[index])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
+        results = run_concurrently([
+            lambda i=i: train(clients[i][0], list(clients[i][1].parameters()), data[i]) for i in range(2)
+        ])
     finally:
         for model, _ in clients:
             model.model.layers.connection.shutdown()
-    assert not errors, errors
     for index in range(2):
         for step, (ours, theirs) in enumerate(zip(results[index], expected[index], strict=True)):
             assert abs(ours - theirs) <= 1e-3 * abs(theirs), f"client {index} step {step}: {ours} vs {theirs}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.routing import NoRouteError, RouteStep, plan_route
+from client.routing import NoRouteError, plan_route
 from server.block_selection import choose_span, coverage
 from swarm.dht_records import ServerInfo, ServerRecord, ServerState
 
@@ -43,10 +43,6 @@ def test_plan_route_reports_the_uncovered_block():
         route([server("a", 0, 3), server("b", 4, 6)])
     with pytest.raises(NoRouteError, match="block 0"):
         route([])
-
-
-def test_route_steps_are_values():
-    assert RouteStep("a", 0, 2) == RouteStep("a", 0, 2)
 
 
 @pytest.mark.parametrize(
