@@ -70,7 +70,7 @@ class SpanBackend:
         if batch * length > self.limits.max_chunk_tokens:
             raise BadRequest(f"{batch}x{length} tokens exceed this server's limit of {self.limits.max_chunk_tokens} per request; split the batch")
         if not bool(torch.isfinite(hidden).all()):
-            raise BadRequest(f"{what} contain NaN or Inf")
+            raise BadRequest(f"{what} must not contain NaN or Inf")
 
     def layers(self, start: int, end: int) -> dict:
         return {i: self.span.layers[i - self.start] for i in range(start, end)}

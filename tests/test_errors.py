@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
@@ -139,3 +141,18 @@ def test_unknown_hosted_adapter(dist_model, concurrent_session):
     with pytest.raises(RemoteError, match="does not host adapter 'x'; it hosts none"):
         aio.run(dist_model.model.layers.connection.span_call(
             "forward", step, [torch.randn(1, 3, 64), torch.arange(3)[None]], adapter="x"))
+
+
+@pytest.mark.parametrize(
+    "grad, message",
+    [
+        (torch.randn(1, 4, 64), "output gradient has shape [1, 4, 64], hidden states [1, 3, 64]"),
+        (torch.full((1, 3, 64), float("nan")), "output gradient must not contain NaN or Inf"),
+        (torch.randn(1, 3, 32), "output gradient must have shape [batch, length, 64]"),
+    ],
+)
+def test_bad_output_gradients(dist_model, concurrent_session, grad, message):
+    step = _first_server(dist_model)
+    with pytest.raises(RemoteError, match=re.escape(message)):
+        aio.run(dist_model.model.layers.connection.span_call(
+            "backward", step, [torch.randn(1, 3, 64), torch.arange(3)[None], grad]))
