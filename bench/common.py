@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,12 +29,18 @@ def build_tiny(folder: Path, sharpen: bool = True) -> Path:
     return path
 
 
-def baseline_env(user_omp_policy: str | None) -> dict[str, str]:
-    """The environment of the local baseline's process: default OpenMP waiting unless the user chose one."""
+def run_baseline(script: str, worker_args: list, user_omp_policy: str | None) -> dict:
+    """Run `script --baseline-worker ARGS...` in its own process and return the JSON it prints last.
+
+    That process gets default OpenMP waiting (unless the user chose a policy): busy-waiting threads suit a
+    process that has the machine to itself, as a local baseline does.
+    """
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if user_omp_policy is not None:
         env["OMP_WAIT_POLICY"] = user_omp_policy
-    return env
+    command = [sys.executable, script, "--baseline-worker", *map(str, worker_args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def cpu_busy(seconds: float = 1.0) -> float | None:

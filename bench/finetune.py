@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 _USER_OMP_POLICY = os.environ.get("OMP_WAIT_POLICY")
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import baseline_env, build_tiny, warn_if_busy  # bench/common.py
+from common import build_tiny, run_baseline, warn_if_busy  # bench/common.py
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
@@ -110,11 +109,7 @@ def baseline_worker(path: str, dtype: str, batch: int, seq_len: int, steps: int)
 
 
 def measure_local(path: Path, args: argparse.Namespace) -> tuple[float, list[float]]:
-    env = baseline_env(_USER_OMP_POLICY)
-    command = [sys.executable, __file__, "--baseline-worker", str(path), args.dtype, str(args.batch),
-               str(args.seq_len), str(args.steps)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-    data = json.loads(result.stdout.strip().splitlines()[-1])
+    data = run_baseline(__file__, [path, args.dtype, args.batch, args.seq_len, args.steps], _USER_OMP_POLICY)
     return data["loss"], data["times"]
 
 

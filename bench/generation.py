@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 _USER_OMP_POLICY = os.environ.get("OMP_WAIT_POLICY")
@@ -28,7 +27,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from common import baseline_env, build_tiny, warn_if_busy  # bench/common.py
+from common import build_tiny, run_baseline, warn_if_busy  # bench/common.py
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -153,11 +152,7 @@ def baseline_worker(path: str, dtype: str, prompt_tokens: int, new_tokens: int, 
 
 
 def measure_local(path: Path, args: argparse.Namespace) -> tuple[Timing, torch.Tensor]:
-    env = baseline_env(_USER_OMP_POLICY)
-    command = [sys.executable, __file__, "--baseline-worker", str(path), args.dtype, str(args.prompt_tokens),
-               str(args.new_tokens), str(args.runs)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-    data = json.loads(result.stdout.strip().splitlines()[-1])
+    data = run_baseline(__file__, [path, args.dtype, args.prompt_tokens, args.new_tokens, args.runs], _USER_OMP_POLICY)
     return Timing(data["totals"], data["prefills"], data["decode_steps"]), torch.tensor(data["output"])
 
 

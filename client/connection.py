@@ -84,7 +84,7 @@ class SwarmConnection:
                 response = await method(request, timeout=self.request_timeout)
                 return [unpack_tensor(t, "server output") for t in response.tensors]
             method = stub.rpc_forward_stream if kind == "forward" else stub.rpc_backward_stream
-            messages = split_message(meta, tensors)
+            messages = split_message(meta, packed)
 
             async def requests():
                 for message in messages:

@@ -28,7 +28,7 @@ class InferenceSession:
         self.batch_size = batch_size
         self.streams: list[SpanStream] = []
         self.position = 0  # tokens processed so far
-        self.token_ids: torch.Tensor | None = None  # [batch, position], maintained by the model class
+        self.token_ids: torch.Tensor | None = None  # the last generate() output, kept by the model class
         self.closed = False
 
     async def _open(self, batch_size: int) -> None:

@@ -99,9 +99,8 @@ class SpanBackend:
     @torch.inference_mode()
     def forward(self, inputs: SpanInputs, start: int, end: int, lora_names=(), lora_tensors=(), scaling: float = 1.0,
                 adapter: str = "") -> torch.Tensor:
-        layers = self.layers(start, end)
         pairs, scaling = self.resolve_lora(start, end, adapter, lora_names, lora_tensors, scaling)
-        with lora.applied(layers, pairs, scaling):
+        with lora.applied(pairs, scaling):
             return self.span(inputs.hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end)
 
     def backward(self, inputs: SpanInputs, grad_output: torch.Tensor, start: int, end: int, lora_names=(),
@@ -110,12 +109,11 @@ class SpanBackend:
         self.check_hidden(grad_output, "output gradient")
         if grad_output.shape != inputs.hidden.shape:
             raise BadRequest(f"output gradient has shape {list(grad_output.shape)}, hidden states {list(inputs.hidden.shape)}")
-        layers = self.layers(start, end)
         with torch.enable_grad():
             hidden = inputs.hidden.detach().requires_grad_(True)
             leaves = [t.detach().to(self.dtype).requires_grad_(True) for t in lora_tensors]
             pairs, scaling = self.resolve_lora(start, end, adapter, lora_names, leaves, scaling)
-            with lora.applied(layers, pairs, scaling):
+            with lora.applied(pairs, scaling):
                 output = self.span(hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end)
             return list(torch.autograd.grad(output, [hidden, *leaves], grad_output.to(output.dtype), allow_unused=True))
 
@@ -126,7 +124,6 @@ class InferenceState:
     def __init__(self, backend: SpanBackend, start: int, end: int, batch_size: int, max_length: int,
                  lora_pairs=(), lora_scaling: float = 1.0):
         self.backend, self.start, self.end = backend, start, end
-        self.layers = backend.layers(start, end)
         self.lora_pairs, self.lora_scaling = list(lora_pairs), lora_scaling
         self.batch_size, self.max_length = batch_size, max_length
         self.cache = backend.span.new_cache()
@@ -149,7 +146,7 @@ class InferenceState:
         new_mask = inputs.attention_mask if inputs.attention_mask is not None else torch.ones(batch, length, dtype=torch.int64)
         mask = torch.cat([self.mask, new_mask], dim=1)
         try:
-            with lora.applied(self.layers, self.lora_pairs, self.lora_scaling):
+            with lora.applied(self.lora_pairs, self.lora_scaling):
                 output = self.backend.span(inputs.hidden, inputs.position_ids, mask, cache=self.cache, start=self.start, end=self.end)
         except Exception:
             self.broken = True  # the cache may hold part of this step: never serve from it again

@@ -121,7 +121,7 @@ class BlockHandler:
             return protos, await self._span_call(kind, first.metadata, protos)
 
         protos, outputs = await self._guard(kind, call())
-        messages = split_message(SpanReply(), outputs, runtime_pb2.ExpertResponse)
+        messages = split_message(SpanReply(), [pack_tensor(t) for t in outputs], runtime_pb2.ExpertResponse)
         self._count(kind, protos, [chunk for message in messages for chunk in message.tensors])
         for message in messages:
             yield message

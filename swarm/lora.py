@@ -89,6 +89,7 @@ class LoraPair:
     module: str
     A: torch.Tensor  # [rank, in_features]
     B: torch.Tensor  # [out_features, rank]
+    linear: nn.Linear  # the layer it adapts, resolved once when the request is validated
 
 
 def parse_lora(names: Sequence[str], tensors: Sequence[torch.Tensor], layers: dict[int, nn.Module],
@@ -127,12 +128,12 @@ def parse_lora(names: Sequence[str], tensors: Sequence[torch.Tensor], layers: di
                 f"LoRA for block {block} {module}: A must be [rank, {linear.in_features}] and B [{linear.out_features}, rank] "
                 f"with 1 <= rank <= {MAX_RANK}; got A {list(a.shape)}, B {list(b.shape)}"
             )
-        pairs.append(LoraPair(block, module, a, b))
+        pairs.append(LoraPair(block, module, a, b, linear))
     return pairs
 
 
 @contextlib.contextmanager
-def applied(layers: dict[int, nn.Module], pairs: Sequence[LoraPair], scaling: float) -> Iterator[None]:
+def applied(pairs: Sequence[LoraPair], scaling: float) -> Iterator[None]:
     """Add the LoRA deltas to the outputs of their linear layers for the duration of one call.
 
     The hooks live only inside this block, so the adapter is passed per call rather than stored on the model.
@@ -148,7 +149,7 @@ def applied(layers: dict[int, nn.Module], pairs: Sequence[LoraPair], scaling: fl
 
     try:
         for pair in pairs:
-            handles.append(linear_modules(layers[pair.block])[pair.module].register_forward_hook(hook_for(pair)))
+            handles.append(pair.linear.register_forward_hook(hook_for(pair)))
         yield
     finally:
         for handle in handles:

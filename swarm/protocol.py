@@ -192,13 +192,12 @@ def payload_bytes(tensors: Iterable[runtime_pb2.Tensor]) -> int:
 # ---------------------------------------------------------------------------------------------- streaming
 
 
-def split_message(meta: _Meta, tensors: Sequence[torch.Tensor], message_type=runtime_pb2.ExpertRequest) -> list:
-    """Pack tensors into stream messages of at most STREAM_CHUNK_BYTES of payload each.
+def split_message(meta: _Meta, packed: Sequence[runtime_pb2.Tensor], message_type=runtime_pb2.ExpertRequest) -> list:
+    """Cut packed tensors (see pack_tensor) into stream messages of at most STREAM_CHUNK_BYTES of payload each.
 
-    Every tensor is cut into byte chunks; the first message carries the metadata and a header tensor
-    per input (shape and dtype with an empty buffer), the rest only carry chunks.
+    The first message carries the metadata and a header tensor per input (shape and dtype with an empty
+    buffer), the rest only carry chunks.
     """
-    packed = [pack_tensor(t) for t in tensors]
     headers = [runtime_pb2.Tensor(size=p.size, dtype=p.dtype) for p in packed]
     chunks: list[runtime_pb2.Tensor] = []
     for index, p in enumerate(packed):

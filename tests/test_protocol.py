@@ -61,7 +61,7 @@ def test_metadata_is_validated_and_tolerant():
 
 def test_split_and_join_streamed_messages():
     tensors = [torch.randn(700, 1000), torch.arange(5)]
-    messages = split_message(SpanRequest(start=0, end=1), tensors)
+    messages = split_message(SpanRequest(start=0, end=1), [pack_tensor(t) for t in tensors])
     assert len(messages) > 3  # 2.8 MB cut into 1 MiB chunks
     restored = [unpack_tensor(p) for p in join_message(messages[0], messages[1:])]
     assert all(torch.equal(a, b) for a, b in zip(restored, tensors, strict=True))
