@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from swarm.config import OMP_WAIT_VARIABLES
+
 
 def build_tiny(folder: Path, sharpen: bool = True) -> Path:
     """A random Llama small enough that the swarm's overhead, not compute, dominates."""
@@ -29,15 +31,13 @@ def build_tiny(folder: Path, sharpen: bool = True) -> Path:
     return path
 
 
-def run_baseline(script: str, worker_args: list, user_omp_policy: str | None) -> dict:
+def run_baseline(script: str, worker_args: list, user_env: dict[str, str]) -> dict:
     """Run `script --baseline-worker ARGS...` in its own process and return the JSON it prints last.
 
-    That process gets default OpenMP waiting (unless the user chose a policy): busy-waiting threads suit a
+    That process gets default OpenMP waiting (unless the user chose otherwise): busy-waiting threads suit a
     process that has the machine to itself, as a local baseline does.
     """
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if user_omp_policy is not None:
-        env["OMP_WAIT_POLICY"] = user_omp_policy
+    env = {k: v for k, v in os.environ.items() if k not in OMP_WAIT_VARIABLES} | user_env
     command = [sys.executable, script, "--baseline-worker", *map(str, worker_args)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -17,9 +17,11 @@ import json
 import os
 import sys
 
-_USER_OMP_POLICY = os.environ.get("OMP_WAIT_POLICY")
+from swarm.config import apply_colocated_omp_env, user_omp_env
+
+_USER_OMP_ENV = user_omp_env()
 if "--baseline-worker" not in sys.argv:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must be set before torch starts its OpenMP runtime
+    apply_colocated_omp_env()  # before torch starts its OpenMP runtime
 import statistics
 import tempfile
 import time
@@ -109,7 +111,7 @@ def baseline_worker(path: str, dtype: str, batch: int, seq_len: int, steps: int)
 
 
 def measure_local(path: Path, args: argparse.Namespace) -> tuple[float, list[float]]:
-    data = run_baseline(__file__, [path, args.dtype, args.batch, args.seq_len, args.steps], _USER_OMP_POLICY)
+    data = run_baseline(__file__, [path, args.dtype, args.batch, args.seq_len, args.steps], _USER_OMP_ENV)
     return data["loss"], data["times"]
 
 
@@ -162,8 +164,8 @@ def main() -> None:
     args = parse_args()
     hf_logging.disable_progress_bar()
     threads = torch.get_num_threads()  # what the distributed client runs with; the local baseline gets the same
-    print(f"torch {torch.__version__}, {threads} intra-op threads; OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')} for the client; batch {args.batch} x {args.seq_len} "
+    print(f"torch {torch.__version__}, {threads} intra-op threads; GOMP_SPINCOUNT="
+          f"{os.environ.get('GOMP_SPINCOUNT', 'default')} for the client; batch {args.batch} x {args.seq_len} "
           f"random tokens, LoRA r=8 on q,k,v,o, AdamW lr {LR}; median of {args.steps} steps after a warm-up")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:

@@ -16,9 +16,11 @@ import json
 import os
 import sys
 
-_USER_OMP_POLICY = os.environ.get("OMP_WAIT_POLICY")
+from swarm.config import apply_colocated_omp_env, user_omp_env
+
+_USER_OMP_ENV = user_omp_env()
 if "--baseline-worker" not in sys.argv:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must be set before torch starts its OpenMP runtime
+    apply_colocated_omp_env()  # before torch starts its OpenMP runtime
 import statistics
 import tempfile
 import time
@@ -152,7 +154,7 @@ def baseline_worker(path: str, dtype: str, prompt_tokens: int, new_tokens: int, 
 
 
 def measure_local(path: Path, args: argparse.Namespace) -> tuple[Timing, torch.Tensor]:
-    data = run_baseline(__file__, [path, args.dtype, args.prompt_tokens, args.new_tokens, args.runs], _USER_OMP_POLICY)
+    data = run_baseline(__file__, [path, args.dtype, args.prompt_tokens, args.new_tokens, args.runs], _USER_OMP_ENV)
     return Timing(data["totals"], data["prefills"], data["decode_steps"]), torch.tensor(data["output"])
 
 
@@ -216,7 +218,7 @@ def main() -> None:
     threads = torch.get_num_threads()  # what the distributed client runs with; the local baseline gets the same
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {threads} intra-op threads for the local baseline and the client; "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; batch 1, prompt {args.prompt_tokens}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'default')}; batch 1, prompt {args.prompt_tokens}, "
           f"{args.new_tokens} new tokens, greedy, median of {args.runs} runs after a warm-up; "
           "swarm prefill includes opening the session")
     results = []

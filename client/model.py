@@ -22,7 +22,7 @@ from client.lora import RemoteLora
 from client.remote_sequential import RemoteSequential
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
 from swarm.config import CLIENT
-from swarm.models import ModelFamily, family_for
+from swarm.models import CACHE_KWARG, ModelFamily, family_for
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ class RemoteSessionCache(DynamicCache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.session.position
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # It holds no layers here; transformers >= 5.24 only trims already-seen tokens when some layer is attention.
+        return [False]
 
 
 class DistributedBaseModel(nn.Module):
@@ -57,7 +62,8 @@ class DistributedBaseModel(nn.Module):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, cache=None, **kwargs) -> BaseModelOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values  # the name depends on the transformers release
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -77,7 +83,7 @@ class DistributedBaseModel(nn.Module):
                 raise ValueError("a local KV cache cannot be used with remote blocks; use model.inference_session()")
             hidden = self.layers(inputs_embeds, position_ids, attention_mask)
         hidden = self.family.final_norm(self, hidden)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_KWARG: past_key_values})
 
 
 class DistributedModelForCausalLM:
@@ -221,7 +227,7 @@ class DistributedCausalLMMixin:
             kwargs["attention_mask"] = attention_mask
         if session.token_ids is not None and "attention_mask" not in kwargs:
             kwargs["attention_mask"] = torch.ones_like(input_ids)
-        kwargs["past_key_values"] = RemoteSessionCache(session)
+        kwargs[CACHE_KWARG] = RemoteSessionCache(session)
         kwargs.setdefault("use_cache", True)
         output = super().generate(input_ids, *args, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences

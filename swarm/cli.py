@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from swarm.config import apply_colocated_omp_env
+
 # subcommand -> module defining `add_arguments(parser)` and `run(args) -> int | None`
 SUBCOMMANDS = {
     "server": ("server.cli", "host a span of a model's blocks and serve it to the swarm"),
@@ -61,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    if args.command in ("generate", "demo"):
-        # A client mostly waits on the network; its OpenMP threads should sleep, not spin, while they wait
-        # (set before torch starts its thread pool; the user's own setting wins).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.command in ("generate", "demo", "finetune"):
+        # A client mostly waits on the network while servers compute, often on the same machine: its OpenMP threads
+        # should not spin long while they wait (set before torch starts its thread pool; the user's setting wins).
+        apply_colocated_omp_env()
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:

@@ -13,11 +13,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from swarm.config import COLOCATED_OMP_ENV
+
 logger = logging.getLogger(__name__)
 
-# Peers that share one machine should not busy-wait: an idle OpenMP thread that spins steals the core the
-# next server in the chain needs. The user's own setting, or `env`, wins.
-COLOCATED_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# Peers that share one machine should not busy-wait for long (see swarm.config). The user's own setting, or `env`, wins.
+COLOCATED_ENV = COLOCATED_OMP_ENV
 
 _JOIN = re.compile(r"Join with: --initial-peers (\S+)")
 LOCALHOST = "/ip4/127.0.0.1/tcp/0"

@@ -6,11 +6,18 @@ module plus its test.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PretrainedConfig
+from transformers.masking_utils import create_causal_mask
+
+# transformers 5.24 renamed the KV-cache argument of models, layers and mask functions from `past_key_values` to
+# `cache` (the old name still works for models, with a warning, but not for decoder layers or mask functions).
+# Every call that passes a cache uses this name, so both sides of the rename work.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)

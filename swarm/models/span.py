@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
-from swarm.models import ModelFamily
+from swarm.models import CACHE_KWARG, ModelFamily
 
 
 def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
@@ -85,9 +85,9 @@ class BlockSpan(nn.Module):
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
-            past_key_values=cache,
             position_ids=position_ids,
             layer_idx=first,
+            **{CACHE_KWARG: cache},
         )
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers[first:last]:
@@ -96,7 +96,7 @@ class BlockSpan(nn.Module):
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{CACHE_KWARG: cache},
             )
         return hidden
