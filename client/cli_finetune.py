@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=_default_data(), metavar="FILE", help=DATA_HELP)
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0,
+                        help="dropout on the LoRA input while training (the servers apply it with masks the client seeds)")
     parser.add_argument("--target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"], metavar="NAME",
                         help="names of the linear layers of each block that get an adapter")
     length = parser.add_mutually_exclusive_group()
@@ -185,10 +187,13 @@ def evaluate(model, data, batch_size: int, pad_id: int) -> float:
     import torch
 
     total, count = 0.0, 0
+    was_training = model.training
+    model.eval()  # no LoRA dropout while evaluating
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             loss, n = batch_loss(model, *collate(data[start: start + batch_size], pad_id))
             total, count = total + float(loss), count + n
+    model.train(was_training)
     return total / max(count, 1)
 
 
@@ -229,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             param.requires_grad_(False)
         torch.manual_seed(args.seed)
         lora = model.add_lora_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                 target_modules=list(args.target_modules), lora_dropout=0.0))
+                                                 target_modules=list(args.target_modules), lora_dropout=args.lora_dropout))
         params = list(lora.parameters())
         for param in params:
             param.requires_grad_(True)
@@ -241,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"held-out loss before training: {before:.4f}", flush=True)
 
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        model.train()
         rng = random.Random(args.seed)
         step, epoch, seen_tokens, started = 0, 0, 0, time.perf_counter()
         progress = tqdm(total=total_steps, desc="finetune", unit="step", dynamic_ncols=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import hivemind
@@ -46,6 +47,8 @@ class SwarmConnection:
         self.p2p = aio.run(self.dht.replicate_p2p())
         self._servers: list[ServerInfo] = []
         self._servers_time = 0.0
+        # (server, digest) of LoRA tensors a server has accepted from us: later requests name them by digest.
+        self._lora_uploads: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     # ------------------------------------------------------------------------------------ discovery
 
@@ -67,14 +70,36 @@ class SwarmConnection:
 
     # ------------------------------------------------------------------------------------ stateless calls
 
+    async def lora_span_call(self, kind: str, step: RouteStep, tensors: Sequence[torch.Tensor], lora_names: Sequence[str],
+                             lora_tensors: Sequence[torch.Tensor], lora_scaling: float, digest: str,
+                             **fields) -> list[torch.Tensor]:
+        """span_call with a client's LoRA tensors, which are sent only when the server does not hold them yet."""
+        key = (str(step.peer_id), digest)
+        if key in self._lora_uploads:
+            try:
+                return await self.span_call(kind, step, tensors, lora_names, lora_scaling, lora_digest=digest,
+                                            lora_by_digest=True, **fields)
+            except RemoteError as exc:
+                if exc.code != "lora_not_cached":
+                    raise
+                self._lora_uploads.pop(key, None)  # expired or evicted there: upload again
+        result = await self.span_call(kind, step, [*tensors, *lora_tensors], lora_names, lora_scaling, lora_digest=digest,
+                                      **fields)
+        self._lora_uploads[key] = None
+        while len(self._lora_uploads) > 1024:
+            self._lora_uploads.popitem(last=False)
+        return result
+
     async def span_call(self, kind: str, step: RouteStep, tensors: Sequence[torch.Tensor],
-                        lora_names: Sequence[str] = (), lora_scaling: float = 1.0, adapter: str = "") -> list[torch.Tensor]:
+                        lora_names: Sequence[str] = (), lora_scaling: float = 1.0, **fields) -> list[torch.Tensor]:
         """Forward or backward through one route step; payloads over the unary limit go over a stream.
 
-        `tensors` ends with the LoRA tensors named by `lora_names`. Returns the server's tensors: [output] for a
-        forward, [grad w.r.t. the input, grad w.r.t. each LoRA tensor] for a backward.
+        `tensors` are laid out as swarm.protocol.SpanRequest describes, ending with the LoRA tensors named by
+        `lora_names` (unless `lora_by_digest` names uploaded ones); `fields` are other SpanRequest fields.
+        Returns the server's tensors: [output] for a forward; for a backward, the gradients w.r.t. the input,
+        each LoRA tensor and the deep prompts.
         """
-        meta = SpanRequest(start=step.start, end=step.end, lora=list(lora_names), lora_scaling=lora_scaling, adapter=adapter)
+        meta = SpanRequest(start=step.start, end=step.end, lora=list(lora_names), lora_scaling=lora_scaling, **fields)
         stub = self.stub(step.peer_id)
         try:
             packed = [pack_tensor(t) for t in tensors]
@@ -113,8 +138,8 @@ class SpanStream:
 
     def __init__(self, connection: SwarmConnection, step: RouteStep, batch_size: int, max_length: int,
                  lora_names: Sequence[str] = (), lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0,
-                 adapter: str = ""):
-        self.connection, self.step, self.adapter = connection, step, adapter
+                 adapter: str = "", prompts: torch.Tensor | None = None):
+        self.connection, self.step, self.adapter, self.prompts = connection, step, adapter, prompts
         self.lora_names, self.lora_tensors, self.lora_scaling = list(lora_names), list(lora_tensors), lora_scaling
         self.batch_size, self.max_length = batch_size, max_length
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -128,12 +153,13 @@ class SpanStream:
                 yield message
 
         meta = InferenceOpen(start=self.step.start, end=self.step.end, max_length=self.max_length, batch_size=self.batch_size,
-                             lora=self.lora_names, lora_scaling=self.lora_scaling, adapter=self.adapter)
+                             lora=self.lora_names, lora_scaling=self.lora_scaling, adapter=self.adapter,
+                             deep_prompts=self.prompts is not None)
+        opening = ([self.prompts] if self.prompts is not None else []) + self.lora_tensors
         try:
             self._replies = await asyncio.wait_for(
                 self.connection.stub(self.step.peer_id).rpc_inference(requests()), CLIENT.connect_timeout)
-            self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(),
-                                                             tensors=[pack_tensor(t) for t in self.lora_tensors]))
+            self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=[pack_tensor(t) for t in opening]))
             await self._next_reply()
         except BaseException:
             self._queue.put_nowait(None)

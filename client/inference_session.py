@@ -20,8 +20,10 @@ class InferenceSession:
     """
 
     def __init__(self, connection: SwarmConnection, max_length: int, start: int = 0, end: int | None = None,
-                 batch_size: int | None = None, lora=None, adapter: str | None = None):
+                 batch_size: int | None = None, lora=None, adapter: str | None = None, prompts=None):
         self.connection, self.max_length = connection, max_length
+        self.prompts = prompts  # a client.prompts.RemotePrompts: deep prompts go to each server when its stream opens
+        self.virtual_tokens = 0  # shallow prompt tokens this session holds before the caller's tokens
         self.adapter = adapter  # a named adapter hosted by the servers
         self.lora = lora  # a client.lora.RemoteLora; its values are snapshotted when the streams open
         self.start, self.end = start, connection.num_blocks if end is None else end
@@ -39,8 +41,11 @@ class InferenceSession:
             if self.lora is not None:
                 names, params = self.lora.for_blocks(step.start, step.end)
                 tensors, scaling = [p.detach().clone() for p in params], self.lora.scaling
+            deep = None
+            if self.prompts is not None:
+                deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start)
             streams.append(SpanStream(self.connection, step, batch_size, self.max_length, names, tensors, scaling,
-                                      self.adapter or ""))
+                                      self.adapter or "", deep))
         try:
             for stream in streams:
                 await stream.open()

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarm.lora import linear_modules, lora_name, peft_key, read_peft_adapter
+from swarm.lora import digest, linear_modules, lora_name, peft_key, read_peft_adapter
 from swarm.models import ModelFamily
 
 
@@ -34,11 +34,12 @@ class RemoteLora(nn.Module):
 
     def __init__(self, family: ModelFamily, config: PretrainedConfig, lora_config: LoraConfig, num_blocks: int):
         super().__init__()
-        if lora_config.lora_dropout:
-            raise ValueError("lora_dropout > 0 is not supported for remote blocks yet; use lora_dropout=0")
+        if not 0 <= lora_config.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {lora_config.lora_dropout}")
         if getattr(lora_config, "use_dora", False):
             raise ValueError("DoRA is not supported for remote blocks")
         self.lora_config = lora_config
+        self.dropout = float(lora_config.lora_dropout)  # applied by the servers in training mode, as peft does
         rank = lora_config.r
         self.scaling = lora_config.lora_alpha / (math.sqrt(rank) if lora_config.use_rslora else rank)
         self.shapes = target_linear_shapes(family, config, lora_config)
@@ -74,6 +75,15 @@ class RemoteLora(nn.Module):
     def for_blocks(self, start: int, end: int) -> tuple[list[str], list[nn.Parameter]]:
         names = [n for n in self.names if start <= int(n.split(".", 1)[0]) < end]
         return names, [self.params[self._index[n]] for n in names]
+
+    def digest(self, start: int, end: int) -> str:
+        """swarm.lora.digest of the current values of blocks [start, end).
+
+        Computed from the contents every time: optimizers such as fused AdamW update parameters without bumping
+        their version counters, so nothing cheaper tells reliably whether they changed.
+        """
+        names, params = self.for_blocks(start, end)
+        return digest(names, params)
 
     def index(self, name: str) -> int:
         return self._index[name]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -19,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from client.connection import SwarmConnection
 from client.inference_session import InferenceSession
 from client.lora import RemoteLora
+from client.prompts import RemotePrompts
 from client.remote_sequential import RemoteSequential
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
 from swarm.config import CLIENT
@@ -38,7 +40,7 @@ class RemoteSessionCache(DynamicCache):
         self.session = session
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
+        return self.session.position - self.session.virtual_tokens  # the caller's tokens, not the prompt's
 
     @property
     def is_linear(self) -> list[bool]:
@@ -71,13 +73,27 @@ class DistributedBaseModel(nn.Module):
         batch, length, _ = inputs_embeds.shape
         session = past_key_values.session if isinstance(past_key_values, RemoteSessionCache) else None
         past = session.position if session is not None else 0
+        # Prompt tuning: P virtual tokens go before each sequence (once per session); outputs keep their positions,
+        # as peft's prompt tuning does, and the caller's position ids count from after them.
+        prompts, virtual = self.layers.prompts, 0
+        if prompts is not None and past == 0:
+            virtual = prompts.num_virtual_tokens
+            inputs_embeds = prompts.prepend(inputs_embeds)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], dim=1)
+        offset = virtual or (session.virtual_tokens if session is not None else 0)
         if position_ids is None:
-            position_ids = torch.arange(past, past + length).expand(batch, length)
+            position_ids = torch.arange(past, past + virtual + length).expand(batch, virtual + length)
+        else:
+            position_ids = position_ids.expand(batch, length) + offset
+            if virtual:
+                position_ids = torch.cat([torch.arange(virtual).expand(batch, virtual), position_ids], dim=1)
         if session is not None:
-            new_mask = attention_mask[:, -length:] if attention_mask is not None else None
+            new_mask = attention_mask[:, -(virtual + length):] if attention_mask is not None else None
             if new_mask is not None and bool(new_mask.all()):
                 new_mask = None
             hidden = session.step(inputs_embeds, position_ids, new_mask)
+            session.virtual_tokens = session.virtual_tokens or virtual
         else:
             if past_key_values is not None and past_key_values.get_seq_length() > 0:
                 raise ValueError("a local KV cache cannot be used with remote blocks; use model.inference_session()")
@@ -153,6 +169,28 @@ class DistributedCausalLMMixin:
     def get_decoder(self):
         return getattr(self, self.base_model_prefix)
 
+    def _freeze_local_weights(self) -> None:
+        """As peft does: once an adapter or prompts are added, only they train (not embeddings or the LM head)."""
+        layers = self.remote_layers
+        keep = {id(p) for module in (layers.lora, layers.prompts) if module is not None for p in module.parameters()}
+        for param in self.parameters():
+            if id(param) not in keep:
+                param.requires_grad_(False)
+
+    def add_prompt_tuning(self, num_virtual_tokens: int, deep: bool = False) -> RemotePrompts:
+        """Trainable virtual tokens before every sequence (shallow), and with `deep` also at every block's input.
+
+        The logits then start with the virtual tokens' positions, as with peft's prompt tuning; labels are padded
+        to match. Returns the module holding the parameters (`shallow` [P, hidden], `deep` [blocks, P, hidden]).
+        """
+        if self.remote_layers.prompts is not None:
+            raise RuntimeError("this model already has prompt tuning")
+        self._freeze_local_weights()
+        prompts = RemotePrompts(num_virtual_tokens, self.config.hidden_size, self.config.num_hidden_layers, deep,
+                                init_from=self.get_input_embeddings().weight)
+        self.remote_layers.prompts = prompts.to(self.dtype)
+        return self.remote_layers.prompts
+
     def add_lora_adapter(self, lora_config) -> RemoteLora:
         """Create LoRA tensors (a peft LoraConfig: r, lora_alpha, target_modules) for every remote block.
 
@@ -161,6 +199,7 @@ class DistributedCausalLMMixin:
         """
         if self.remote_layers.lora is not None:
             raise RuntimeError("this model already has a LoRA adapter")
+        self._freeze_local_weights()
         lora = RemoteLora(self.get_decoder().family, self.config, lora_config, self.config.num_hidden_layers)
         self.remote_layers.lora = lora.to(self.dtype)
         return self.remote_layers.lora
@@ -193,7 +232,9 @@ class DistributedCausalLMMixin:
         """Open KV-cached streams through the swarm; `generate()` calls inside continue one another."""
         if self._active_session is not None:
             raise RuntimeError("an inference session is already open on this model")
-        session = self.remote_layers.inference_session(max_length, batch_size)
+        prompts = self.remote_layers.prompts
+        virtual = prompts.num_virtual_tokens if prompts is not None else 0  # prompt tokens come on top of max_length
+        session = self.remote_layers.inference_session(max_length + virtual, batch_size)
         self._active_session = session
         try:
             with session:
@@ -242,5 +283,28 @@ _CLASSES: dict[str, type] = {}
 def _distributed_class(family: ModelFamily) -> type:
     if family.name not in _CLASSES:
         base = family.causal_lm_class
-        _CLASSES[family.name] = type(f"Distributed{base.__name__}", (DistributedCausalLMMixin, base), {})
+        _CLASSES[family.name] = type(f"Distributed{base.__name__}", (DistributedCausalLMMixin, base),
+                                     {"forward": _forward_with_signature_of(base)})
     return _CLASSES[family.name]
+
+
+def _forward_with_signature_of(base: type):
+    """The model's forward: `base.forward` with prompt tuning's label padding, showing base's own signature.
+
+    Hugging Face Trainer passes a model only the batch keys that its forward's signature names
+    (remove_unused_columns, on by default), so a generic `(*args, **kwargs)` signature would make it drop
+    attention_mask and labels without a word.
+    """
+    signature = inspect.signature(base.forward)
+
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        labels, prompts = bound.arguments.get("labels"), self.remote_layers.prompts
+        if labels is not None and prompts is not None:  # the virtual tokens predict nothing, as in peft
+            pad = labels.new_full((labels.shape[0], prompts.num_virtual_tokens), -100)
+            bound.arguments["labels"] = torch.cat([pad, labels], dim=1)
+        return base.forward(*bound.args, **bound.kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = base.forward.__doc__
+    return forward

@@ -45,51 +45,67 @@ def _part(tensor, where: slice):
 class _RemoteChain(torch.autograd.Function):
     """Forward through every route step, keeping each step's input on the client for the backward pass.
 
-    The batch travels in chunks, concurrently; the chain's LoRA parameters are inputs of the function, so
-    autograd hands them their gradients (summed over chunks).
+    The batch travels in chunks, concurrently; the chain's trainable tensors (LoRA, deep prompts) are inputs of
+    the function, so autograd hands them their gradients (summed over chunks).
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask, chain: RemoteSequential, *lora_params):
+    def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask, chain: RemoteSequential, *params):
         route = chain.connection.plan(chain.start, chain.end, chain.adapter)
         slices = split_batch(hidden.shape[0], hidden.shape[1], chain.max_chunk_tokens)
+        base_seed = chain.draw_dropout_seed()
+        # The adapter's digest per step, once per call: its backward then uses the tensors its forward used.
+        digests = {step.start: chain.lora.digest(step.start, step.end) for step in route} if chain.lora is not None else {}
 
-        async def run_chunk(where: slice):
+        async def run_chunk(index: int, where: slice):
             h, step_inputs = hidden[where], []
             for step in route:
                 step_inputs.append(h)
-                (h,) = await chain.acall("forward", step, _span_tensors(h, position_ids[where], _part(attention_mask, where)))
+                inputs = _span_tensors(h, position_ids[where], _part(attention_mask, where))
+                (h,) = await chain.acall("forward", step, inputs, seed=base_seed + index, digest=digests.get(step.start))
             return step_inputs, h
 
-        results = aio.run(_gather(run_chunk(where) for where in slices))
-        ctx.chain, ctx.route, ctx.slices = chain, route, slices
+        results = aio.run(_gather(run_chunk(i, where) for i, where in enumerate(slices)))
+        ctx.chain, ctx.route, ctx.slices, ctx.base_seed, ctx.digests = chain, route, slices, base_seed, digests
         ctx.chunk_inputs = [inputs for inputs, _ in results]
         ctx.position_ids, ctx.attention_mask = position_ids, attention_mask
         return torch.cat([output for _, output in results], dim=0)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        lora = ctx.chain.lora
+        chain = ctx.chain
+        lora, prompts = chain.lora, chain.prompts
         position_ids, attention_mask = ctx.position_ids, ctx.attention_mask
 
-        async def run_chunk(where: slice, step_inputs: list[torch.Tensor]):
-            grad, lora_grads = grad_output[where], {}
+        async def run_chunk(index: int, where: slice, step_inputs: list[torch.Tensor]):
+            grad, lora_grads, prompt_grads = grad_output[where], {}, {}
             for step, hidden in zip(reversed(ctx.route), reversed(step_inputs), strict=True):
-                tensors = _span_tensors(hidden, position_ids[where], _part(attention_mask, where)) + [grad.contiguous()]
-                grad, *step_lora_grads = await ctx.chain.acall("backward", step, tensors)
+                inputs = _span_tensors(hidden, position_ids[where], _part(attention_mask, where))
+                grad, *rest = await chain.acall("backward", step, inputs, grad.contiguous(), seed=ctx.base_seed + index,
+                                                digest=ctx.digests.get(step.start))
+                if prompts is not None and prompts.deep is not None:
+                    prompt_grads[step.start] = (step.end, rest.pop()[:, 0])
                 if lora is not None:
                     names, _ = lora.for_blocks(step.start, step.end)
-                    lora_grads.update(zip(names, step_lora_grads, strict=True))
-            return grad, lora_grads
+                    lora_grads.update(zip(names, rest, strict=True))
+            return grad, lora_grads, prompt_grads
 
-        results = aio.run(_gather(run_chunk(w, i) for w, i in zip(ctx.slices, ctx.chunk_inputs, strict=True)))
-        grad_input = torch.cat([grad for grad, _ in results], dim=0)
+        chunks = zip(ctx.slices, ctx.chunk_inputs, strict=True)
+        results = aio.run(_gather(run_chunk(i, w, inputs) for i, (w, inputs) in enumerate(chunks)))
+        grad_input = torch.cat([grad for grad, _, _ in results], dim=0)
         lora_grads: list[torch.Tensor | None] = [None] * (len(lora.names) if lora is not None else 0)
-        for _, chunk_grads in results:
+        for _, chunk_grads, _ in results:
             for name, value in chunk_grads.items():
                 index = lora.index(name)
                 lora_grads[index] = value if lora_grads[index] is None else lora_grads[index] + value
-        return (grad_input, None, None, None, *lora_grads)
+        deep_grad = []
+        if prompts is not None and prompts.deep is not None:
+            total = torch.zeros_like(prompts.deep)
+            for _, _, chunk_grads in results:
+                for start, (end, value) in chunk_grads.items():
+                    total[start - chain.start : end - chain.start] += value.to(total.dtype)
+            deep_grad = [total]
+        return (grad_input, None, None, None, *lora_grads, *deep_grad)
 
 
 class RemoteSequential(nn.Module):
@@ -105,18 +121,37 @@ class RemoteSequential(nn.Module):
         self.start, self.end = start, connection.num_blocks if end is None else end
         self.lora = None  # a client.lora.RemoteLora once an adapter is attached
         self.adapter: str | None = None  # or the name of an adapter that servers host
+        self.prompts = None  # a client.prompts.RemotePrompts for prompt tuning
         self.max_chunk_tokens = CLIENT.max_chunk_tokens  # larger batches are split into concurrent requests
 
     def __len__(self) -> int:
         return self.end - self.start
 
-    async def acall(self, kind: str, step: RouteStep, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One forward or backward request for a route step, with this chain's adapter (if any)."""
-        names, scaling = [], 1.0
-        if self.lora is not None:
-            names, params = self.lora.for_blocks(step.start, step.end)
-            tensors, scaling = [*tensors, *params], self.lora.scaling
-        return await self.connection.span_call(kind, step, [t.detach() for t in tensors], names, scaling, self.adapter or "")
+    def draw_dropout_seed(self) -> int:
+        """A seed for the servers' LoRA dropout masks (from torch's RNG), or 0 when no dropout applies."""
+        if self.lora is None or not self.lora.dropout or not self.training:
+            return 0
+        return int(torch.randint(0, 1 << 62, ()))
+
+    async def acall(self, kind: str, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor | None = None,
+                    seed: int = 0, digest: str | None = None) -> list[torch.Tensor]:
+        """One forward or backward request for a route step, with this chain's adapter and deep prompts (if any)."""
+        tensors = [t.detach() for t in inputs]
+        fields = {}
+        deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start) if self.prompts is not None else None
+        if deep is not None:
+            tensors.append(deep)
+            fields["deep_prompts"] = True
+        if grad is not None:
+            tensors.append(grad.detach())
+        if self.lora is None:
+            return await self.connection.span_call(kind, step, tensors, adapter=self.adapter or "", **fields)
+        if seed and self.lora.dropout:
+            fields.update(lora_dropout=self.lora.dropout, dropout_seed=seed)
+        names, params = self.lora.for_blocks(step.start, step.end)
+        return await self.connection.lora_span_call(kind, step, tensors, names, [p.detach() for p in params],
+                                                    self.lora.scaling, digest or self.lora.digest(step.start, step.end),
+                                                    **fields)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,12 +161,15 @@ class RemoteSequential(nn.Module):
         position_ids = position_ids.expand(batch, length).to(torch.int64).contiguous()
         if attention_mask is not None:
             attention_mask = None if bool(attention_mask.all()) else attention_mask.to(torch.int64).contiguous()
-        lora_params = list(self.lora.params) if self.lora is not None else []
-        output = _RemoteChain.apply(hidden, position_ids, attention_mask, self, *lora_params)
+        params = list(self.lora.params) if self.lora is not None else []
+        if self.prompts is not None and self.prompts.deep is not None:
+            params.append(self.prompts.deep)
+        output = _RemoteChain.apply(hidden, position_ids, attention_mask, self, *params)
         return output.to(hidden.dtype)
 
     def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:
-        return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.lora, self.adapter)
+        return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.lora, self.adapter,
+                                self.prompts)
 
     def extra_repr(self) -> str:
         return f"blocks {self.start}:{self.end} of {self.connection.prefix!r} (remote)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,25 @@ class SpanInputs:
     hidden: torch.Tensor  # [batch, length, hidden_size] in the server's dtype
     position_ids: torch.Tensor  # [batch, length] int64
     attention_mask: torch.Tensor | None  # [batch, length] int64 of 0/1, or None for "attend to everything"
+
+
+MAX_PROMPT_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """What one request adds to the frozen blocks: LoRA (its own tensors or a hosted adapter), dropout, deep prompts."""
+
+    lora_names: Sequence[str] = ()
+    lora_tensors: Sequence[torch.Tensor] = ()
+    scaling: float = 1.0
+    adapter: str = ""
+    dropout: float = 0.0  # on the LoRA input, training only; masks drawn from `seed`
+    seed: int = 0
+    prompts: torch.Tensor | None = None  # [blocks run, batch or 1, P, hidden], added at the first P tokens
+
+
+NONE = Adaptation()
 
 
 class SpanBackend:
@@ -96,35 +116,50 @@ class SpanBackend:
 
     # ------------------------------------------------------------------------------------ compute
 
-    @torch.inference_mode()
-    def forward(self, inputs: SpanInputs, start: int, end: int, lora_names=(), lora_tensors=(), scaling: float = 1.0,
-                adapter: str = "") -> torch.Tensor:
-        pairs, scaling = self.resolve_lora(start, end, adapter, lora_names, lora_tensors, scaling)
-        with lora.applied(pairs, scaling):
-            return self.span(inputs.hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end)
+    def check_prompts(self, prompts: torch.Tensor, start: int, end: int, batch: int) -> torch.Tensor:
+        shape = list(prompts.shape)
+        if (prompts.ndim != 4 or shape[0] != end - start or shape[1] not in (1, batch) or not 1 <= shape[2] <= MAX_PROMPT_TOKENS
+                or shape[3] != self.hidden_size):
+            raise BadRequest(f"deep prompts must have shape [{end - start} blocks, 1 or {batch}, P <= {MAX_PROMPT_TOKENS}, "
+                             f"{self.hidden_size}], got {shape}")
+        if not prompts.is_floating_point() or not bool(torch.isfinite(prompts).all()):
+            raise BadRequest("deep prompts must be finite floating-point values")
+        return prompts.to(self.dtype)
 
-    def backward(self, inputs: SpanInputs, grad_output: torch.Tensor, start: int, end: int, lora_names=(),
-                 lora_tensors=(), scaling: float = 1.0, adapter: str = "") -> list[torch.Tensor]:
-        """Gradients w.r.t. the span's input and each LoRA tensor, recomputing the forward (servers keep no activations)."""
+    def _run(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation, lora_tensors, prompts) -> torch.Tensor:
+        pairs, scaling = self.resolve_lora(start, end, adapt.adapter, adapt.lora_names, lora_tensors, adapt.scaling)
+        with lora.applied(pairs, scaling, adapt.dropout, adapt.seed):
+            return self.span(inputs.hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end, prompts=prompts)
+
+    @torch.inference_mode()
+    def forward(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation = NONE) -> torch.Tensor:
+        return self._run(inputs, start, end, adapt, adapt.lora_tensors, adapt.prompts)
+
+    def backward(self, inputs: SpanInputs, grad_output: torch.Tensor, start: int, end: int,
+                 adapt: Adaptation = NONE) -> list[torch.Tensor | None]:
+        """Gradients w.r.t. the span's input, each LoRA tensor and the deep prompts (if any), in that order.
+
+        The forward is recomputed (servers keep no activations), with the same dropout masks as the forward request.
+        """
         self.check_hidden(grad_output, "output gradient")
         if grad_output.shape != inputs.hidden.shape:
             raise BadRequest(f"output gradient has shape {list(grad_output.shape)}, hidden states {list(inputs.hidden.shape)}")
         with torch.enable_grad():
             hidden = inputs.hidden.detach().requires_grad_(True)
-            leaves = [t.detach().to(self.dtype).requires_grad_(True) for t in lora_tensors]
-            pairs, scaling = self.resolve_lora(start, end, adapter, lora_names, leaves, scaling)
-            with lora.applied(pairs, scaling):
-                output = self.span(hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end)
-            return list(torch.autograd.grad(output, [hidden, *leaves], grad_output.to(output.dtype), allow_unused=True))
+            leaves = [t.detach().to(self.dtype).requires_grad_(True) for t in adapt.lora_tensors]
+            prompts = adapt.prompts.detach().requires_grad_(True) if adapt.prompts is not None else None
+            output = self._run(SpanInputs(hidden, inputs.position_ids, inputs.attention_mask), start, end, adapt, leaves, prompts)
+            wrt = [hidden, *leaves] + ([prompts] if prompts is not None else [])
+            return list(torch.autograd.grad(output, wrt, grad_output.to(output.dtype), allow_unused=True))
 
 
 class InferenceState:
     """One client's KV cache on this server, for blocks [start, end) and up to max_length tokens."""
 
     def __init__(self, backend: SpanBackend, start: int, end: int, batch_size: int, max_length: int,
-                 lora_pairs=(), lora_scaling: float = 1.0):
+                 lora_pairs=(), lora_scaling: float = 1.0, prompts: torch.Tensor | None = None):
         self.backend, self.start, self.end = backend, start, end
-        self.lora_pairs, self.lora_scaling = list(lora_pairs), lora_scaling
+        self.lora_pairs, self.lora_scaling, self.prompts = list(lora_pairs), lora_scaling, prompts
         self.batch_size, self.max_length = batch_size, max_length
         self.cache = backend.span.new_cache()
         self.mask = torch.ones(batch_size, 0, dtype=torch.int64)
@@ -147,7 +182,8 @@ class InferenceState:
         mask = torch.cat([self.mask, new_mask], dim=1)
         try:
             with lora.applied(self.lora_pairs, self.lora_scaling):
-                output = self.backend.span(inputs.hidden, inputs.position_ids, mask, cache=self.cache, start=self.start, end=self.end)
+                output = self.backend.span(inputs.hidden, inputs.position_ids, mask, cache=self.cache, start=self.start,
+                                           end=self.end, prompts=self.prompts, first_token=self.position)
         except Exception:
             self.broken = True  # the cache may hold part of this step: never serve from it again
             raise

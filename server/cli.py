@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--update-period", type=float, default=SERVER.update_period, help="seconds between DHT announcements")
     parser.add_argument("--adapters", nargs="+", default=[], metavar="NAME=PATH", type=parse_adapter,
                         help="peft LoRA adapters to host (folders with adapter_config.json), which clients pick by NAME")
+    parser.add_argument("--max-lora-mb", type=float, default=SERVER.max_lora_mb,
+                        help="largest total size of the LoRA tensors one training request may carry")
+    parser.add_argument("--lora-cache-mb", type=float, default=SERVER.lora_cache_mb,
+                        help="memory for clients' uploaded LoRA tensors, reused by digest so a backward pass need not resend them")
+    parser.add_argument("--lora-cache-ttl", type=float, default=SERVER.lora_cache_ttl,
+                        help="seconds an unused uploaded adapter stays in that cache")
     parser.add_argument("--shutdown-timeout", type=float, default=SERVER.shutdown_timeout,
                         help="seconds to let open sessions finish on SIGTERM")
 
@@ -61,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         identity_path=args.identity_path, torch_dtype=args.torch_dtype, cache_tokens=args.cache_tokens,
         dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
         max_batch_size=args.max_batch_size, max_chunk_tokens=args.max_chunk_tokens,
-        shutdown_timeout=args.shutdown_timeout, adapters=dict(args.adapters),
+        shutdown_timeout=args.shutdown_timeout, adapters=dict(args.adapters), max_lora_mb=args.max_lora_mb,
+        lora_cache_mb=args.lora_cache_mb, lora_cache_ttl=args.lora_cache_ttl,
     ))
     server.run()
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,14 +16,17 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.proto import runtime_pb2
 
-from server.backend import InferenceState, SpanBackend
+from server.backend import Adaptation, InferenceState, SpanBackend
 from server.cache_budget import CacheBudget
+from server.lora_cache import LoraCache
+from swarm import lora
 from swarm.config import SERVER
 from swarm.protocol import (
     BadRequest,
     InferenceOpen,
     InferenceReply,
     InferenceStep,
+    LoraNotCached,
     SpanReply,
     SpanRequest,
     SwarmError,
@@ -43,21 +47,37 @@ class TrafficStats:
     bytes_in: int = 0
     bytes_out: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
+    compute_s: dict[str, float] = field(default_factory=dict)  # seconds on the compute thread, by request kind
 
 
 class BlockHandler:
     """Implements the methods of swarm.protocol.BlockService for one span."""
 
     def __init__(self, backend: SpanBackend, budget: CacheBudget, info: Callable[[], dict],
-                 session_timeout: float = SERVER.request_timeout):
+                 session_timeout: float = SERVER.request_timeout, max_lora_mb: float = SERVER.max_lora_mb,
+                 lora_cache_mb: float = SERVER.lora_cache_mb, lora_cache_ttl: float = SERVER.lora_cache_ttl):
         self.backend, self.budget, self.info = backend, budget, info
         self.session_timeout = session_timeout
+        self.max_lora_bytes = int(max_lora_mb * 2**20)
+        self.lora_cache = LoraCache(int(lora_cache_mb * 2**20), lora_cache_ttl)
+        # The largest forward/backward a client can need: hidden states and their gradient for the most tokens a
+        # request may hold, positions and mask, and the most LoRA bytes. Streams are cut off beyond it.
+        tokens, hidden = backend.limits.max_chunk_tokens, backend.hidden_size
+        self.max_request_bytes = 2 * tokens * hidden * 4 + 16 * tokens + self.max_lora_bytes + (1 << 20)
         # One compute thread: requests run one at a time, in arrival order, off the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.stats = TrafficStats()
 
     async def _compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, fn, *args)
+
+    def _timed(self, fn, *args):
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            kind = fn.__name__
+            self.stats.compute_s[kind] = self.stats.compute_s.get(kind, 0.0) + time.perf_counter() - started
 
     def _count(self, kind: str, request_tensors, response_tensors=()) -> None:
         self.stats.requests += 1
@@ -85,40 +105,82 @@ class BlockHandler:
 
     # ------------------------------------------------------------------------------------ forward / backward
 
-    async def _span_call(self, kind: str, metadata: bytes, protos) -> list[torch.Tensor]:
-        """Forward: [output]. Backward: [grad w.r.t. input, grad w.r.t. each LoRA tensor in request order]."""
+    async def _span_call(self, kind: str, metadata: bytes, protos, peer: str) -> list[torch.Tensor]:
+        """Forward: [output]. Backward: [grad w.r.t. input, each LoRA tensor in request order, deep prompts if sent].
+
+        Request tensors: hidden, position ids, mask (optional), deep prompts (if meta.deep_prompts), the output
+        gradient (backward), then the LoRA tensors (unless named by digest).
+        """
         meta = SpanRequest.decode(metadata)
         self.backend.check_span(meta.start, meta.end)
         tensors = [unpack_tensor(t, f"tensor {i}") for i, t in enumerate(protos)]
+        tensors, lora_tensors = self._lora_tensors(meta, tensors, peer)
+        needed = 2 + (kind == "backward") + meta.deep_prompts
+        if len(tensors) < needed:
+            extras = (", deep prompts" if meta.deep_prompts else "") + (", the output gradient" if kind == "backward" else "")
+            raise BadRequest(f"expected hidden states, position ids, an optional attention mask{extras} and LoRA tensors "
+                             f"as named; got {len(tensors)} tensors besides LoRA")
+        grad_output = tensors.pop() if kind == "backward" else None
+        raw_prompts = tensors.pop() if meta.deep_prompts else None
+        inputs = self.backend.check_inputs(tensors)
+        prompts = None
+        if raw_prompts is not None:
+            prompts = self.backend.check_prompts(raw_prompts, meta.start, meta.end, inputs.hidden.shape[0])
+        adapt = Adaptation(meta.lora, lora_tensors, meta.lora_scaling, meta.adapter, meta.lora_dropout, meta.dropout_seed, prompts)
+        if kind == "forward":
+            return [(await self._compute(self.backend.forward, inputs, meta.start, meta.end, adapt)).to(tensors[0].dtype)]
+        grads = await self._compute(self.backend.backward, inputs, grad_output, meta.start, meta.end, adapt)
+        reference = [tensors[0], *lora_tensors] + ([raw_prompts] if raw_prompts is not None else [])
+        return [(g if g is not None else torch.zeros_like(r)).to(r.dtype) for g, r in zip(grads, reference, strict=True)]
+
+    def _lora_tensors(self, meta: SpanRequest, tensors: list[torch.Tensor], peer: str):
+        """Split the request's tensors into inputs and LoRA tensors, or find the LoRA tensors it names by digest."""
+        if meta.lora_by_digest:
+            if not meta.lora_digest or not meta.lora:
+                raise BadRequest("lora_by_digest needs lora_digest and the LoRA tensor names")
+            cached = self.lora_cache.get(peer, meta.lora_digest, meta.lora)
+            if cached is None:
+                raise LoraNotCached(f"LoRA tensors {meta.lora_digest} are not (or no longer) cached here; send them again")
+            return tensors, cached
         if len(meta.lora) >= len(tensors):
             raise BadRequest(f"metadata names {len(meta.lora)} LoRA tensors but the request carries {len(tensors)} tensors")
         split = len(tensors) - len(meta.lora)
         tensors, lora_tensors = tensors[:split], tensors[split:]
-        lora_args = (meta.lora, lora_tensors, meta.lora_scaling, meta.adapter)
-        if kind == "forward":
-            inputs = self.backend.check_inputs(tensors)
-            outputs = [await self._compute(self.backend.forward, inputs, meta.start, meta.end, *lora_args)]
-        else:
-            inputs = self.backend.check_inputs(tensors[:-1])
-            outputs = await self._compute(self.backend.backward, inputs, tensors[-1], meta.start, meta.end, *lora_args)
-            outputs = [g if g is not None else torch.zeros_like(t) for g, t in zip(outputs, [tensors[0], *lora_tensors], strict=True)]
-        reference = [tensors[0], *lora_tensors]
-        return [out.to(ref.dtype) for out, ref in zip(outputs, reference, strict=False)]
+        nbytes = sum(t.numel() * t.element_size() for t in lora_tensors)
+        if nbytes > self.max_lora_bytes:
+            raise BadRequest(f"LoRA tensors of {nbytes / 2**20:.1f} MiB exceed this server's limit of "
+                             f"{self.max_lora_bytes / 2**20:.1f} MiB per request; use a lower rank or fewer target modules")
+        if meta.lora_digest and lora_tensors:
+            if lora.digest(meta.lora, lora_tensors) != meta.lora_digest:
+                raise BadRequest("lora_digest does not match the LoRA tensors of the request")
+            lora.parse_lora(meta.lora, lora_tensors, self.backend.layers(meta.start, meta.end), self.backend.dtype)  # validate first
+            self.lora_cache.put(peer, meta.lora_digest, meta.lora, lora_tensors)
+        return tensors, lora_tensors
 
-    async def _unary(self, kind: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
-        outputs = await self._guard(kind, self._span_call(kind, request.metadata, request.tensors))
+    async def _unary(self, kind: str, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+        outputs = await self._guard(kind, self._span_call(kind, request.metadata, request.tensors, str(context.remote_id)))
         response = runtime_pb2.ExpertResponse(tensors=[pack_tensor(t) for t in outputs], metadata=SpanReply().encode())
         self._count(kind, request.tensors, response.tensors)
         return response
 
-    async def _stream(self, kind: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
+    async def _stream(self, kind: str, requests: AsyncIterator[runtime_pb2.ExpertRequest], context):
         async def call():
             first = await anext(requests, None)
             if first is None:
                 raise BadRequest("empty request stream")
-            rest = [message async for message in requests]
+            rest, total = [], 0
+            async for message in requests:  # stop keeping messages as soon as the stream outgrows any valid request
+                total += sum(len(chunk.buffer) for chunk in message.tensors)
+                if total > self.max_request_bytes:
+                    # Read (and drop) a bounded rest, so a client that is still writing gets this error, not a reset.
+                    async for message in requests:
+                        total += sum(len(chunk.buffer) for chunk in message.tensors)
+                        if total > 2 * self.max_request_bytes:
+                            break
+                    raise BadRequest(f"streamed request exceeds this server's limit of {self.max_request_bytes} bytes")
+                rest.append(message)
             protos = join_message(first, rest)
-            return protos, await self._span_call(kind, first.metadata, protos)
+            return protos, await self._span_call(kind, first.metadata, protos, str(context.remote_id))
 
         protos, outputs = await self._guard(kind, call())
         messages = split_message(SpanReply(), [pack_tensor(t) for t in outputs], runtime_pb2.ExpertResponse)
@@ -127,17 +189,17 @@ class BlockHandler:
             yield message
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
-        return await self._unary("forward", request)
+        return await self._unary("forward", request, context)
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
-        return await self._unary("backward", request)
+        return await self._unary("backward", request, context)
 
     async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
-        async for message in self._stream("forward", requests):
+        async for message in self._stream("forward", requests, context):
             yield message
 
     async def rpc_backward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
-        async for message in self._stream("backward", requests):
+        async for message in self._stream("backward", requests, context):
             yield message
 
     # ------------------------------------------------------------------------------------ inference
@@ -153,7 +215,12 @@ class BlockHandler:
                 raise BadRequest(f"batch size {meta.batch_size} exceeds this server's limit of {self.backend.limits.max_batch_size}")
             if meta.max_length > self.backend.max_position:
                 raise BadRequest(f"max_length {meta.max_length} exceeds the model's {self.backend.max_position} positions")
-            lora_tensors = [unpack_tensor(t, f"LoRA tensor {i}") for i, t in enumerate(first.tensors)]
+            lora_tensors = [unpack_tensor(t, f"opening tensor {i}") for i, t in enumerate(first.tensors)]
+            prompts = None
+            if meta.deep_prompts:
+                if not lora_tensors:
+                    raise BadRequest("deep_prompts is set but the opening message carries no prompts tensor")
+                prompts = self.backend.check_prompts(lora_tensors.pop(0), meta.start, meta.end, meta.batch_size)
             lora_pairs, lora_scaling = self.backend.resolve_lora(meta.start, meta.end, meta.adapter, meta.lora, lora_tensors,
                                                                  meta.lora_scaling)
             tokens = meta.batch_size * meta.max_length
@@ -165,7 +232,7 @@ class BlockHandler:
         self.stats.sessions_open += 1
         try:
             state = InferenceState(self.backend, meta.start, meta.end, meta.batch_size, meta.max_length,
-                                   lora_pairs, lora_scaling)
+                                   lora_pairs, lora_scaling, prompts)
             yield runtime_pb2.ExpertResponse(metadata=InferenceReply(cache_tokens_left=self.budget.free).encode())
             while True:
                 try:

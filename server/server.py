@@ -48,6 +48,9 @@ class ServerOptions:
     max_chunk_tokens: int = SERVER.max_chunk_tokens
     shutdown_timeout: float = SERVER.shutdown_timeout
     adapters: dict[str, str] = field(default_factory=dict)  # name -> folder of a peft LoRA adapter to host
+    max_lora_mb: float = SERVER.max_lora_mb
+    lora_cache_mb: float = SERVER.lora_cache_mb
+    lora_cache_ttl: float = SERVER.lora_cache_ttl
 
 
 def measure_speed(span: BlockSpan, dtype: torch.dtype) -> tuple[float, float]:
@@ -138,6 +141,9 @@ class Server:
             "requests": self.handler.stats.requests,
             "bytes_in": self.handler.stats.bytes_in,
             "bytes_out": self.handler.stats.bytes_out,
+            "compute_s": {kind: round(seconds, 3) for kind, seconds in self.handler.stats.compute_s.items()},
+            "lora_cache": {"entries": len(self.handler.lora_cache), "bytes": self.handler.lora_cache.nbytes,
+                           "hits": self.handler.lora_cache.hits, "misses": self.handler.lora_cache.misses},
         }
 
     def _announce(self, state: ServerState, expiration: float | None = None, timeout: float = 10.0) -> None:
@@ -167,7 +173,8 @@ class Server:
             for name, path in o.adapters.items():
                 backend.host_adapter(name, read_peft_adapter(path, range(self.start, self.end)))
                 logger.info("hosting adapter %r from %s", name, path)
-            self.handler = BlockHandler(backend, self.budget, self.info)
+            self.handler = BlockHandler(backend, self.budget, self.info, max_lora_mb=o.max_lora_mb,
+                                        lora_cache_mb=o.lora_cache_mb, lora_cache_ttl=o.lora_cache_ttl)
             try:
                 import uvloop
 

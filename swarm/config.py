@@ -43,6 +43,9 @@ class ServerDefaults:
     request_timeout: float = 300.0  # seconds a client may keep an inference session idle
     shutdown_timeout: float = 10.0  # seconds to let in-flight work finish on SIGTERM
     torch_dtype: str = "auto"
+    max_lora_mb: float = 64.0  # LoRA tensors one request may carry
+    lora_cache_mb: float = 256.0  # uploaded LoRA tensors kept for reuse by digest, over all clients
+    lora_cache_ttl: float = 120.0  # seconds an unused upload stays in that cache
 
 
 @dataclass(frozen=True)

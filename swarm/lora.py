@@ -2,15 +2,18 @@
 
 A LoRA tensor is named '{block}.{module}.{A|B}', e.g. '3.self_attn.q_proj.A', where `module` is a
 linear layer inside the decoder block. A has shape [rank, in_features], B [out_features, rank]; the layer
-computes base(x) + scaling * (x @ A.T) @ B.T, as peft does (dropout 0).
+computes base(x) + scaling * (dropout(x) @ A.T) @ B.T, as peft does. Dropout masks come from a seed the client sends,
+so a server's backward pass (which recomputes the forward) draws exactly the masks its forward pass drew.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,16 @@ def name_from_peft_key(key: str) -> str | None:
     """'base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight' -> '3.self_attn.q_proj.A' (None if not LoRA)."""
     match = _PEFT_KEY.fullmatch(key)
     return lora_name(int(match.group(1)), match.group(2), match.group(3)) if match else None
+
+
+def digest(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> str:
+    """A content digest of named LoRA tensors: names, dtypes, shapes and bytes (client and server compute the same)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in zip(names, tensors, strict=True):
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def block_of(name: str) -> int:
@@ -132,18 +145,29 @@ def parse_lora(names: Sequence[str], tensors: Sequence[torch.Tensor], layers: di
     return pairs
 
 
+def dropout_mask(seed: int, block: int, module: str, shape: Sequence[int], p: float, dtype: torch.dtype) -> torch.Tensor:
+    """Inverted-dropout mask (0 or 1/(1-p)) for one linear layer's LoRA input, a pure function of its arguments."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + block * 7_919 + zlib.crc32(module.encode())) % (1 << 63))
+    keep = torch.rand(tuple(shape), generator=generator) >= p
+    return keep.to(dtype) / (1.0 - p)
+
+
 @contextlib.contextmanager
-def applied(pairs: Sequence[LoraPair], scaling: float) -> Iterator[None]:
+def applied(pairs: Sequence[LoraPair], scaling: float, dropout: float = 0.0, seed: int = 0) -> Iterator[None]:
     """Add the LoRA deltas to the outputs of their linear layers for the duration of one call.
 
     The hooks live only inside this block, so the adapter is passed per call rather than stored on the model.
+    With `dropout`, each layer's LoRA input is masked by dropout_mask(seed, block, module, ...).
     Callers must not run two calls on the same layers at once (servers use one compute thread).
     """
     handles = []
 
     def hook_for(pair: LoraPair):
         def hook(module, inputs, output):
-            return output + scaling * (inputs[0] @ pair.A.T) @ pair.B.T
+            x = inputs[0]
+            if dropout:
+                x = x * dropout_mask(seed, pair.block, pair.module, x.shape, dropout, x.dtype)
+            return output + scaling * (x @ pair.A.T) @ pair.B.T
 
         return hook
 

@@ -50,6 +50,12 @@ class CacheFull(SwarmError):
     code = "cache_full"
 
 
+class LoraNotCached(SwarmError):
+    """The request named LoRA tensors by a digest the server no longer holds: send the tensors again."""
+
+    code = "lora_not_cached"
+
+
 class ServerBusy(SwarmError):
     code = "server_busy"
 
@@ -105,8 +111,15 @@ class SpanRequest(_Meta):
     # LoRA tensors ride after the inputs, in this order (names as in swarm.lora); scaling = alpha / rank.
     lora: list[str] = Field(default_factory=list, max_length=4096)
     lora_scaling: float = 1.0
-    adapter: str = Field(default="", max_length=256)
     adapter: str = Field(default="", max_length=256)  # a named adapter the server hosts (instead of `lora`)
+    # swarm.lora.digest of the LoRA tensors. With the tensors: the server may keep them under it for a while.
+    # With lora_by_digest and no tensors: use the ones this peer uploaded under it (or fail with lora_not_cached).
+    lora_digest: str = Field(default="", max_length=64, pattern=r"^[0-9a-f]*$")
+    lora_by_digest: bool = False
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # masks drawn from dropout_seed (see swarm.lora.dropout_mask)
+    dropout_seed: int = Field(default=0, ge=0, lt=1 << 63)
+    # Deep prompt tuning: a tensor [blocks, batch or 1, P, hidden] follows the inputs (before a backward's gradient).
+    deep_prompts: bool = False
 
 
 class InferenceOpen(_Meta):
@@ -120,6 +133,7 @@ class InferenceOpen(_Meta):
     lora: list[str] = Field(default_factory=list, max_length=4096)
     lora_scaling: float = 1.0
     adapter: str = Field(default="", max_length=256)
+    deep_prompts: bool = False  # the opening message then carries them first, before the LoRA tensors
 
 
 class InferenceStep(_Meta):

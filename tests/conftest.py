@@ -62,7 +62,7 @@ def tiny_swarm(tiny_model_path):
     try:
         swarm.start_bootstrap()
         swarm.start_servers(tiny_model_path, TINY_SPANS, ["--cache-tokens", str(TINY_CACHE_TOKENS), "--torch-dtype", "float32",
-                                                        "--max-chunk-tokens", "16384"])
+                                                        "--max-chunk-tokens", "16384", "--max-lora-mb", "1"])
         yield swarm
     finally:
         swarm.stop()

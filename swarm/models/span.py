@@ -73,11 +73,15 @@ class BlockSpan(nn.Module):
         cache: DynamicCache | None = None,
         start: int | None = None,
         end: int | None = None,
+        prompts: torch.Tensor | None = None,
+        first_token: int = 0,
     ) -> torch.Tensor:
         """Run blocks [start, end) of the span (all by default).
 
         `attention_mask` is the 2-D padding mask over cached + new tokens (1 = attend); `cache` is one
-        made by `new_cache()`, indexed by block position within this span.
+        made by `new_cache()`, indexed by block position within this span. `prompts` (deep prompt tuning),
+        [blocks run, batch or 1, P, hidden], is added to the input of each block at the sequence's first P
+        tokens; `hidden` starts at token `first_token` of its sequence (the tokens a cache already holds).
         """
         first = (self.start if start is None else start) - self.start
         last = (self.end if end is None else end) - self.start
@@ -90,7 +94,9 @@ class BlockSpan(nn.Module):
             **{CACHE_KWARG: cache},
         )
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
-        for layer in self.layers[first:last]:
+        for index, layer in enumerate(self.layers[first:last]):
+            if prompts is not None:
+                hidden = add_prompt(hidden, prompts[index], first_token)
             hidden = layer(
                 hidden,
                 attention_mask=mask,
@@ -100,3 +106,12 @@ class BlockSpan(nn.Module):
                 **{CACHE_KWARG: cache},
             )
         return hidden
+
+
+def add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, first_token: int = 0) -> torch.Tensor:
+    """hidden + prompt at the sequence's first P tokens; `hidden` [batch, length, h] starts at token `first_token`."""
+    overlap = min(prompt.shape[1] - first_token, hidden.shape[1])
+    if overlap <= 0:
+        return hidden
+    head = hidden[:, :overlap] + prompt[:, first_token : first_token + overlap].to(hidden.dtype)
+    return torch.cat([head, hidden[:, overlap:]], dim=1)
