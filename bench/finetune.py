@@ -4,10 +4,12 @@ For each model: seconds per training step (forward + backward + AdamW step, lr 1
 token ids, LoRA r=8 on q,k,v,o, locally with peft and through a LocalSwarm of N servers, and their ratio
 (target: swarm at most 1.5x local on smollm2). The first step's loss is compared between the two sides:
 LoRA B starts at zero, so both must match the base model's loss.
-Run: python bench/finetune.py [--models tiny,smollm2] [--steps 5] [--batch 4] [--seq-len 128]
+Run: python bench/finetune.py [--models tiny,smollm2] [--steps 5] [--batch 4] [--seq-len 128] [--recompute]
 
+The swarm uses training streams (each server keeps a step's activations from its forward to its backward, within
+one request); --recompute also times separate requests whose backward recomputes the forward.
 Each side runs as it would on its own: the local baseline in a separate process with the default OpenMP settings,
-the swarm client here with passive OpenMP waiting, as LocalSwarm's servers use when peers share a machine.
+the swarm client and LocalSwarm's servers with brief OpenMP spinning (GOMP_SPINCOUNT=1000), as co-located peers use.
 """
 
 from __future__ import annotations
@@ -129,6 +131,11 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> Result:
         try:
             lora = model.add_lora_adapter(lora_config())
             swarm_loss, swarm_times = train_steps(model, list(lora.parameters()), input_ids, args.steps)
+            if args.recompute:  # the other way: separate requests, the backward recomputing the forward on the server
+                model.remote_layers.keep_activations = False
+                _, recompute_times = train_steps(model, list(lora.parameters()), input_ids, args.steps)
+                print(f"  without training streams (backward recomputes): {statistics.median(recompute_times):.3f} s/step, "
+                      f"{statistics.median(recompute_times) / statistics.median(local_times):.2f}x local")
         finally:
             model.model.layers.connection.shutdown()
     result = Result(name, spans, local_times, swarm_times, local_loss, swarm_loss)
@@ -146,6 +153,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=128, help="random tokens per sequence")
     parser.add_argument("--servers", type=int, default=3, help="servers, splitting the blocks evenly")
+    parser.add_argument("--recompute", action="store_true",
+                        help="also time steps whose backward recomputes the forward (no activations kept between requests)")
     parser.add_argument("--dtype", default="float32", choices=["float32"], help="compute dtype everywhere")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(MODELS)

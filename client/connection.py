@@ -24,6 +24,7 @@ from swarm.protocol import (
     InferenceStep,
     RemoteError,
     SpanRequest,
+    TrainGrad,
     join_message,
     pack_tensor,
     split_message,
@@ -125,6 +126,26 @@ class SwarmConnection:
         except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
             raise RemoteError.from_exception(exc, str(step.peer_id)) from None
 
+    async def train_forward(self, step: RouteStep, tensors: Sequence[torch.Tensor], lora_names: Sequence[str] = (),
+                            lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0, digest: str = "",
+                            **fields) -> tuple[TrainStream, torch.Tensor]:
+        """Open a training stream (see TrainStream) and run its forward; LoRA tensors go by digest when uploaded."""
+        key = (str(step.peer_id), digest)
+        if lora_names and key in self._lora_uploads:
+            stream = TrainStream(self, step)
+            try:
+                return stream, await stream.forward(tensors, lora_names, lora_scaling, lora_digest=digest, lora_by_digest=True,
+                                                    **fields)
+            except RemoteError as exc:
+                if exc.code != "lora_not_cached":
+                    raise
+                self._lora_uploads.pop(key, None)
+        stream = TrainStream(self, step)
+        output = await stream.forward([*tensors, *lora_tensors], lora_names, lora_scaling, lora_digest=digest, **fields)
+        if lora_names:
+            self._lora_uploads[key] = None
+        return stream, output
+
     def shutdown(self) -> None:
         try:
             aio.run(self.p2p.shutdown(), timeout=5)
@@ -190,3 +211,53 @@ class SpanStream:
                 await asyncio.wait_for(anext(self._replies, None), 1.0)
             except Exception:  # noqa: BLE001 - the server may already be gone; nothing to recover
                 pass
+
+
+class TrainStream:
+    """A forward whose backward follows on the same stream (rpc_train), so the server need not recompute it.
+
+    The server keeps the activations only while this request is open; `abandon()` ends it without a backward.
+    """
+
+    def __init__(self, connection: SwarmConnection, step: RouteStep):
+        self.connection, self.step = connection, step
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._replies = None
+
+    async def forward(self, tensors: Sequence[torch.Tensor], lora_names: Sequence[str], lora_scaling: float,
+                      **fields) -> torch.Tensor:
+        async def requests():
+            while (message := await self._queue.get()) is not None:
+                yield message
+
+        meta = SpanRequest(start=self.step.start, end=self.step.end, lora=list(lora_names), lora_scaling=lora_scaling, **fields)
+        self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=[pack_tensor(t) for t in tensors]))
+        try:
+            self._replies = await asyncio.wait_for(self.connection.stub(self.step.peer_id).rpc_train(requests()),
+                                                   CLIENT.connect_timeout)
+            reply = await self._next_reply()
+        except BaseException:
+            self.abandon()
+            raise
+        return unpack_tensor(reply.tensors[0], "server output")
+
+    async def backward(self, grad_output: torch.Tensor) -> list[torch.Tensor]:
+        self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=TrainGrad().encode(), tensors=[pack_tensor(grad_output)]))
+        try:
+            reply = await self._next_reply()
+        finally:
+            self.abandon()
+        return [unpack_tensor(t, "server gradient") for t in reply.tensors]
+
+    def abandon(self) -> None:
+        """End the request (call on the client's loop); the server frees the activations it kept."""
+        self._queue.put_nowait(None)
+
+    async def _next_reply(self) -> runtime_pb2.ExpertResponse:
+        try:
+            reply = await asyncio.wait_for(anext(self._replies, None), self.connection.request_timeout)
+        except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
+        if reply is None:
+            raise RemoteError("transport", "server closed the training stream", str(self.step.peer_id))
+        return reply

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -12,7 +14,10 @@ from client import aio
 from client.connection import SwarmConnection
 from client.inference_session import InferenceSession
 from client.routing import RouteStep
-from swarm.config import CLIENT
+from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
+from swarm.protocol import RemoteError
+
+logger = logging.getLogger(__name__)
 
 
 def _span_tensors(hidden, position_ids, attention_mask) -> list[torch.Tensor]:
@@ -42,6 +47,22 @@ def _part(tensor, where: slice):
     return None if tensor is None else tensor[where]
 
 
+class _OpenStreams:
+    """Training streams waiting for their backward, by (chunk, step start). If the graph is dropped without a
+    backward, a finalizer ends them so the servers free the activations at once."""
+
+    def __init__(self):
+        self.items: dict = {}
+        weakref.finalize(self, _abandon, self.items)
+
+
+def _abandon(items: dict) -> None:
+    if items:
+        streams = list(items.values())
+        items.clear()
+        aio.get_loop().call_soon_threadsafe(lambda: [stream.abandon() for stream in streams])
+
+
 class _RemoteChain(torch.autograd.Function):
     """Forward through every route step, keeping each step's input on the client for the backward pass.
 
@@ -50,23 +71,39 @@ class _RemoteChain(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask, chain: RemoteSequential, *params):
+    def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask, chain: RemoteSequential,
+                expect_backward: bool, *params):
         route = chain.connection.plan(chain.start, chain.end, chain.adapter)
         slices = split_batch(hidden.shape[0], hidden.shape[1], chain.max_chunk_tokens)
         base_seed = chain.draw_dropout_seed()
         # The adapter's digest per step, once per call: its backward then uses the tensors its forward used.
         digests = {step.start: chain.lora.digest(step.start, step.end) for step in route} if chain.lora is not None else {}
+        # With a backward to come, each step's forward opens a training stream whose backward reuses its activations.
+        streams = _OpenStreams() if chain.keep_activations and expect_backward else None
 
         async def run_chunk(index: int, where: slice):
             h, step_inputs = hidden[where], []
             for step in route:
                 step_inputs.append(h)
                 inputs = _span_tensors(h, position_ids[where], _part(attention_mask, where))
-                (h,) = await chain.acall("forward", step, inputs, seed=base_seed + index, digest=digests.get(step.start))
+                seed, digest = base_seed + index, digests.get(step.start)
+                if streams is not None and chain.fits_one_message(h, step):
+                    try:
+                        streams.items[(index, step.start)], h = await chain.atrain_forward(step, inputs, seed, digest)
+                        continue
+                    except RemoteError as exc:  # e.g. the server's activation memory is full: recompute instead
+                        logger.debug("training stream to %s failed (%s); using a plain forward", step.peer_id, exc)
+                (h,) = await chain.acall("forward", step, inputs, seed=seed, digest=digest)
             return step_inputs, h
 
-        results = aio.run(_gather(run_chunk(i, where) for i, where in enumerate(slices)))
+        try:
+            results = aio.run(_gather(run_chunk(i, where) for i, where in enumerate(slices)))
+        except BaseException:
+            if streams is not None:
+                _abandon(streams.items)
+            raise
         ctx.chain, ctx.route, ctx.slices, ctx.base_seed, ctx.digests = chain, route, slices, base_seed, digests
+        ctx.streams = streams
         ctx.chunk_inputs = [inputs for inputs, _ in results]
         ctx.position_ids, ctx.attention_mask = position_ids, attention_mask
         return torch.cat([output for _, output in results], dim=0)
@@ -76,13 +113,22 @@ class _RemoteChain(torch.autograd.Function):
         chain = ctx.chain
         lora, prompts = chain.lora, chain.prompts
         position_ids, attention_mask = ctx.position_ids, ctx.attention_mask
+        open_streams = ctx.streams.items if ctx.streams is not None else {}
+
+        async def step_backward(index: int, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor):
+            stream = open_streams.pop((index, step.start), None)
+            if stream is not None:
+                try:
+                    return await stream.backward(grad)
+                except RemoteError as exc:  # the server lost it: recompute from the inputs kept here
+                    logger.info("training stream to %s failed in backward (%s); recomputing", step.peer_id, exc)
+            return await chain.acall("backward", step, inputs, grad, seed=ctx.base_seed + index, digest=ctx.digests.get(step.start))
 
         async def run_chunk(index: int, where: slice, step_inputs: list[torch.Tensor]):
             grad, lora_grads, prompt_grads = grad_output[where], {}, {}
             for step, hidden in zip(reversed(ctx.route), reversed(step_inputs), strict=True):
                 inputs = _span_tensors(hidden, position_ids[where], _part(attention_mask, where))
-                grad, *rest = await chain.acall("backward", step, inputs, grad.contiguous(), seed=ctx.base_seed + index,
-                                                digest=ctx.digests.get(step.start))
+                grad, *rest = await step_backward(index, step, inputs, grad.contiguous())
                 if prompts is not None and prompts.deep is not None:
                     prompt_grads[step.start] = (step.end, rest.pop()[:, 0])
                 if lora is not None:
@@ -91,7 +137,10 @@ class _RemoteChain(torch.autograd.Function):
             return grad, lora_grads, prompt_grads
 
         chunks = zip(ctx.slices, ctx.chunk_inputs, strict=True)
-        results = aio.run(_gather(run_chunk(i, w, inputs) for i, (w, inputs) in enumerate(chunks)))
+        try:
+            results = aio.run(_gather(run_chunk(i, w, inputs) for i, (w, inputs) in enumerate(chunks)))
+        finally:
+            _abandon(open_streams)
         grad_input = torch.cat([grad for grad, _, _ in results], dim=0)
         lora_grads: list[torch.Tensor | None] = [None] * (len(lora.names) if lora is not None else 0)
         for _, chunk_grads, _ in results:
@@ -105,7 +154,7 @@ class _RemoteChain(torch.autograd.Function):
                 for start, (end, value) in chunk_grads.items():
                     total[start - chain.start : end - chain.start] += value.to(total.dtype)
             deep_grad = [total]
-        return (grad_input, None, None, None, *lora_grads, *deep_grad)
+        return (grad_input, None, None, None, None, *lora_grads, *deep_grad)
 
 
 class RemoteSequential(nn.Module):
@@ -123,6 +172,9 @@ class RemoteSequential(nn.Module):
         self.adapter: str | None = None  # or the name of an adapter that servers host
         self.prompts = None  # a client.prompts.RemotePrompts for prompt tuning
         self.max_chunk_tokens = CLIENT.max_chunk_tokens  # larger batches are split into concurrent requests
+        # Training forwards keep their activations on the server until the backward (one request per step), rather
+        # than having the backward recompute them; False always recomputes.
+        self.keep_activations = CLIENT.keep_activations
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -133,11 +185,10 @@ class RemoteSequential(nn.Module):
             return 0
         return int(torch.randint(0, 1 << 62, ()))
 
-    async def acall(self, kind: str, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor | None = None,
-                    seed: int = 0, digest: str | None = None) -> list[torch.Tensor]:
-        """One forward or backward request for a route step, with this chain's adapter and deep prompts (if any)."""
+    def _request(self, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor | None, seed: int):
+        """(tensors, SpanRequest fields, (LoRA names, tensors) or None) of one request for a route step."""
         tensors = [t.detach() for t in inputs]
-        fields = {}
+        fields: dict = {}
         deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start) if self.prompts is not None else None
         if deep is not None:
             tensors.append(deep)
@@ -145,13 +196,44 @@ class RemoteSequential(nn.Module):
         if grad is not None:
             tensors.append(grad.detach())
         if self.lora is None:
-            return await self.connection.span_call(kind, step, tensors, adapter=self.adapter or "", **fields)
+            fields["adapter"] = self.adapter or ""
+            return tensors, fields, None
         if seed and self.lora.dropout:
             fields.update(lora_dropout=self.lora.dropout, dropout_seed=seed)
         names, params = self.lora.for_blocks(step.start, step.end)
-        return await self.connection.lora_span_call(kind, step, tensors, names, [p.detach() for p in params],
-                                                    self.lora.scaling, digest or self.lora.digest(step.start, step.end),
-                                                    **fields)
+        return tensors, fields, (names, [p.detach() for p in params])
+
+    async def acall(self, kind: str, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor | None = None,
+                    seed: int = 0, digest: str | None = None) -> list[torch.Tensor]:
+        """One forward or backward request for a route step, with this chain's adapter and deep prompts (if any)."""
+        tensors, fields, lora = self._request(step, inputs, grad, seed)
+        if lora is None:
+            return await self.connection.span_call(kind, step, tensors, **fields)
+        digest = digest or self.lora.digest(step.start, step.end)
+        return await self.connection.lora_span_call(kind, step, tensors, *lora, self.lora.scaling, digest, **fields)
+
+    async def atrain_forward(self, step: RouteStep, inputs: list[torch.Tensor], seed: int = 0, digest: str | None = None):
+        """A forward that opens a training stream: returns (the stream, for the backward; the output)."""
+        tensors, fields, lora = self._request(step, inputs, None, seed)
+        if lora is None:
+            stream, output = await self.connection.train_forward(step, tensors, **fields)
+        else:
+            digest = digest or self.lora.digest(step.start, step.end)
+            stream, output = await self.connection.train_forward(step, tensors, *lora, self.lora.scaling, digest, **fields)
+        return stream, output
+
+    def fits_one_message(self, hidden: torch.Tensor, step: RouteStep) -> bool:
+        """Whether a training stream's messages stay under the unary limit (each is one message, not chunked).
+
+        The largest are the forward request (hidden, positions, mask, prompts, LoRA) and the backward's reply
+        (gradients of the hidden states, prompts and LoRA).
+        """
+        extra = 0
+        if self.lora is not None:
+            extra += sum(p.numel() * p.element_size() for p in self.lora.for_blocks(step.start, step.end)[1])
+        if self.prompts is not None and self.prompts.deep is not None:
+            extra += (step.end - step.start) * self.prompts.deep[0].numel() * self.prompts.deep.element_size()
+        return hidden.numel() * hidden.element_size() + 16 * hidden.shape[0] * hidden.shape[1] + extra <= MAX_UNARY_PAYLOAD_BYTES
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,7 +246,8 @@ class RemoteSequential(nn.Module):
         params = list(self.lora.params) if self.lora is not None else []
         if self.prompts is not None and self.prompts.deep is not None:
             params.append(self.prompts.deep)
-        output = _RemoteChain.apply(hidden, position_ids, attention_mask, self, *params)
+        expect_backward = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
+        output = _RemoteChain.apply(hidden, position_ids, attention_mask, self, expect_backward, *params)
         return output.to(hidden.dtype)
 
     def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:

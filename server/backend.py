@@ -139,18 +139,41 @@ class SpanBackend:
                  adapt: Adaptation = NONE) -> list[torch.Tensor | None]:
         """Gradients w.r.t. the span's input, each LoRA tensor and the deep prompts (if any), in that order.
 
-        The forward is recomputed (servers keep no activations), with the same dropout masks as the forward request.
+        The forward is recomputed (servers keep no activations between requests), with the same dropout masks
+        as the forward request.
         """
         self.check_hidden(grad_output, "output gradient")
-        if grad_output.shape != inputs.hidden.shape:
-            raise BadRequest(f"output gradient has shape {list(grad_output.shape)}, hidden states {list(inputs.hidden.shape)}")
+        return self.backward_kept(self.forward_for_backward(inputs, start, end, adapt), grad_output)
+
+    def forward_for_backward(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation = NONE) -> KeptForward:
+        """The forward with its autograd graph, for a backward later in the same request."""
         with torch.enable_grad():
             hidden = inputs.hidden.detach().requires_grad_(True)
             leaves = [t.detach().to(self.dtype).requires_grad_(True) for t in adapt.lora_tensors]
             prompts = adapt.prompts.detach().requires_grad_(True) if adapt.prompts is not None else None
             output = self._run(SpanInputs(hidden, inputs.position_ids, inputs.attention_mask), start, end, adapt, leaves, prompts)
-            wrt = [hidden, *leaves] + ([prompts] if prompts is not None else [])
-            return list(torch.autograd.grad(output, wrt, grad_output.to(output.dtype), allow_unused=True))
+        return KeptForward(output, [hidden, *leaves] + ([prompts] if prompts is not None else []))
+
+    def backward_kept(self, kept: KeptForward, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
+        if grad_output.shape != kept.output.shape:
+            raise BadRequest(f"output gradient has shape {list(grad_output.shape)}, hidden states {list(kept.output.shape)}")
+        if not grad_output.is_floating_point() or not bool(torch.isfinite(grad_output).all()):
+            raise BadRequest("output gradient must be finite floating-point values")
+        return list(torch.autograd.grad(kept.output, kept.wrt, grad_output.to(kept.output.dtype), allow_unused=True))
+
+    def activation_bytes(self, batch: int, length: int, start: int, end: int) -> int:
+        """A generous estimate of what autograd keeps for a forward of these blocks (Llama-style blocks)."""
+        config = self.span.config
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        hidden, inner = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+        per_block = batch * length * (12 * hidden + 4 * inner) + batch * config.num_attention_heads * length * length
+        return (end - start) * per_block * itemsize
+
+
+@dataclass
+class KeptForward:
+    output: torch.Tensor
+    wrt: list[torch.Tensor]  # the input, the LoRA tensors and the deep prompts, as leaves of the graph
 
 
 class InferenceState:

@@ -27,3 +27,19 @@ class CacheBudget:
 
     def release(self, tokens: int) -> None:
         self.used -= tokens
+
+
+class ActivationBudget:
+    """Bytes of activations that training streams may keep between their forward and backward messages."""
+
+    def __init__(self, total_bytes: int):
+        self.total, self.used = total_bytes, 0
+
+    def acquire(self, nbytes: int) -> None:
+        if nbytes > self.total - self.used:
+            raise CacheFull(f"keeping {nbytes / 2**20:.0f} MiB of activations does not fit: "
+                            f"{(self.total - self.used) / 2**20:.0f} of {self.total / 2**20:.0f} MiB free")
+        self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory for clients' uploaded LoRA tensors, reused by digest so a backward pass need not resend them")
     parser.add_argument("--lora-cache-ttl", type=float, default=SERVER.lora_cache_ttl,
                         help="seconds an unused uploaded adapter stays in that cache")
+    parser.add_argument("--train-activation-mb", type=float, default=SERVER.train_activation_mb,
+                        help="memory for activations that training requests keep between their forward and backward "
+                             "(beyond it, clients fall back to requests whose backward recomputes the forward)")
     parser.add_argument("--shutdown-timeout", type=float, default=SERVER.shutdown_timeout,
                         help="seconds to let open sessions finish on SIGTERM")
 
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
         max_batch_size=args.max_batch_size, max_chunk_tokens=args.max_chunk_tokens,
         shutdown_timeout=args.shutdown_timeout, adapters=dict(args.adapters), max_lora_mb=args.max_lora_mb,
-        lora_cache_mb=args.lora_cache_mb, lora_cache_ttl=args.lora_cache_ttl,
+        lora_cache_mb=args.lora_cache_mb, lora_cache_ttl=args.lora_cache_ttl, train_activation_mb=args.train_activation_mb,
     ))
     server.run()
     return 0

@@ -17,7 +17,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from server.backend import Adaptation, InferenceState, SpanBackend
-from server.cache_budget import CacheBudget
+from server.cache_budget import ActivationBudget, CacheBudget
 from server.lora_cache import LoraCache
 from swarm import lora
 from swarm.config import SERVER
@@ -30,6 +30,7 @@ from swarm.protocol import (
     SpanReply,
     SpanRequest,
     SwarmError,
+    TrainGrad,
     join_message,
     pack_tensor,
     split_message,
@@ -55,11 +56,13 @@ class BlockHandler:
 
     def __init__(self, backend: SpanBackend, budget: CacheBudget, info: Callable[[], dict],
                  session_timeout: float = SERVER.request_timeout, max_lora_mb: float = SERVER.max_lora_mb,
-                 lora_cache_mb: float = SERVER.lora_cache_mb, lora_cache_ttl: float = SERVER.lora_cache_ttl):
+                 lora_cache_mb: float = SERVER.lora_cache_mb, lora_cache_ttl: float = SERVER.lora_cache_ttl,
+                 train_activation_mb: float = SERVER.train_activation_mb):
         self.backend, self.budget, self.info = backend, budget, info
         self.session_timeout = session_timeout
         self.max_lora_bytes = int(max_lora_mb * 2**20)
         self.lora_cache = LoraCache(int(lora_cache_mb * 2**20), lora_cache_ttl)
+        self.activations = ActivationBudget(int(train_activation_mb * 2**20))
         # The largest forward/backward a client can need: hidden states and their gradient for the most tokens a
         # request may hold, positions and mask, and the most LoRA bytes. Streams are cut off beyond it.
         tokens, hidden = backend.limits.max_chunk_tokens, backend.hidden_size
@@ -105,13 +108,13 @@ class BlockHandler:
 
     # ------------------------------------------------------------------------------------ forward / backward
 
-    async def _span_call(self, kind: str, metadata: bytes, protos, peer: str) -> list[torch.Tensor]:
-        """Forward: [output]. Backward: [grad w.r.t. input, each LoRA tensor in request order, deep prompts if sent].
+    def _prepare(self, kind: str, meta: SpanRequest, protos, peer: str):
+        """Validate a forward/backward request: (inputs, output gradient or None, adaptation, reference tensors).
 
         Request tensors: hidden, position ids, mask (optional), deep prompts (if meta.deep_prompts), the output
-        gradient (backward), then the LoRA tensors (unless named by digest).
+        gradient (backward), then the LoRA tensors (unless named by digest). The reference tensors give each
+        gradient's dtype: the input, each LoRA tensor, the deep prompts.
         """
-        meta = SpanRequest.decode(metadata)
         self.backend.check_span(meta.start, meta.end)
         tensors = [unpack_tensor(t, f"tensor {i}") for i, t in enumerate(protos)]
         tensors, lora_tensors = self._lora_tensors(meta, tensors, peer)
@@ -127,11 +130,17 @@ class BlockHandler:
         if raw_prompts is not None:
             prompts = self.backend.check_prompts(raw_prompts, meta.start, meta.end, inputs.hidden.shape[0])
         adapt = Adaptation(meta.lora, lora_tensors, meta.lora_scaling, meta.adapter, meta.lora_dropout, meta.dropout_seed, prompts)
-        if kind == "forward":
-            return [(await self._compute(self.backend.forward, inputs, meta.start, meta.end, adapt)).to(tensors[0].dtype)]
-        grads = await self._compute(self.backend.backward, inputs, grad_output, meta.start, meta.end, adapt)
         reference = [tensors[0], *lora_tensors] + ([raw_prompts] if raw_prompts is not None else [])
-        return [(g if g is not None else torch.zeros_like(r)).to(r.dtype) for g, r in zip(grads, reference, strict=True)]
+        return inputs, grad_output, adapt, reference
+
+    async def _span_call(self, kind: str, metadata: bytes, protos, peer: str) -> list[torch.Tensor]:
+        """Forward: [output]. Backward: [grad w.r.t. input, each LoRA tensor in request order, deep prompts if sent]."""
+        meta = SpanRequest.decode(metadata)
+        inputs, grad_output, adapt, reference = self._prepare(kind, meta, protos, peer)
+        if kind == "forward":
+            return [(await self._compute(self.backend.forward, inputs, meta.start, meta.end, adapt)).to(reference[0].dtype)]
+        grads = await self._compute(self.backend.backward, inputs, grad_output, meta.start, meta.end, adapt)
+        return _as_references(grads, reference)
 
     def _lora_tensors(self, meta: SpanRequest, tensors: list[torch.Tensor], peer: str):
         """Split the request's tensors into inputs and LoRA tensors, or find the LoRA tensors it names by digest."""
@@ -202,6 +211,52 @@ class BlockHandler:
         async for message in self._stream("backward", requests, context):
             yield message
 
+    # ------------------------------------------------------------------------------------ training stream
+
+    async def rpc_train(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
+        """A forward and, on the same stream, its backward: the activations live only as long as this request."""
+        first = await anext(requests, None)
+        if first is None:
+            return
+        try:
+            meta = SpanRequest.decode(first.metadata)
+            inputs, _, adapt, reference = self._prepare("forward", meta, first.tensors, str(context.remote_id))
+            nbytes = self.backend.activation_bytes(*inputs.hidden.shape[:2], meta.start, meta.end)
+            self.activations.acquire(nbytes)
+        except SwarmError as exc:
+            self.stats.errors += 1
+            logger.info("training stream refused: %s", exc)
+            raise
+        kept = None
+        try:
+            kept = await self._guard("train", self._compute(self.backend.forward_for_backward, inputs, meta.start, meta.end, adapt))
+            response = runtime_pb2.ExpertResponse(tensors=[pack_tensor(kept.output.detach().to(reference[0].dtype))],
+                                                  metadata=SpanReply().encode())
+            self._count("train_forward", first.tensors, response.tensors)
+            yield response
+            try:
+                message = await asyncio.wait_for(anext(requests, None), timeout=self.session_timeout)
+            except asyncio.TimeoutError:
+                raise BadRequest(f"no gradient came within {self.session_timeout:.0f} s of the forward") from None
+            if message is None:
+                return  # the client needed no backward after all
+
+            async def backward() -> list[torch.Tensor]:
+                TrainGrad.decode(message.metadata)
+                if len(message.tensors) != 1:
+                    raise BadRequest(f"a gradient message carries one tensor, got {len(message.tensors)}")
+                grad_output = unpack_tensor(message.tensors[0], "output gradient")
+                self.backend.check_hidden(grad_output, "output gradient")
+                return _as_references(await self._compute(self.backend.backward_kept, kept, grad_output), reference)
+
+            grads = await self._guard("train", backward())
+            response = runtime_pb2.ExpertResponse(tensors=[pack_tensor(g) for g in grads], metadata=SpanReply().encode())
+            self._count("train_backward", message.tensors, response.tensors)
+            yield response
+        finally:
+            kept = None  # noqa: F841 - drop the graph before giving its memory back to the budget
+            self.activations.release(nbytes)
+
     # ------------------------------------------------------------------------------------ inference
 
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
@@ -261,3 +316,8 @@ class BlockHandler:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _as_references(grads, reference: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients in the dtypes of the tensors they belong to (zeros where autograd found no path)."""
+    return [(g if g is not None else torch.zeros_like(r)).to(r.dtype) for g, r in zip(grads, reference, strict=True)]

@@ -51,6 +51,7 @@ class ServerOptions:
     max_lora_mb: float = SERVER.max_lora_mb
     lora_cache_mb: float = SERVER.lora_cache_mb
     lora_cache_ttl: float = SERVER.lora_cache_ttl
+    train_activation_mb: float = SERVER.train_activation_mb
 
 
 def measure_speed(span: BlockSpan, dtype: torch.dtype) -> tuple[float, float]:
@@ -141,6 +142,7 @@ class Server:
             "requests": self.handler.stats.requests,
             "bytes_in": self.handler.stats.bytes_in,
             "bytes_out": self.handler.stats.bytes_out,
+            "train_activation_bytes": self.handler.activations.used,
             "compute_s": {kind: round(seconds, 3) for kind, seconds in self.handler.stats.compute_s.items()},
             "lora_cache": {"entries": len(self.handler.lora_cache), "bytes": self.handler.lora_cache.nbytes,
                            "hits": self.handler.lora_cache.hits, "misses": self.handler.lora_cache.misses},
@@ -174,7 +176,8 @@ class Server:
                 backend.host_adapter(name, read_peft_adapter(path, range(self.start, self.end)))
                 logger.info("hosting adapter %r from %s", name, path)
             self.handler = BlockHandler(backend, self.budget, self.info, max_lora_mb=o.max_lora_mb,
-                                        lora_cache_mb=o.lora_cache_mb, lora_cache_ttl=o.lora_cache_ttl)
+                                        lora_cache_mb=o.lora_cache_mb, lora_cache_ttl=o.lora_cache_ttl,
+                                        train_activation_mb=o.train_activation_mb)
             try:
                 import uvloop
 

@@ -46,6 +46,7 @@ class ServerDefaults:
     max_lora_mb: float = 64.0  # LoRA tensors one request may carry
     lora_cache_mb: float = 256.0  # uploaded LoRA tensors kept for reuse by digest, over all clients
     lora_cache_ttl: float = 120.0  # seconds an unused upload stays in that cache
+    train_activation_mb: float = 2048.0  # activations training streams may keep between forward and backward
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class ClientDefaults:
     connect_timeout: float = 20.0  # seconds to open a session on one server
     max_length: int = 2048  # inference session length when the caller gives none
     max_chunk_tokens: int = 8192  # tokens per forward/backward request; larger batches are split (servers' default limit)
+    keep_activations: bool = True  # training: one request per span for forward + backward (no recompute)
     hop_overhead_ms: float = 2.0  # routing cost of one extra hop before pings are measured
     default_ms_per_block: float = 10.0  # routing cost of a block when a server reports no throughput
 

@@ -142,6 +142,10 @@ class InferenceStep(_Meta):
     step: int = Field(ge=0)
 
 
+class TrainGrad(_Meta):
+    """Second message of a training stream (rpc_train): the gradient w.r.t. the output of its forward."""
+
+
 class SpanReply(_Meta):
     pass
 
@@ -262,4 +266,9 @@ class BlockService(ServicerBase):
         raise NotImplementedError
 
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
+        raise NotImplementedError
+
+    # A forward (a SpanRequest message, answered with the output) and its backward (a TrainGrad message, answered
+    # like rpc_backward) in one request: the server keeps the activations in between instead of recomputing them.
+    async def rpc_train(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
         raise NotImplementedError

@@ -33,8 +33,10 @@ def local_peft(tiny_model_path, lora) -> torch.nn.Module:
     return peft_model
 
 
-def test_lora_and_input_gradients_match_peft(lora_model, tiny_model_path):
+@pytest.mark.parametrize("keep_activations", [True, False], ids=["training-stream", "recompute"])
+def test_lora_and_input_gradients_match_peft(lora_model, tiny_model_path, keep_activations):
     model, lora = lora_model
+    model.remote_layers.keep_activations = keep_activations
     reference = local_peft(tiny_model_path, lora)
     input_ids = torch.randint(3, 320, (2, 9), generator=torch.Generator().manual_seed(11))
     mask = torch.ones_like(input_ids)
@@ -53,6 +55,7 @@ def test_lora_and_input_gradients_match_peft(lora_model, tiny_model_path):
     for key, param in ours_by_key.items():
         assert reference_grads[key].abs().max() > 0, key
         torch.testing.assert_close(param.grad, reference_grads[key], atol=1e-6, rtol=1e-5, msg=key)
+    model.remote_layers.keep_activations = True
 
 
 def test_saved_adapter_loads_with_peft(lora_model, tiny_model_path, tmp_path):

@@ -91,10 +91,15 @@ def test_training_step_sends_lora_once_and_resends_when_the_server_lacks_it(dist
         route = connection.plan()
         before = [_server_info(connection, step.peer_id)["lora_cache"]["hits"] for step in route]
         input_ids = torch.randint(3, 320, (2, 7), generator=torch.Generator().manual_seed(3))
+        dist_model.remote_layers.keep_activations = False  # separate forward and backward requests
         dist_model(input_ids, labels=input_ids).loss.backward()  # forward uploads, backward names them by digest
         after = [_server_info(connection, step.peer_id)["lora_cache"] for step in route]
         assert [a["hits"] - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
         assert all(a["entries"] >= 1 for a in after)
+        dist_model.remote_layers.keep_activations = True  # a training stream's forward names them by digest too
+        dist_model(input_ids, labels=input_ids).loss.backward()
+        again = [_server_info(connection, step.peer_id)["lora_cache"] for step in route]
+        assert [a["hits"] - b["hits"] for a, b in zip(again, after, strict=True)] == [1, 1, 1]
         with torch.no_grad():
             expected = dist_model(input_ids).logits
 
@@ -112,6 +117,7 @@ def test_training_step_sends_lora_once_and_resends_when_the_server_lacks_it(dist
         finally:
             other.remote_layers.connection.shutdown()
     finally:
+        dist_model.remote_layers.keep_activations = True
         dist_model.remote_layers.lora = None
 
 

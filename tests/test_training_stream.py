@@ -1,0 +1,82 @@
+"""Training streams: a forward and its backward in one request, the server keeping the activations in between.
+Without a backward they are freed at once; a server without room for them makes the client recompute instead."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from hivemind.proto import runtime_pb2
+from peft import LoraConfig
+
+from client import aio
+from swarm.protocol import BlockService
+
+
+def _info(connection, peer_id) -> dict:
+    stub = BlockService.get_stub(connection.p2p, peer_id, namespace=connection.prefix)
+    return json.loads(aio.run(stub.rpc_info(runtime_pb2.ExpertUID(), timeout=10)).serialized_info)
+
+
+def _wait_until_freed(connection, route, timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        held = [_info(connection, step.peer_id)["train_activation_bytes"] for step in route]
+        if not any(held) or time.monotonic() > deadline:
+            return held
+        time.sleep(0.1)
+
+
+def test_activations_live_only_until_the_backward_or_until_dropped(dist_model):
+    connection = dist_model.remote_layers.connection
+    route = connection.plan()
+    embeds = torch.randn(2, 6, 64, requires_grad=True)
+    output = dist_model.remote_layers(embeds)
+    held = [_info(connection, step.peer_id)["train_activation_bytes"] for step in route]
+    assert all(h > 0 for h in held)  # every server keeps this forward's activations for its backward
+    assert work_kinds(connection, route)["forward_for_backward"] >= 1
+    output.sum().backward()
+    assert embeds.grad is not None and _wait_until_freed(connection, route) == [0, 0, 0]
+    assert work_kinds(connection, route)["backward_kept"] >= 1
+
+    output = dist_model.remote_layers(torch.randn(2, 6, 64, requires_grad=True))
+    assert all(_info(connection, step.peer_id)["train_activation_bytes"] > 0 for step in route)
+    del output  # no backward will come: the client ends the streams and the servers free the memory
+    assert _wait_until_freed(connection, route) == [0, 0, 0]
+
+    with torch.no_grad():  # no backward expected: plain forward requests, nothing kept
+        dist_model.remote_layers(torch.randn(2, 6, 64))
+    assert [_info(connection, step.peer_id)["train_activation_bytes"] for step in route] == [0, 0, 0]
+
+
+def work_kinds(connection, route) -> dict:
+    """compute_s keys summed over the route's servers (which kinds of work they did)."""
+    totals: dict[str, int] = {}
+    for step in route:
+        for kind in _info(connection, step.peer_id)["compute_s"]:
+            totals[kind] = totals.get(kind, 0) + 1
+    return totals
+
+
+def test_a_server_without_room_for_activations_makes_the_client_recompute(tiny_model_path, reference_model):
+    from client.model import DistributedModelForCausalLM
+    from swarm.launch import LocalSwarm
+
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        swarm.start_servers(tiny_model_path, [(0, 6)], ["--torch-dtype", "float32", "--train-activation-mb", "0"])
+        model = DistributedModelForCausalLM.from_pretrained(tiny_model_path, swarm.initial_peers)
+        try:
+            model.add_lora_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+            input_ids = torch.randint(3, 320, (2, 7), generator=torch.Generator().manual_seed(8))
+            embeds = reference_model.get_input_embeddings()(input_ids).detach()
+            ours_in, theirs_in = embeds.clone().requires_grad_(True), embeds.clone().requires_grad_(True)
+            model(inputs_embeds=ours_in, labels=input_ids).loss.backward()
+            reference_model(inputs_embeds=theirs_in, labels=input_ids).loss.backward()
+            torch.testing.assert_close(ours_in.grad, theirs_in.grad, atol=1e-6, rtol=1e-5)
+            kinds = _info(model.remote_layers.connection, model.remote_layers.connection.plan()[0].peer_id)["compute_s"]
+            assert "backward" in kinds and "forward_for_backward" not in kinds  # it recomputed; nothing was kept
+        finally:
+            model.remote_layers.connection.shutdown()
+            reference_model.zero_grad(set_to_none=True)
