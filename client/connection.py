@@ -187,13 +187,7 @@ class SpanStream:
             raise
 
     async def _next_reply(self) -> runtime_pb2.ExpertResponse:
-        try:
-            reply = await asyncio.wait_for(anext(self._replies, None), self.connection.request_timeout)
-        except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
-            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
-        if reply is None:
-            raise RemoteError("transport", "server closed the inference stream", str(self.step.peer_id))
-        return reply
+        return await _next_reply(self._replies, self.connection.request_timeout, self.step, "inference stream")
 
     async def send(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         message = runtime_pb2.ExpertRequest(metadata=InferenceStep(step=self.step_id).encode(),
@@ -254,10 +248,15 @@ class TrainStream:
         self._queue.put_nowait(None)
 
     async def _next_reply(self) -> runtime_pb2.ExpertResponse:
-        try:
-            reply = await asyncio.wait_for(anext(self._replies, None), self.connection.request_timeout)
-        except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
-            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
-        if reply is None:
-            raise RemoteError("transport", "server closed the training stream", str(self.step.peer_id))
-        return reply
+        return await _next_reply(self._replies, self.connection.request_timeout, self.step, "training stream")
+
+
+async def _next_reply(replies, timeout: float, step: RouteStep, what: str) -> runtime_pb2.ExpertResponse:
+    """The next message of a server's reply stream, with transport failures and an early end as RemoteError."""
+    try:
+        reply = await asyncio.wait_for(anext(replies, None), timeout)
+    except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+        raise RemoteError.from_exception(exc, str(step.peer_id)) from None
+    if reply is None:
+        raise RemoteError("transport", f"server closed the {what}", str(step.peer_id))
+    return reply
