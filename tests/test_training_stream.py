@@ -80,3 +80,28 @@ def test_a_server_without_room_for_activations_makes_the_client_recompute(tiny_m
         finally:
             model.remote_layers.connection.shutdown()
             reference_model.zero_grad(set_to_none=True)
+
+
+def test_bad_gradients_on_a_training_stream_are_refused_and_memory_is_freed(dist_model, reference_model):
+    import pytest
+
+    from client.connection import TrainStream
+    from swarm.protocol import RemoteError
+
+    connection = dist_model.remote_layers.connection
+    step = connection.plan()[0]
+    inputs = [torch.randn(1, 4, 64), torch.arange(4)[None]]
+    for grad, message in ((torch.randn(1, 3, 64), "output gradient has shape"),
+                          (torch.full((1, 4, 64), float("nan")), "NaN or Inf")):
+        stream = TrainStream(connection, step)
+
+        async def run(stream=stream, grad=grad):
+            await stream.forward(inputs, [], 1.0)
+            return await stream.backward(grad)
+
+        with pytest.raises(RemoteError, match=message):
+            aio.run(run())
+    assert _wait_until_freed(connection, [step]) == [0]
+    input_ids = torch.randint(3, 320, (1, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():  # the server goes on serving
+        torch.testing.assert_close(dist_model(input_ids).logits, reference_model(input_ids).logits, atol=1e-4, rtol=1e-4)
