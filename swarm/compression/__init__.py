@@ -1,0 +1,29 @@
+"""Codecs for activations and gradients in transit (not yet used by the wire protocol).
+
+`registry.get(id).encode(tensor)` gives a `Payload`; `registry.get(payload.codec).decode(payload)` restores the
+tensor, raising `CodecError` on any malformed payload.
+"""
+
+from swarm.compression.base import Codec, CodecError, Payload, PayloadSize, payload_size
+from swarm.compression.codecs import CastCodec, NoneCodec
+from swarm.compression.hadamard import Hadamard
+from swarm.compression.int4 import Int4Outlier
+from swarm.compression.int8 import Int8Outlier, Int8StaticOutlier
+from swarm.compression.registry import available, get, register
+
+__all__ = [
+    "CastCodec",
+    "Codec",
+    "CodecError",
+    "Hadamard",
+    "Int4Outlier",
+    "Int8Outlier",
+    "Int8StaticOutlier",
+    "NoneCodec",
+    "Payload",
+    "PayloadSize",
+    "available",
+    "get",
+    "payload_size",
+    "register",
+]

@@ -1,0 +1,54 @@
+"""Lossless and cast codecs: `none` (identity), `float16` and `bfloat16` (one cast each way)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from swarm.compression.base import Codec, Layout, check_finite, check_tensors, expect, saturating_cast
+
+
+class NoneCodec(Codec):
+    """Identity: the tensor travels as it is, in its own dtype (float32, float16 or bfloat16); decoding returns
+    the payload tensor itself (reshaped, not copied) unless another dtype is asked for."""
+
+    id = "none"
+
+    def _encode(self, rows: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        return [rows.reshape(layout.shape)], {}
+
+    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
+        (data,) = check_tensors(tensors, 1)
+        expect(data, "data", layout.dtype, layout.shape)
+        check_finite(data, "data")
+        return data.reshape(layout.rows, layout.cols)
+
+
+class CastCodec(Codec):
+    """Sends the tensor cast to a narrower float dtype; decodes to the original dtype unless told otherwise.
+
+    The cast saturates: values beyond the wire dtype's largest finite value become that value (±65504 for
+    float16), never inf. float16 also loses relative precision below 6.1e-5 (subnormals) and flushes values
+    below about 6e-8 to zero; bfloat16 keeps float32's range with 8 bits of mantissa (relative error <= 2^-9).
+    """
+
+    def __init__(self, wire_dtype: torch.dtype, id: str):
+        self.wire_dtype, self.id = wire_dtype, id
+
+    def _encode(self, rows: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        return [saturating_cast(rows, self.wire_dtype).reshape(layout.shape)], {}
+
+    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
+        (data,) = check_tensors(tensors, 1)
+        expect(data, "data", self.wire_dtype, layout.shape)
+        check_finite(data, "data")
+        return data.reshape(layout.rows, layout.cols)
+
+
+def float16() -> CastCodec:
+    return CastCodec(torch.float16, "float16")
+
+
+def bfloat16() -> CastCodec:
+    return CastCodec(torch.bfloat16, "bfloat16")

@@ -1,0 +1,50 @@
+"""Codecs by id: the built-in ones are registered on import; `register` adds more (e.g. a static-outlier
+codec built for one model's channels)."""
+
+from __future__ import annotations
+
+import re
+
+from swarm.compression.base import Codec, CodecError
+
+_ID = re.compile(r"[a-z0-9][a-z0-9_+.\-]{0,63}")
+_CODECS: dict[str, Codec] = {}
+
+
+def register(codec: Codec, *, replace: bool = False) -> Codec:
+    """Make `codec` available under its id; CodecError on a bad id or one already taken (unless `replace`)."""
+    if not isinstance(codec, Codec):
+        raise CodecError(f"can only register a Codec, got {type(codec).__name__}")
+    if not isinstance(codec.id, str) or not _ID.fullmatch(codec.id):
+        raise CodecError(f"codec id {codec.id!r:.80} must be 1-64 of [a-z0-9_+.-], starting with a letter or digit")
+    if codec.id in _CODECS and _CODECS[codec.id] is not codec and not replace:
+        raise CodecError(f"codec id {codec.id!r} is already registered")
+    _CODECS[codec.id] = codec
+    return codec
+
+
+def get(codec_id: str) -> Codec:
+    """The codec registered under `codec_id`; CodecError naming the known ids if there is none."""
+    codec = _CODECS.get(codec_id) if isinstance(codec_id, str) else None
+    if codec is None:
+        raise CodecError(f"unknown codec {codec_id!r:.80}; known codecs: {', '.join(available())}")
+    return codec
+
+
+def available() -> list[str]:
+    """Ids of the registered codecs, sorted."""
+    return sorted(_CODECS)
+
+
+def _register_builtins() -> None:
+    from swarm.compression.codecs import NoneCodec, bfloat16, float16
+    from swarm.compression.hadamard import Hadamard
+    from swarm.compression.int4 import Int4Outlier
+    from swarm.compression.int8 import Int8Outlier
+
+    for codec in (NoneCodec(), float16(), bfloat16(), Int8Outlier(), Int4Outlier(),
+                  Hadamard(Int8Outlier(k=0, id="int8"), id="hadamard_int8")):
+        register(codec)
+
+
+_register_builtins()

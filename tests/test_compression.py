@@ -1,0 +1,408 @@
+"""Activation codecs: pinned round-trip error and compression ratio on hidden states with outlier channels,
+every dtype and shape, and malformed payloads rejected with CodecError (fuzzed with hypothesis)."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
+
+from swarm.compression import (
+    CodecError,
+    Hadamard,
+    Int4Outlier,
+    Int8Outlier,
+    Int8StaticOutlier,
+    Payload,
+    available,
+    get,
+    payload_size,
+    register,
+    registry,
+)
+from swarm.compression.base import meta_json
+
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "swarm-hypothesis")  # not .hypothesis/ in the checkout
+
+HIDDEN = 576
+OUTLIER_SCALES = {11: 50.0, 77: 120.0, 200: 300.0, 345: 500.0, 460: 80.0, 507: 200.0}
+STATIC = Int8StaticOutlier(sorted(OUTLIER_SCALES))
+FUZZ = settings(  # SWARM_FUZZ_EXAMPLES=5000 for a longer hunt
+    max_examples=int(os.environ.get("SWARM_FUZZ_EXAMPLES", "250")),
+    deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow],
+)
+U16, U8 = 2.0**-11, 2.0**-8  # unit roundoff of float16 and bfloat16
+
+
+def hidden_states(seed: int = 0) -> torch.Tensor:
+    """[2, 64, 576] ~N(0, 1) with a few channels scaled x50..x500 and token 0 at 25,000 in channel 507 (as in SmolLM2)."""
+    x = torch.randn(2, 64, HIDDEN, generator=torch.Generator().manual_seed(seed))
+    for channel, scale in OUTLIER_SCALES.items():
+        x[..., channel] *= scale
+    x[:, 0, 507] = 25000.0
+    return x
+
+
+def token_error(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """||x - y|| / ||x|| per token (row of the last dim)."""
+    x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+    return (x - y).norm(dim=1) / x.norm(dim=1)
+
+
+def codec(codec_id: str):
+    return STATIC if codec_id == STATIC.id else get(codec_id)
+
+
+# measured on hidden_states(): max token error / wire ratio vs float32
+#   none 0 / 1.00, float16 3.7e-4 / 2.00, bfloat16 3.6e-3 / 2.00, int8_outlier 6.2e-4 / 3.67,
+#   int8_static_outlier 8.7e-4 / 3.93, int4_outlier 9.2e-3 / 5.87, hadamard_int8 8.7e-3 / 3.97
+BOUNDS = {  # codec id: (max token error, min compression ratio)
+    "none": (0.0, 0.999),
+    "float16": (U16, 1.99),  # rounding alone: at most the unit roundoff
+    "bfloat16": (U8, 1.99),
+    "int8_outlier": (2e-3, 3.6),
+    "int8_static_outlier": (2e-3, 3.9),
+    "int4_outlier": (2e-2, 5.8),
+    "hadamard_int8": (1.5e-2, 3.9),
+}
+
+
+def test_pinned_codecs_are_the_registered_ones():
+    assert set(BOUNDS) == set(available()) | {STATIC.id}
+
+
+@pytest.mark.parametrize("codec_id", sorted(BOUNDS))
+def test_round_trip_error_and_ratio_on_hidden_states(codec_id):
+    x = hidden_states()
+    payload = codec(codec_id).encode(x)
+    y = codec(codec_id).decode(payload, shape=x.shape)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    max_error, min_ratio = BOUNDS[codec_id]
+    assert token_error(x, y).max() <= max_error
+    size = payload_size(payload)
+    assert x.numel() * 4 / size.wire_bytes >= min_ratio
+
+
+@pytest.mark.parametrize("codec_id", ["int8_outlier", "int4_outlier", "int8_static_outlier"])
+def test_outlier_channels_are_kept_to_float16_precision(codec_id):
+    x = hidden_states(1)
+    y = codec(codec_id).decode(codec(codec_id).encode(x))
+    if codec_id == STATIC.id:
+        channels = torch.tensor(STATIC.channels).expand(*x.shape[:-1], -1)
+    else:  # the top 16 channels of each token
+        channels = x.abs().topk(16, dim=-1).indices
+    exact, got = x.gather(-1, channels), y.gather(-1, channels)
+    assert ((got - exact).abs() <= exact.abs() * U16).all()
+    assert abs(y[0, 0, 507].item() - 25000.0) <= 25000.0 * U16
+
+
+def test_int8_outlier_wire_layout_and_size():
+    x = hidden_states()
+    payload = get("int8_outlier").encode(x)
+    q, scale, vals, idx = payload.tensors
+    assert (q.dtype, scale.dtype, vals.dtype, idx.dtype) == (torch.int8, torch.float32, torch.float16, torch.int16)
+    assert q.shape == (128, HIDDEN - 16) and vals.shape == idx.shape == (128, 16)
+    size = payload_size(payload)
+    assert size.raw_bytes == 128 * (HIDDEN - 16 + 4 + 16 * 4)
+    assert size.meta_bytes == len(meta_json(payload.meta)) and size.wire_bytes == size.raw_bytes + size.meta_bytes
+    assert payload.meta == {"shape": [2, 64, HIDDEN], "dtype": "float32", "k": 16}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(HIDDEN,), (5, 96), (2, 3, 40), (2, 0, HIDDEN), (0, 8), (4, 7), (3, 1), (2, 0)])
+def test_every_codec_handles_dtypes_and_shapes(dtype, shape):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
+    for codec_id in available():
+        payload = get(codec_id).encode(x)
+        y = get(codec_id).decode(payload, shape=shape)
+        assert y.shape == x.shape and y.dtype == dtype, codec_id
+        assert get(codec_id).decode(payload, dtype=torch.float32).dtype == torch.float32
+        if codec_id == "none":
+            assert torch.equal(y, x)
+        elif x.numel():
+            assert token_error(x, y).max() <= 0.25, codec_id
+
+
+def test_none_is_exact_and_keeps_dtype():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = hidden_states().to(dtype)
+        payload = get("none").encode(x)
+        assert payload.tensors[0].dtype == dtype and torch.equal(get("none").decode(payload), x)
+
+
+def test_float16_saturates_instead_of_overflowing():
+    x = torch.tensor([[1e6, -1e9, 70000.0, 1.0, 1e-8]])
+    payload = get("float16").encode(x)
+    assert torch.isfinite(payload.tensors[0]).all()
+    assert get("float16").decode(payload).tolist() == [[65504.0, -65504.0, 65504.0, 1.0, 0.0]]
+    huge = torch.full((2, 4), 3.4e38)
+    assert torch.isfinite(get("bfloat16").decode(get("bfloat16").encode(huge))).all()
+    # decoding to a narrower dtype saturates too
+    assert get("none").decode(get("none").encode(x), dtype=torch.float16)[0, 0].item() == 65504.0
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e-20, 1e30])
+@pytest.mark.parametrize("codec_id", ["int8_outlier", "int4_outlier", "int8_static_outlier", "hadamard_int8"])
+def test_quantizers_keep_precision_at_gradient_and_huge_scales(codec_id, scale):
+    x = hidden_states(2) * scale
+    payload = codec(codec_id).encode(x)
+    y = codec(codec_id).decode(payload)
+    assert token_error(x, y).max() <= BOUNDS[codec_id][0]
+    if codec_id != "hadamard_int8":  # outliers beyond float16's range or precision travel as float32
+        assert payload.tensors[3 if codec_id == "int4_outlier" else 2].dtype == torch.float32
+
+
+def test_encode_rejects_what_it_cannot_send():
+    for bad in (torch.tensor([1.0, math.nan]), torch.tensor([[math.inf]]), torch.ones(3, dtype=torch.int64),
+                torch.ones(3, dtype=torch.float64), torch.tensor(1.0), [1.0, 2.0]):
+        for codec_id in available():
+            with pytest.raises(CodecError):
+                get(codec_id).encode(bad)
+    with pytest.raises(CodecError, match="too large to rotate"):
+        get("hadamard_int8").encode(torch.full((1, 64), 3e38))
+
+
+def test_static_outlier_codec_checks_its_channel_set():
+    with pytest.raises(CodecError, match="does not exist"):
+        STATIC.encode(torch.randn(2, 100))
+    with pytest.raises(CodecError, match="distinct"):
+        Int8StaticOutlier([3, 3])
+    other = Int8StaticOutlier([1, 2, 3])
+    with pytest.raises(CodecError, match="outlier channels"):
+        other.decode(STATIC.encode(hidden_states()))
+    assert STATIC.encode(hidden_states()).tensors[2].shape == (128, len(OUTLIER_SCALES))
+
+
+def test_decode_checks_codec_id_and_expected_shape():
+    payload = get("int8_outlier").encode(hidden_states())
+    with pytest.raises(CodecError, match="payload is for codec 'int8_outlier'"):
+        get("int4_outlier").decode(payload)
+    with pytest.raises(CodecError, match=r"expected \[2, 64, 575\]"):
+        get("int8_outlier").decode(payload, shape=(2, 64, 575))
+    with pytest.raises(CodecError, match="cannot decode to dtype"):
+        get("int8_outlier").decode(payload, dtype=torch.int32)
+
+
+def test_registry(monkeypatch):
+    monkeypatch.setattr(registry, "_CODECS", dict(registry._CODECS))  # codecs registered here stay here
+    assert {"none", "float16", "bfloat16", "int8_outlier", "int4_outlier", "hadamard_int8"} <= set(available())
+    with pytest.raises(CodecError, match="unknown codec 'zstd'; known codecs: .*int8_outlier"):
+        get("zstd")
+    with pytest.raises(CodecError, match="unknown codec"):
+        get(None)
+    with pytest.raises(CodecError, match="already registered"):
+        register(Int8Outlier(k=4))
+    with pytest.raises(CodecError, match="must be 1-64"):
+        register(Int8Outlier(id="Bad Id"))
+    custom = register(Int4Outlier(k=4, group=64, id="test_int4_k4"))
+    assert get("test_int4_k4") is custom and register(custom) is custom
+    assert "test_int4_k4" in available()
+
+
+# ------------------------------------------------------------------------------------------------ fuzzing
+
+FUZZ_CODECS = [*(get(i) for i in available()), Int8StaticOutlier([0, 5]), Hadamard(Int4Outlier(k=2), seed=7)]
+FUZZ_SHAPES = [(2, 3, 40), (5, 64), (0, 8), (7,), (1, 1)]
+
+
+def _fuzz_input(shape: tuple[int, ...]) -> torch.Tensor:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
+    if x.numel():
+        x.view(-1, shape[-1])[:, 0] *= 300
+    return x
+
+
+VALID = [(c, s, c.encode(_fuzz_input(s))) for c in FUZZ_CODECS for s in FUZZ_SHAPES
+         if not (isinstance(c, Int8StaticOutlier) and s[-1] <= 5)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
+          torch.int32, torch.int64, torch.bool]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(["", "float32", "bfloat16", "int8", "x" * 300, "1:00000000"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(["k", "group", "q"]), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@st.composite
+def _tensor_mutation(draw, tensor: torch.Tensor):
+    kind = draw(st.sampled_from(["truncate", "dtype", "reinterpret", "reshape", "garbage", "not_a_tensor", "grow"]))
+    if kind == "truncate":
+        flat = tensor.reshape(-1)
+        return flat[: draw(st.integers(0, max(flat.numel() - 1, 0)))]
+    if kind == "dtype":
+        return tensor.to(draw(st.sampled_from(DTYPES)))
+    if kind == "reshape":
+        return draw(st.sampled_from([tensor.reshape(-1), tensor.unsqueeze(0), tensor.t() if tensor.dim() == 2 else tensor.reshape(1, -1)]))
+    if kind == "garbage":  # random bytes in the same dtype and shape: NaN, huge scales, bad or repeated indices
+        raw = draw(st.binary(min_size=tensor.numel() * tensor.element_size(), max_size=tensor.numel() * tensor.element_size()))
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(tensor.dtype).reshape(tensor.shape) if raw else tensor
+    if kind == "reinterpret" and tensor.numel() * tensor.element_size() % 4 == 0 and tensor.numel():
+        return tensor.reshape(-1).view(draw(st.sampled_from([torch.float32, torch.int32])))
+    if kind == "grow":
+        return torch.cat([tensor.reshape(-1), tensor.reshape(-1)[:1]]) if tensor.numel() else torch.zeros(1)
+    return draw(st.sampled_from([None, 1.5, [1, 2], "tensor"]))
+
+
+@st.composite
+def _mutated(draw):
+    codec, shape, payload = draw(st.sampled_from(VALID))
+    codec_id, tensors, meta = payload.codec, list(payload.tensors), dict(payload.meta)
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["tensor", "tensor", "drop", "extra", "swap", "meta_value", "meta_drop",
+                                     "meta_extra", "inner", "codec_id", "containers"]))
+        if kind == "tensor" and tensors:
+            i = draw(st.integers(0, len(tensors) - 1))
+            tensors[i] = draw(_tensor_mutation(tensors[i])) if isinstance(tensors[i], torch.Tensor) else None
+        elif kind == "drop" and tensors:
+            tensors.pop(draw(st.integers(0, len(tensors) - 1)))
+        elif kind == "extra":
+            tensors.append(draw(st.sampled_from([torch.zeros(3), torch.zeros(0, dtype=torch.int8), tensors[0] if tensors else None])))
+        elif kind == "swap" and len(tensors) > 1:
+            i, j = draw(st.lists(st.integers(0, len(tensors) - 1), min_size=2, max_size=2, unique=True))
+            tensors[i], tensors[j] = tensors[j], tensors[i]
+        elif kind == "meta_value" and meta:
+            key = draw(st.sampled_from(sorted(meta)))
+            meta[key] = draw(JSON_VALUES | st.lists(st.integers(-5, 2**31), max_size=9) | st.integers(-5, 600))
+        elif kind == "meta_drop" and meta:
+            meta.pop(draw(st.sampled_from(sorted(meta))))
+        elif kind == "meta_extra":
+            meta[draw(st.sampled_from(["extra", "k", "scale", "channels"]))] = draw(JSON_VALUES)
+        elif kind == "inner" and isinstance(meta.get("inner"), dict):
+            inner = dict(meta["inner"])
+            inner[draw(st.sampled_from(["k", "group", "x"]))] = draw(JSON_VALUES | st.integers(-5, 600))
+            meta["inner"] = inner
+        elif kind == "codec_id":
+            codec_id = draw(st.sampled_from([*available(), "", "INT8", None, 7]))
+        elif kind == "containers":
+            choice = draw(st.integers(0, 2))
+            if choice == 0:
+                return codec, shape, Payload(codec_id, draw(st.sampled_from([None, torch.zeros(2), {"q": 1}])), meta)
+            if choice == 1:
+                return codec, shape, Payload(codec_id, tensors, draw(st.sampled_from([None, [], "meta", meta.items()])))
+            return codec, shape, "not a payload"
+    return codec, shape, Payload(codec_id, tensors, meta)
+
+
+@FUZZ
+@given(_mutated(), st.booleans())
+def test_mutated_payloads_decode_cleanly_or_raise_codec_error(case, pass_shape):
+    codec, shape, payload = case
+    try:
+        out = codec.decode(payload, shape=shape if pass_shape else None)
+    except CodecError as exc:
+        assert str(exc)
+        return
+    expected = shape if pass_shape else tuple(payload.meta["shape"])
+    assert tuple(out.shape) == tuple(expected)
+    assert out.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    assert torch.isfinite(out).all()
+
+
+@st.composite
+def _garbage_contents(draw):
+    """A valid payload with random bytes in some of its tensors (same dtype and shape)."""
+    codec, shape, payload = draw(st.sampled_from([v for v in VALID if v[2].meta["shape"][0]]))
+    tensors = list(payload.tensors)
+    for i in draw(st.lists(st.integers(0, len(tensors) - 1), min_size=1, max_size=len(tensors), unique=True)):
+        t = tensors[i]
+        raw = draw(st.binary(min_size=t.numel() * t.element_size(), max_size=t.numel() * t.element_size()))
+        if raw:
+            tensors[i] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(t.dtype).reshape(t.shape)
+    return codec, shape, Payload(payload.codec, tensors, payload.meta)
+
+
+@FUZZ
+@given(_garbage_contents())
+def test_garbage_tensor_contents_decode_to_finite_values_or_raise_codec_error(case):
+    codec, shape, payload = case
+    try:
+        out = codec.decode(payload, shape=shape)
+    except CodecError as exc:
+        assert any(word in str(exc) for word in ("NaN", "outside", "repeats")), str(exc)
+        return
+    assert out.shape == shape and torch.isfinite(out).all()
+
+
+def test_deep_payload_checks():
+    x = hidden_states()
+    payload = get("int8_outlier").encode(x)
+    q, scale, vals, idx = payload.tensors
+
+    def decode(**changes):
+        tensors = {**dict(q=q, scale=scale, vals=vals, idx=idx), **changes}
+        return get("int8_outlier").decode(Payload("int8_outlier", list(tensors.values()), payload.meta))
+
+    with pytest.raises(CodecError, match="'scale' has NaN"):
+        decode(scale=torch.full_like(scale, math.nan))
+    with pytest.raises(CodecError, match=r"'scale' has values outside \[0, "):
+        decode(scale=-scale)
+    with pytest.raises(CodecError, match="'outlier_idx' has channel indices outside"):
+        decode(idx=idx + HIDDEN)
+    with pytest.raises(CodecError, match="repeats a channel"):
+        decode(idx=torch.zeros_like(idx).copy_(idx[:, :1]))
+    with pytest.raises(CodecError, match="'outlier_vals' has NaN or infinite"):
+        decode(vals=torch.full_like(vals, math.inf))
+    # the most extreme accepted payload still decodes to finite values
+    extreme = decode(q=torch.full_like(q, -128), scale=torch.full_like(scale, torch.finfo(torch.float32).max / 128))
+    assert torch.isfinite(extreme).all()
+
+
+def _element_bound(codec_id: str, x: torch.Tensor) -> torch.Tensor:
+    """The largest |x - decoded| each element may have, from the codec's design (x float32 [rows, cols])."""
+    amax = x.abs().amax(dim=1, keepdim=True) if x.shape[1] else x.new_zeros(x.shape[0], 1)
+    ax = x.abs()
+    if codec_id == "none":
+        return torch.zeros_like(x)
+    if codec_id == "float16":
+        return ax * U16 + 2.0**-25
+    if codec_id == "bfloat16":
+        return ax * U8 + 1e-38
+    slack = 1 + 1e-3  # float32 scale arithmetic and the float16 group ratios of int4
+    if codec_id in ("int8_outlier", "int8_static_outlier"):  # half a step of the token's int8 scale; outliers fp16
+        return amax / 254 * slack + ax * U16 + 1e-37
+    if codec_id == "int4_outlier":
+        return amax / 14 * slack + ax * U16 + 1e-37
+    raise AssertionError(codec_id)
+
+
+@FUZZ
+@given(
+    rows=st.integers(0, 6), cols=st.integers(1, 80), lead=st.sampled_from([(), (2,)]),
+    exponent=st.integers(-30, 30), seed=st.integers(0, 2**16), zero_rows=st.booleans(),
+    spike=st.sampled_from([0.0, 50.0, 1e4]), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_valid_inputs_round_trip_within_bounds(rows, cols, lead, exponent, seed, zero_rows, spike, dtype):
+    x = torch.randn(*lead, rows, cols, generator=torch.Generator().manual_seed(seed)) * 10.0**exponent
+    if spike and x.numel():
+        x[..., seed % cols] *= spike
+    if zero_rows and rows:
+        x[..., 0, :] = 0
+    if dtype is torch.float16:
+        x = x.clamp(-65504, 65504)
+    x = x.to(dtype)
+    ref = x.float().reshape(-1, cols)
+    rounding = (U16 if dtype is torch.float16 else U8 if dtype is torch.bfloat16 else 0.0) * 1.01  # decoding to dtype
+    for codec_id in sorted(BOUNDS):
+        c = Int8StaticOutlier([0, 2], id=STATIC.id) if codec_id == STATIC.id else get(codec_id)
+        if codec_id == STATIC.id and cols <= 2:
+            with pytest.raises(CodecError):
+                c.encode(x)
+            continue
+        y = c.decode(c.encode(x))
+        assert y.shape == x.shape and y.dtype == dtype and torch.isfinite(y).all(), codec_id
+        target = ref.clamp(-65504, 65504) if codec_id == "float16" else ref  # float16 saturates
+        err = y.float().reshape(-1, cols) - target
+        if codec_id == "hadamard_int8":  # orthonormal rotation: bound the token's error norm instead
+            bound = ref.norm(dim=1) * (math.sqrt(cols) / 254 * 1.01 + rounding) + 1e-30
+            assert (err.norm(dim=1) <= bound).all(), codec_id
+        else:
+            bound = _element_bound(codec_id, target) + target.abs() * rounding + (2.0**-24 if rounding else 0.0)
+            assert (err.abs() <= bound).all(), codec_id
