@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="lora-adapter", metavar="DIR", help="folder to save the adapter to")
     parser.add_argument("--torch-dtype", choices=["auto", "float32", "bfloat16"], default="float32",
                         help="dtype of the client-side embeddings, LM head and adapter")
+    parser.add_argument("--activation-codec", default="none", metavar="ID",
+                        help="codec for hidden states sent forward while training (see swarm.compression)")
+    parser.add_argument("--gradient-codec", default="none", metavar="ID", help="codec for gradients sent backward")
     parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: folder or repo name)")
 
 
@@ -230,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
     model = DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, dht_prefix=args.dht_prefix,
                                                         torch_dtype=args.torch_dtype)
     try:
+        model.set_codecs(inference="none", activations=args.activation_codec, gradients=args.gradient_codec)
         for param in model.parameters():
             param.requires_grad_(False)
         torch.manual_seed(args.seed)

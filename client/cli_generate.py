@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the client-side embeddings and LM head")
     parser.add_argument("--adapter", default=None, metavar="DIR_OR_NAME",
                         help="a peft LoRA adapter folder (applied by this client) or the name of an adapter the servers host")
+    parser.add_argument("--codec", default="none", metavar="ID",
+                        help="codec for hidden states on the wire, e.g. bfloat16 or int8_outlier (see swarm.compression)")
     parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: folder or repo name)")
 
 
@@ -36,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     model = DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, dht_prefix=args.dht_prefix,
                                                         torch_dtype=args.torch_dtype)
     try:
+        model.set_codecs(inference=args.codec)
         if args.adapter is not None:
             from pathlib import Path
 

@@ -92,7 +92,8 @@ class SwarmConnection:
         return result
 
     async def span_call(self, kind: str, step: RouteStep, tensors: Sequence[torch.Tensor],
-                        lora_names: Sequence[str] = (), lora_scaling: float = 1.0, **fields) -> list[torch.Tensor]:
+                        lora_names: Sequence[str] = (), lora_scaling: float = 1.0, codecs: Sequence[str | None] = (),
+                        **fields) -> list[torch.Tensor]:
         """Forward or backward through one route step; payloads over the unary limit go over a stream.
 
         `tensors` are laid out as swarm.protocol.SpanRequest describes, ending with the LoRA tensors named by
@@ -100,10 +101,11 @@ class SwarmConnection:
         Returns the server's tensors: [output] for a forward; for a backward, the gradients w.r.t. the input,
         each LoRA tensor and the deep prompts.
         """
+        fields.pop("grad_codec", None)  # training streams only
         meta = SpanRequest(start=step.start, end=step.end, lora=list(lora_names), lora_scaling=lora_scaling, **fields)
         stub = self.stub(step.peer_id)
         try:
-            packed = [pack_tensor(t) for t in tensors]
+            packed = _pack(tensors, codecs)
             if sum(len(p.buffer) for p in packed) <= MAX_UNARY_PAYLOAD_BYTES:
                 method = stub.rpc_forward if kind == "forward" else stub.rpc_backward
                 request = runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed)
@@ -159,8 +161,8 @@ class SpanStream:
 
     def __init__(self, connection: SwarmConnection, step: RouteStep, batch_size: int, max_length: int,
                  lora_names: Sequence[str] = (), lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0,
-                 adapter: str = "", prompts: torch.Tensor | None = None):
-        self.connection, self.step, self.adapter, self.prompts = connection, step, adapter, prompts
+                 adapter: str = "", prompts: torch.Tensor | None = None, codec: str = "none"):
+        self.connection, self.step, self.adapter, self.prompts, self.codec = connection, step, adapter, prompts, codec
         self.lora_names, self.lora_tensors, self.lora_scaling = list(lora_names), list(lora_tensors), lora_scaling
         self.batch_size, self.max_length = batch_size, max_length
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -175,7 +177,7 @@ class SpanStream:
 
         meta = InferenceOpen(start=self.step.start, end=self.step.end, max_length=self.max_length, batch_size=self.batch_size,
                              lora=self.lora_names, lora_scaling=self.lora_scaling, adapter=self.adapter,
-                             deep_prompts=self.prompts is not None)
+                             deep_prompts=self.prompts is not None, reply_codec=self.codec)
         opening = ([self.prompts] if self.prompts is not None else []) + self.lora_tensors
         try:
             self._replies = await asyncio.wait_for(
@@ -191,7 +193,7 @@ class SpanStream:
 
     async def send(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         message = runtime_pb2.ExpertRequest(metadata=InferenceStep(step=self.step_id).encode(),
-                                            tensors=[pack_tensor(t) for t in tensors])
+                                            tensors=_pack(tensors, [self.codec]))
         self._queue.put_nowait(message)
         reply = await self._next_reply()
         self.position = InferenceReply.decode(reply.metadata).position
@@ -217,6 +219,7 @@ class TrainStream:
         self.connection, self.step = connection, step
         self._queue: asyncio.Queue = asyncio.Queue()
         self._replies = None
+        self.grad_codec: str | None = None  # codec of the gradient message
 
     async def forward(self, tensors: Sequence[torch.Tensor], lora_names: Sequence[str], lora_scaling: float,
                       **fields) -> torch.Tensor:
@@ -224,8 +227,10 @@ class TrainStream:
             while (message := await self._queue.get()) is not None:
                 yield message
 
+        self.grad_codec = fields.pop("grad_codec", None)
+        codecs = fields.pop("codecs", ())
         meta = SpanRequest(start=self.step.start, end=self.step.end, lora=list(lora_names), lora_scaling=lora_scaling, **fields)
-        self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=[pack_tensor(t) for t in tensors]))
+        self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=_pack(tensors, codecs)))
         try:
             self._replies = await asyncio.wait_for(self.connection.stub(self.step.peer_id).rpc_train(requests()),
                                                    CLIENT.connect_timeout)
@@ -236,7 +241,8 @@ class TrainStream:
         return unpack_tensor(reply.tensors[0], "server output")
 
     async def backward(self, grad_output: torch.Tensor) -> list[torch.Tensor]:
-        self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=TrainGrad().encode(), tensors=[pack_tensor(grad_output)]))
+        message = runtime_pb2.ExpertRequest(metadata=TrainGrad().encode(), tensors=[pack_tensor(grad_output, self.grad_codec)])
+        self._queue.put_nowait(message)
         try:
             reply = await self._next_reply()
         finally:
@@ -260,3 +266,8 @@ async def _next_reply(replies, timeout: float, step: RouteStep, what: str) -> ru
     if reply is None:
         raise RemoteError("transport", f"server closed the {what}", str(step.peer_id))
     return reply
+
+
+def _pack(tensors: Sequence[torch.Tensor], codecs: Sequence[str | None]) -> list[runtime_pb2.Tensor]:
+    """Tensors for the wire, tensors[i] encoded with codecs[i] where one is given (see swarm.compression)."""
+    return [pack_tensor(t, codecs[i] if i < len(codecs) else None) for i, t in enumerate(tensors)]

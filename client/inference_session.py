@@ -20,9 +20,10 @@ class InferenceSession:
     """
 
     def __init__(self, connection: SwarmConnection, max_length: int, start: int = 0, end: int | None = None,
-                 batch_size: int | None = None, lora=None, adapter: str | None = None, prompts=None):
+                 batch_size: int | None = None, lora=None, adapter: str | None = None, prompts=None, codec: str = "none"):
         self.connection, self.max_length = connection, max_length
         self.prompts = prompts  # a client.prompts.RemotePrompts: deep prompts go to each server when its stream opens
+        self.codec = codec  # for hidden states both ways (see swarm.compression)
         self.virtual_tokens = 0  # shallow prompt tokens this session holds before the caller's tokens
         self.adapter = adapter  # a named adapter hosted by the servers
         self.lora = lora  # a client.lora.RemoteLora; its values are snapshotted when the streams open
@@ -45,7 +46,7 @@ class InferenceSession:
             if self.prompts is not None:
                 deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start)
             streams.append(SpanStream(self.connection, step, batch_size, self.max_length, names, tensors, scaling,
-                                      self.adapter or "", deep))
+                                      self.adapter or "", deep, self.codec))
         try:
             for stream in streams:
                 await stream.open()

@@ -169,6 +169,20 @@ class DistributedCausalLMMixin:
     def get_decoder(self):
         return getattr(self, self.base_model_prefix)
 
+    def set_codecs(self, inference: str | None = None, activations: str | None = None, gradients: str | None = None) -> None:
+        """Choose how hidden states travel, by role (codec ids from swarm.compression; "none" sends them as they are).
+
+        inference: both ways in inference sessions; activations: a training forward's input and output;
+        gradients: a backward's output and input gradients. Roles left as None keep their codec.
+        """
+        from swarm import compression
+
+        for role, codec in (("inference", inference), ("activations", activations), ("gradients", gradients)):
+            if codec is not None:
+                if codec != "none" and codec not in compression.available():
+                    raise ValueError(f"unknown codec {codec!r} for {role}; choose from {['none', *compression.available()]}")
+                self.remote_layers.codecs[role] = codec
+
     def _freeze_local_weights(self) -> None:
         """As peft does: once an adapter or prompts are added, only they train (not embeddings or the LM head)."""
         layers = self.remote_layers

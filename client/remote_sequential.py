@@ -175,6 +175,10 @@ class RemoteSequential(nn.Module):
         # Training forwards keep their activations on the server until the backward (one request per step), rather
         # than having the backward recompute them; False always recomputes.
         self.keep_activations = CLIENT.keep_activations
+        # Codecs for hidden states on the wire by role: "inference" (both ways), "activations" (a training forward's
+        # input and output), "gradients" (a backward's output and input gradients). See swarm.compression.
+        self.codecs = {"inference": CLIENT.inference_codec, "activations": CLIENT.activation_codec,
+                       "gradients": CLIENT.gradient_codec}
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -188,13 +192,20 @@ class RemoteSequential(nn.Module):
     def _request(self, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor | None, seed: int):
         """(tensors, SpanRequest fields, (LoRA names, tensors) or None) of one request for a route step."""
         tensors = [t.detach() for t in inputs]
-        fields: dict = {}
+        activations, gradients = self.codecs["activations"], self.codecs["gradients"]
+        codecs = [activations] + [None] * (len(tensors) - 1)  # positions, mask and prompts travel as they are
+        fields: dict = {"codecs": codecs, "reply_codec": activations if grad is None else gradients}
+        if grad is None:
+            fields["grad_codec"] = fields["grad_reply_codec"] = gradients  # for a training stream's backward
         deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start) if self.prompts is not None else None
         if deep is not None:
             tensors.append(deep)
             fields["deep_prompts"] = True
+        if deep is not None:
+            codecs.append(None)
         if grad is not None:
             tensors.append(grad.detach())
+            codecs.append(gradients)
         if self.lora is None:
             fields["adapter"] = self.adapter or ""
             return tensors, fields, None
@@ -252,7 +263,7 @@ class RemoteSequential(nn.Module):
 
     def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:
         return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.lora, self.adapter,
-                                self.prompts)
+                                self.prompts, self.codecs["inference"])
 
     def extra_repr(self) -> str:
         return f"blocks {self.start}:{self.end} of {self.connection.prefix!r} (remote)"

@@ -19,7 +19,7 @@ from hivemind.proto import runtime_pb2
 from server.backend import Adaptation, InferenceState, SpanBackend
 from server.cache_budget import ActivationBudget, CacheBudget
 from server.lora_cache import LoraCache
-from swarm import lora
+from swarm import compression, lora
 from swarm.config import SERVER
 from swarm.protocol import (
     BadRequest,
@@ -116,6 +116,8 @@ class BlockHandler:
         gradient's dtype: the input, each LoRA tensor, the deep prompts.
         """
         self.backend.check_span(meta.start, meta.end)
+        check_codec(meta.reply_codec)
+        check_codec(meta.grad_reply_codec)
         tensors = [unpack_tensor(t, f"tensor {i}") for i, t in enumerate(protos)]
         tensors, lora_tensors = self._lora_tensors(meta, tensors, peer)
         needed = 2 + (kind == "backward") + meta.deep_prompts
@@ -133,14 +135,15 @@ class BlockHandler:
         reference = [tensors[0], *lora_tensors] + ([raw_prompts] if raw_prompts is not None else [])
         return inputs, grad_output, adapt, reference
 
-    async def _span_call(self, kind: str, metadata: bytes, protos, peer: str) -> list[torch.Tensor]:
+    async def _span_call(self, kind: str, metadata: bytes, protos, peer: str) -> list[runtime_pb2.Tensor]:
         """Forward: [output]. Backward: [grad w.r.t. input, each LoRA tensor in request order, deep prompts if sent]."""
         meta = SpanRequest.decode(metadata)
         inputs, grad_output, adapt, reference = self._prepare(kind, meta, protos, peer)
         if kind == "forward":
-            return [(await self._compute(self.backend.forward, inputs, meta.start, meta.end, adapt)).to(reference[0].dtype)]
+            output = await self._compute(self.backend.forward, inputs, meta.start, meta.end, adapt)
+            return _pack_reply([output.to(reference[0].dtype)], meta.reply_codec)
         grads = await self._compute(self.backend.backward, inputs, grad_output, meta.start, meta.end, adapt)
-        return _as_references(grads, reference)
+        return _pack_reply(_as_references(grads, reference), meta.reply_codec)
 
     def _lora_tensors(self, meta: SpanRequest, tensors: list[torch.Tensor], peer: str):
         """Split the request's tensors into inputs and LoRA tensors, or find the LoRA tensors it names by digest."""
@@ -168,7 +171,7 @@ class BlockHandler:
 
     async def _unary(self, kind: str, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
         outputs = await self._guard(kind, self._span_call(kind, request.metadata, request.tensors, str(context.remote_id)))
-        response = runtime_pb2.ExpertResponse(tensors=[pack_tensor(t) for t in outputs], metadata=SpanReply().encode())
+        response = runtime_pb2.ExpertResponse(tensors=outputs, metadata=SpanReply().encode())
         self._count(kind, request.tensors, response.tensors)
         return response
 
@@ -192,7 +195,7 @@ class BlockHandler:
             return protos, await self._span_call(kind, first.metadata, protos, str(context.remote_id))
 
         protos, outputs = await self._guard(kind, call())
-        messages = split_message(SpanReply(), [pack_tensor(t) for t in outputs], runtime_pb2.ExpertResponse)
+        messages = split_message(SpanReply(), outputs, runtime_pb2.ExpertResponse)
         self._count(kind, protos, [chunk for message in messages for chunk in message.tensors])
         for message in messages:
             yield message
@@ -230,8 +233,8 @@ class BlockHandler:
         kept = None
         try:
             kept = await self._guard("train", self._compute(self.backend.forward_for_backward, inputs, meta.start, meta.end, adapt))
-            response = runtime_pb2.ExpertResponse(tensors=[pack_tensor(kept.output.detach().to(reference[0].dtype))],
-                                                  metadata=SpanReply().encode())
+            response = runtime_pb2.ExpertResponse(
+                tensors=_pack_reply([kept.output.detach().to(reference[0].dtype)], meta.reply_codec), metadata=SpanReply().encode())
             self._count("train_forward", first.tensors, response.tensors)
             yield response
             try:
@@ -250,7 +253,7 @@ class BlockHandler:
                 return _as_references(await self._compute(self.backend.backward_kept, kept, grad_output), reference)
 
             grads = await self._guard("train", backward())
-            response = runtime_pb2.ExpertResponse(tensors=[pack_tensor(g) for g in grads], metadata=SpanReply().encode())
+            response = runtime_pb2.ExpertResponse(tensors=_pack_reply(grads, meta.grad_reply_codec), metadata=SpanReply().encode())
             self._count("train_backward", message.tensors, response.tensors)
             yield response
         finally:
@@ -266,6 +269,7 @@ class BlockHandler:
         try:
             meta = InferenceOpen.decode(first.metadata)
             self.backend.check_span(meta.start, meta.end)
+            check_codec(meta.reply_codec)
             if meta.batch_size > self.backend.limits.max_batch_size:
                 raise BadRequest(f"batch size {meta.batch_size} exceeds this server's limit of {self.backend.limits.max_batch_size}")
             if meta.max_length > self.backend.max_position:
@@ -298,7 +302,7 @@ class BlockHandler:
                     break
                 output = await self._guard("inference", self._inference_step(state, request))
                 response = runtime_pb2.ExpertResponse(
-                    tensors=[pack_tensor(output)],
+                    tensors=_pack_reply([output], meta.reply_codec),
                     metadata=InferenceReply(position=state.position, cache_tokens_left=self.budget.free).encode(),
                 )
                 self._count("inference", request.tensors, response.tensors)
@@ -321,3 +325,14 @@ class BlockHandler:
 def _as_references(grads, reference: list[torch.Tensor]) -> list[torch.Tensor]:
     """Gradients in the dtypes of the tensors they belong to (zeros where autograd found no path)."""
     return [(g if g is not None else torch.zeros_like(r)).to(r.dtype) for g, r in zip(grads, reference, strict=True)]
+
+
+def check_codec(codec: str) -> None:
+    """A codec the client asked for must be one this server knows (see swarm.compression)."""
+    if codec and codec != "none" and codec not in compression.available():
+        raise BadRequest(f"unknown codec {codec!r:.70}; this server supports {['none', *compression.available()]}")
+
+
+def _pack_reply(tensors: list[torch.Tensor], codec: str) -> list[runtime_pb2.Tensor]:
+    """The reply's tensors on the wire: the first (hidden states or their gradient) with `codec`, the rest as is."""
+    return [pack_tensor(t, codec if i == 0 else None) for i, t in enumerate(tensors)]

@@ -17,7 +17,7 @@ from server.backend import Limits, SpanBackend
 from server.block_selection import choose_span
 from server.cache_budget import CacheBudget
 from server.handler import BlockHandler
-from swarm import __version__
+from swarm import __version__, compression
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
 from swarm.config import SERVER
 from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_servers
@@ -130,6 +130,7 @@ class Server:
             forward_tokens_per_s=round(self.forward_tps, 1),
             cache_tokens_left=self.budget.free,
             adapters=tuple(sorted(self.options.adapters)),
+            codecs=("none", *compression.available()),
         )
 
     def info(self) -> dict:

@@ -55,6 +55,10 @@ class ClientDefaults:
     connect_timeout: float = 20.0  # seconds to open a session on one server
     max_length: int = 2048  # inference session length when the caller gives none
     max_chunk_tokens: int = 8192  # tokens per forward/backward request; larger batches are split (servers' default limit)
+    # Codecs for hidden states on the wire, by role (see swarm.compression); "none" sends float32 as it is.
+    inference_codec: str = "none"  # hidden states of inference steps, both ways
+    activation_codec: str = "none"  # training forward: the span's input and output
+    gradient_codec: str = "none"  # training backward: the output gradient and the input gradient
     keep_activations: bool = True  # training: one request per span for forward + backward (no recompute)
     hop_overhead_ms: float = 2.0  # routing cost of one extra hop before pings are measured
     default_ms_per_block: float = 10.0  # routing cost of a block when a server reports no throughput

@@ -19,6 +19,8 @@ from hivemind.p2p import ServicerBase
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from swarm.compression import wire
+from swarm.compression.base import CodecError
 from swarm.config import PROTOCOL_VERSION, STREAM_CHUNK_BYTES
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -120,6 +122,9 @@ class SpanRequest(_Meta):
     dropout_seed: int = Field(default=0, ge=0, lt=1 << 63)
     # Deep prompt tuning: a tensor [blocks, batch or 1, P, hidden] follows the inputs (before a backward's gradient).
     deep_prompts: bool = False
+    # Codec for the hidden-state tensor of the reply (the output, or the gradient w.r.t. the input); "" = none.
+    reply_codec: str = Field(default="", max_length=64)
+    grad_reply_codec: str = Field(default="", max_length=64)  # rpc_train only: codec of the backward's input gradient
 
 
 class InferenceOpen(_Meta):
@@ -134,6 +139,7 @@ class InferenceOpen(_Meta):
     lora_scaling: float = 1.0
     adapter: str = Field(default="", max_length=256)
     deep_prompts: bool = False  # the opening message then carries them first, before the LoRA tensors
+    reply_codec: str = Field(default="", max_length=64)  # codec for each step's output hidden states; "" = none
 
 
 class InferenceStep(_Meta):
@@ -174,8 +180,15 @@ _DTYPE_NAMES = {v: k for k, v in ALLOWED_DTYPES.items()}
 MAX_TENSOR_ELEMENTS = 1 << 30
 
 
-def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+def pack_tensor(tensor: torch.Tensor, codec: str | None = None) -> runtime_pb2.Tensor:
+    """A tensor as raw bytes, or encoded with `codec` (see swarm.compression; None or "none" sends it as is)."""
     tensor = tensor.detach().cpu().contiguous()
+    if codec and codec != "none":
+        try:
+            dtype, buffer = wire.encode_slot(tensor, codec)
+        except CodecError as exc:
+            raise ValueError(f"cannot encode with codec {codec!r}: {exc}") from None
+        return runtime_pb2.Tensor(buffer=buffer, size=list(tensor.shape), dtype=dtype, requires_grad=False)
     name = _DTYPE_NAMES.get(tensor.dtype)
     if name is None:
         raise TypeError(f"cannot send a tensor of dtype {tensor.dtype}")
@@ -184,6 +197,13 @@ def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
 
 
 def unpack_tensor(proto: runtime_pb2.Tensor, what: str = "tensor") -> torch.Tensor:
+    if wire.is_payload_dtype(proto.dtype):  # compressed: the codec checks the payload before decoding it
+        if proto.compression != runtime_pb2.CompressionType.NONE:
+            raise BadRequest(f"{what}: unsupported compression {proto.compression}")
+        try:
+            return wire.decode_slot(proto.dtype, proto.buffer, list(proto.size))
+        except CodecError as exc:
+            raise BadRequest(f"{what}: {exc}") from None
     dtype = ALLOWED_DTYPES.get(proto.dtype)
     if dtype is None:
         raise BadRequest(f"{what}: dtype {proto.dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
