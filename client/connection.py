@@ -24,6 +24,7 @@ from swarm.protocol import (
     InferenceStep,
     RemoteError,
     SpanRequest,
+    Traffic,
     TrainGrad,
     join_message,
     pack_tensor,
@@ -48,6 +49,7 @@ class SwarmConnection:
         self.p2p = aio.run(self.dht.replicate_p2p())
         self._servers: list[ServerInfo] = []
         self._servers_time = 0.0
+        self.traffic = Traffic()  # every tensor this client sent and received, raw and on the wire
         # (server, digest) of LoRA tensors a server has accepted from us: later requests name them by digest.
         self._lora_uploads: OrderedDict[tuple[str, str], None] = OrderedDict()
 
@@ -110,6 +112,7 @@ class SwarmConnection:
                 method = stub.rpc_forward if kind == "forward" else stub.rpc_backward
                 request = runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed)
                 response = await method(request, timeout=self.request_timeout)
+                self.traffic.add(packed, response.tensors)
                 return [unpack_tensor(t, "server output") for t in response.tensors]
             method = stub.rpc_forward_stream if kind == "forward" else stub.rpc_backward_stream
             messages = split_message(meta, packed)
@@ -122,7 +125,9 @@ class SwarmConnection:
                 replies = [reply async for reply in await method(requests())]
                 if not replies:
                     raise RemoteError("transport", "server closed the stream without replying")
-                return [unpack_tensor(t, "server output") for t in join_message(replies[0], replies[1:])]
+                received = join_message(replies[0], replies[1:])
+                self.traffic.add(packed, received)
+                return [unpack_tensor(t, "server output") for t in received]
 
             return await asyncio.wait_for(call(), timeout=self.request_timeout)
         except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
@@ -163,6 +168,7 @@ class SpanStream:
                  lora_names: Sequence[str] = (), lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0,
                  adapter: str = "", prompts: torch.Tensor | None = None, codec: str = "none"):
         self.connection, self.step, self.adapter, self.prompts, self.codec = connection, step, adapter, prompts, codec
+        self.traffic = Traffic()  # this stream's steps, raw and on the wire
         self.lora_names, self.lora_tensors, self.lora_scaling = list(lora_names), list(lora_tensors), lora_scaling
         self.batch_size, self.max_length = batch_size, max_length
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -196,6 +202,8 @@ class SpanStream:
                                             tensors=_pack(tensors, [self.codec]))
         self._queue.put_nowait(message)
         reply = await self._next_reply()
+        for traffic in (self.connection.traffic, self.traffic):
+            traffic.add(message.tensors, reply.tensors)
         self.position = InferenceReply.decode(reply.metadata).position
         self.step_id += 1
         return unpack_tensor(reply.tensors[0], "server output")
@@ -230,7 +238,8 @@ class TrainStream:
         self.grad_codec = fields.pop("grad_codec", None)
         codecs = fields.pop("codecs", ())
         meta = SpanRequest(start=self.step.start, end=self.step.end, lora=list(lora_names), lora_scaling=lora_scaling, **fields)
-        self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=_pack(tensors, codecs)))
+        packed = _pack(tensors, codecs)
+        self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed))
         try:
             self._replies = await asyncio.wait_for(self.connection.stub(self.step.peer_id).rpc_train(requests()),
                                                    CLIENT.connect_timeout)
@@ -238,6 +247,7 @@ class TrainStream:
         except BaseException:
             self.abandon()
             raise
+        self.connection.traffic.add(packed, reply.tensors)
         return unpack_tensor(reply.tensors[0], "server output")
 
     async def backward(self, grad_output: torch.Tensor) -> list[torch.Tensor]:
@@ -247,6 +257,7 @@ class TrainStream:
             reply = await self._next_reply()
         finally:
             self.abandon()
+        self.connection.traffic.add(message.tensors, reply.tensors)
         return [unpack_tensor(t, "server gradient") for t in reply.tensors]
 
     def abandon(self) -> None:

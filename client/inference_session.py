@@ -8,6 +8,7 @@ import torch
 
 from client import aio
 from client.connection import SpanStream, SwarmConnection
+from swarm.protocol import Traffic
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,15 @@ class InferenceSession:
         self.batch_size = batch
         self.position += length
         return output.to(hidden.dtype)
+
+    @property
+    def traffic(self) -> Traffic:
+        """Bytes of hidden states this session sent and received over all its hops, raw and on the wire."""
+        total = Traffic()
+        for stream in self.streams:
+            for name in ("sent_raw", "sent_wire", "received_raw", "received_wire"):
+                setattr(total, name, getattr(total, name) + getattr(stream.traffic, name))
+        return total
 
     def close(self) -> None:
         if self.closed:

@@ -33,6 +33,8 @@ from swarm.protocol import (
     TrainGrad,
     join_message,
     pack_tensor,
+    payload_bytes,
+    raw_bytes,
     split_message,
     unpack_tensor,
 )
@@ -45,8 +47,10 @@ class TrafficStats:
     requests: int = 0
     errors: int = 0
     sessions_open: int = 0
-    bytes_in: int = 0
+    bytes_in: int = 0  # on the wire
     bytes_out: int = 0
+    raw_in: int = 0  # the same tensors uncompressed
+    raw_out: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
     compute_s: dict[str, float] = field(default_factory=dict)  # seconds on the compute thread, by request kind
 
@@ -85,8 +89,10 @@ class BlockHandler:
     def _count(self, kind: str, request_tensors, response_tensors=()) -> None:
         self.stats.requests += 1
         self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
-        self.stats.bytes_in += sum(len(t.buffer) for t in request_tensors)
-        self.stats.bytes_out += sum(len(t.buffer) for t in response_tensors)
+        self.stats.bytes_in += payload_bytes(request_tensors)
+        self.stats.bytes_out += payload_bytes(response_tensors)
+        self.stats.raw_in += raw_bytes(request_tensors)
+        self.stats.raw_out += raw_bytes(response_tensors)
 
     async def _guard(self, kind: str, coro):
         """Turn unexpected failures into a clear remote error; expected ones pass through as they are."""

@@ -119,6 +119,7 @@ class Server:
         return choose_span(self.num_model_blocks, min(o.num_blocks, self.num_model_blocks), spans)
 
     def _record(self, state: ServerState) -> ServerRecord:
+        stats = self.handler.stats if getattr(self, "handler", None) is not None else None
         return ServerRecord(
             state=state,
             start=self.start,
@@ -131,6 +132,8 @@ class Server:
             cache_tokens_left=self.budget.free,
             adapters=tuple(sorted(self.options.adapters)),
             codecs=("none", *compression.available()),
+            bytes_raw=stats.raw_in + stats.raw_out if stats else 0,
+            bytes_wire=stats.bytes_in + stats.bytes_out if stats else 0,
         )
 
     def info(self) -> dict:
@@ -143,6 +146,8 @@ class Server:
             "requests": self.handler.stats.requests,
             "bytes_in": self.handler.stats.bytes_in,
             "bytes_out": self.handler.stats.bytes_out,
+            "raw_in": self.handler.stats.raw_in,
+            "raw_out": self.handler.stats.raw_out,
             "train_activation_bytes": self.handler.activations.used,
             "compute_s": {kind: round(seconds, 3) for kind, seconds in self.handler.stats.compute_s.items()},
             "lora_cache": {"entries": len(self.handler.lora_cache), "bytes": self.handler.lora_cache.nbytes,
@@ -215,6 +220,9 @@ class Server:
                 await asyncio.wait_for(self._stop_event.wait(), timeout=self.options.update_period)
             except asyncio.TimeoutError:
                 await asyncio.to_thread(self._announce, ServerState.ONLINE)
+                stats = self.handler.stats
+                logger.info("traffic so far: %d requests, %.1f MB in / %.1f MB out on the wire (%.1f / %.1f MB raw)",
+                            stats.requests, stats.bytes_in / 1e6, stats.bytes_out / 1e6, stats.raw_in / 1e6, stats.raw_out / 1e6)
         logger.info("leaving: announcing offline and draining %d open session(s)", self.handler.stats.sessions_open)
         # The DHT keeps the entry that expires last, so the offline record must outlive the online one.
         await asyncio.to_thread(self._announce, ServerState.OFFLINE, None, 3.0)

@@ -44,6 +44,8 @@ class ServerRecord:
     cache_tokens_left: int = 0
     codecs: tuple[str, ...] = ("none",)
     adapters: tuple[str, ...] = ()
+    bytes_raw: int = 0  # tensors this server received and sent since it started, uncompressed
+    bytes_wire: int = 0  # the same on the wire
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -10,6 +10,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 # hivemind recognises streaming RPCs by typing.AsyncIterator hints (not collections.abc's), keep this import.
 from typing import AsyncIterator  # noqa: UP035
@@ -225,6 +226,35 @@ def unpack_tensor(proto: runtime_pb2.Tensor, what: str = "tensor") -> torch.Tens
 
 def payload_bytes(tensors: Iterable[runtime_pb2.Tensor]) -> int:
     return sum(len(t.buffer) for t in tensors)
+
+
+def raw_bytes(tensors: Iterable[runtime_pb2.Tensor]) -> int:
+    """What packed tensors would take uncompressed (payload_bytes is what they take on the wire)."""
+    return sum(wire.original_nbytes(t.buffer, list(t.size)) if wire.is_payload_dtype(t.dtype) else len(t.buffer)
+               for t in tensors)
+
+
+@dataclass
+class Traffic:
+    """Bytes of tensors sent and received: raw (uncompressed) and on the wire."""
+
+    sent_raw: int = 0
+    sent_wire: int = 0
+    received_raw: int = 0
+    received_wire: int = 0
+
+    def add(self, sent: Iterable[runtime_pb2.Tensor] = (), received: Iterable[runtime_pb2.Tensor] = ()) -> None:
+        sent, received = list(sent), list(received)
+        self.sent_raw += raw_bytes(sent)
+        self.sent_wire += payload_bytes(sent)
+        self.received_raw += raw_bytes(received)
+        self.received_wire += payload_bytes(received)
+
+    @property
+    def ratio(self) -> float:
+        """Raw bytes over wire bytes, both directions (1.0 before any traffic)."""
+        wire_total = self.sent_wire + self.received_wire
+        return (self.sent_raw + self.received_raw) / wire_total if wire_total else 1.0
 
 
 # ---------------------------------------------------------------------------------------------- streaming

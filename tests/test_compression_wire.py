@@ -101,3 +101,32 @@ def test_set_codecs_names_the_choices(dist_model):
         assert dist_model.remote_layers.codecs == {"inference": "bfloat16", "activations": "none", "gradients": "none"}
     finally:
         dist_model.set_codecs(inference="none")
+
+
+def test_traffic_is_counted_raw_and_on_the_wire(dist_model):
+    from dataclasses import replace
+
+    connection = dist_model.remote_layers.connection
+    input_ids = torch.randint(3, 320, (2, 32), generator=torch.Generator().manual_seed(3))
+    dist_model.set_codecs(activations="bfloat16", inference="int8_outlier")
+    try:
+        before = replace(connection.traffic)
+        with torch.no_grad():
+            dist_model(input_ids)
+        sent_raw = connection.traffic.sent_raw - before.sent_raw
+        sent_wire = connection.traffic.sent_wire - before.sent_wire
+        received_raw = connection.traffic.received_raw - before.received_raw
+        received_wire = connection.traffic.received_wire - before.received_wire
+        hidden = 3 * 2 * 32 * 64 * 4  # float32 hidden states, 3 hops
+        assert received_raw == hidden and hidden // 2 < received_wire < hidden // 2 + 3 * 256  # bf16 + a small header per reply
+        assert sent_raw == hidden + 3 * 2 * 32 * 8  # plus int64 position ids, sent as they are
+        assert sent_wire < sent_raw * 0.6
+
+        with dist_model.inference_session(max_length=40) as session, torch.no_grad():
+            dist_model.generate(input_ids[:1, :8], max_new_tokens=4, do_sample=False)
+            traffic = session.traffic
+        # One token of 64 channels per decode step: the payload header is a large part of it on this tiny model.
+        assert traffic.sent_raw > 0 and traffic.received_wire < traffic.received_raw
+    finally:
+        dist_model.set_codecs(activations="none", inference="none")
+

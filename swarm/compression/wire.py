@@ -83,3 +83,14 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
         if not ok:
             raise CodecError(f"payload tensor spec {str(spec)[:80]} is not [dtype in {sorted(PAYLOAD_DTYPES)}, shape]")
     return header
+
+
+def original_nbytes(buffer: bytes, shape: list[int]) -> int:
+    """Bytes the tensor in a (valid) payload slot takes uncompressed; float32 if its header cannot be read."""
+    itemsize = 4
+    try:
+        header = json.loads(buffer[4 : 4 + int.from_bytes(buffer[:4], "little")])
+        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(header["meta"]["dtype"], 4)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        pass
+    return math.prod(shape) * itemsize
