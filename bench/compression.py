@@ -21,7 +21,7 @@ run. Per codec:
 Run: python bench/compression.py [--codecs none,int8_outlier] [--positions 2000] [--prompts 20] [--new-tokens 32]
 """
 
-# ruff: noqa: E402  (OMP_WAIT_POLICY must be set before torch is imported)
+# ruff: noqa: E402  (the OpenMP waiting settings must be set before torch is imported)
 from __future__ import annotations
 
 import argparse
