@@ -6,7 +6,8 @@ run. Per codec:
 
 - wire B/tok/hop: bytes the servers received (in) and sent (out) per token per hop during the perplexity pass,
   from the deltas of each server's `rpc_info` bytes_in/bytes_out. "in" also carries the position ids of each
-  request; "out" is the hidden states alone. x f32: (in + out) relative to the "none" row.
+  request; "out" is the hidden states alone. x f32: (in + out) relative to the "none" row. gen x f32: the same for
+  all the bytes the servers moved during the greedy generations (prefill and every decode step).
 - top-1 agree: share of the N teacher-forced positions (forward passes without a session, so the "activations"
   codec, both ways on every hop) whose argmax next token equals the reference's. Text: bench/heldout_en.txt (the
   GPL-3 and Apache-2.0 texts as Debian ships them), in windows of --window tokens.
@@ -181,6 +182,7 @@ def main() -> None:
                                                    capture if ref is None else None)
                         after = server_bytes(connection, route)
                         outputs = greedy(model, prompts, args.new_tokens)
+                        generated = sum(server_bytes(connection, route)) - sum(after)
                 except Exception as exc:  # report the codec as failed and go on with the others
                     failures[codec] = f"{type(exc).__name__}: {exc}"
                     print(f"  FAILED: {failures[codec]}")
@@ -192,10 +194,10 @@ def main() -> None:
                 wire_in, wire_out = ((a - b) / (tokens * hops) for a, b in zip(after, before, strict=True))
                 ppl = nll.mean().exp().item()
                 if ref is None:
-                    ref = {"top": top, "ppl": ppl, "outputs": outputs, "wire": wire_in + wire_out}
+                    ref = {"top": top, "ppl": ppl, "outputs": outputs, "wire": wire_in + wire_out, "generated": generated}
                     print(f"  reference perplexity {ppl:.3f}")
                 enc, dec = codec_ms_per_mb(codec, capture[0], args.repeats)
-                rows.append((codec, wire_in, wire_out, (wire_in + wire_out) / ref["wire"],
+                rows.append((codec, wire_in, wire_out, (wire_in + wire_out) / ref["wire"], generated / ref["generated"],
                              (top == ref["top"]).float().mean().item(), 100 * (ppl / ref["ppl"] - 1),
                              sum(torch.equal(a, b) for a, b in zip(outputs, ref["outputs"], strict=True)),
                              enc, dec, wall))
@@ -204,12 +206,13 @@ def main() -> None:
 
     print(f"\nhidden state for codec timings: {list(capture[0].shape)}, max |x| {capture[0].abs().max().item():.1f}; "
           f"wire bytes over {hops} hops, {windows.numel()} tokens per codec in the perplexity pass")
-    header = (f"{'codec':14}{'in B/tok/hop':>13}{'out B/tok/hop':>14}{'x f32':>7}{'top-1 agree':>12}{'ppl delta':>11}"
+    header = (f"{'codec':14}{'in B/tok/hop':>13}{'out B/tok/hop':>14}{'x f32':>7}{'gen x f32':>10}{'top-1 agree':>12}"
+              f"{'ppl delta':>11}"
               f"{'greedy same':>12}{'enc ms/MB':>10}{'dec ms/MB':>10}{'wall s':>8}")
     print(header)
     print("-" * len(header))
-    for codec, wire_in, wire_out, ratio, agree, delta, same, enc, dec, wall in rows:
-        print(f"{codec:14}{wire_in:13.1f}{wire_out:14.1f}{ratio:7.3f}{100 * agree:11.2f}%{delta:+10.3f}%"
+    for codec, wire_in, wire_out, ratio, gen_ratio, agree, delta, same, enc, dec, wall in rows:
+        print(f"{codec:14}{wire_in:13.1f}{wire_out:14.1f}{ratio:7.3f}{gen_ratio:10.3f}{100 * agree:11.2f}%{delta:+10.3f}%"
               f"{f'{same}/{len(prompts)}':>12}{enc:10.2f}{dec:10.2f}{wall:8.1f}")
     for codec, error in failures.items():
         print(f"{codec:14}FAILED: {error}")
