@@ -138,7 +138,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--text", type=Path, default=HERE / "heldout_en.txt", help="English text for perplexity")
     args = parser.parse_args()
     codecs = [c for c in args.codecs.split(",") if c]
-    unknown = set(codecs) - {"none", *compression.available()}
+    unknown = set(codecs) - set(compression.available())
     if unknown:
         parser.error(f"unknown codecs {sorted(unknown)}; choose from {compression.available()}")
     args.codecs = ["none"] + [c for c in dict.fromkeys(codecs) if c != "none"]

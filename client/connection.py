@@ -73,25 +73,37 @@ class SwarmConnection:
 
     # ------------------------------------------------------------------------------------ stateless calls
 
-    async def lora_span_call(self, kind: str, step: RouteStep, tensors: Sequence[torch.Tensor], lora_names: Sequence[str],
-                             lora_tensors: Sequence[torch.Tensor], lora_scaling: float, digest: str,
-                             **fields) -> list[torch.Tensor]:
-        """span_call with a client's LoRA tensors, which are sent only when the server does not hold them yet."""
+    async def _upload_once(self, step: RouteStep, digest: str, has_lora: bool, send):
+        """`await send(by_digest)`, naming the LoRA tensors by digest when this server accepted them before.
+
+        If the server no longer holds them (`lora_not_cached`), they are sent again; an accepted upload is
+        remembered (the last 1024).
+        """
         key = (str(step.peer_id), digest)
-        if key in self._lora_uploads:
+        if has_lora and key in self._lora_uploads:
             try:
-                return await self.span_call(kind, step, tensors, lora_names, lora_scaling, lora_digest=digest,
-                                            lora_by_digest=True, **fields)
+                return await send(True)
             except RemoteError as exc:
                 if exc.code != "lora_not_cached":
                     raise
                 self._lora_uploads.pop(key, None)  # expired or evicted there: upload again
-        result = await self.span_call(kind, step, [*tensors, *lora_tensors], lora_names, lora_scaling, lora_digest=digest,
-                                      **fields)
-        self._lora_uploads[key] = None
-        while len(self._lora_uploads) > 1024:
-            self._lora_uploads.popitem(last=False)
+        result = await send(False)
+        if has_lora:
+            self._lora_uploads[key] = None
+            while len(self._lora_uploads) > 1024:
+                self._lora_uploads.popitem(last=False)
         return result
+
+    async def lora_span_call(self, kind: str, step: RouteStep, tensors: Sequence[torch.Tensor], lora_names: Sequence[str],
+                             lora_tensors: Sequence[torch.Tensor], lora_scaling: float, digest: str,
+                             codecs: Sequence[str | None] = (), **fields) -> list[torch.Tensor]:
+        """span_call with a client's LoRA tensors, which are sent only when the server does not hold them yet."""
+        async def send(by_digest: bool):
+            sent = list(tensors) if by_digest else [*tensors, *lora_tensors]
+            return await self.span_call(kind, step, sent, lora_names, lora_scaling, codecs, lora_digest=digest,
+                                        lora_by_digest=by_digest, **fields)
+
+        return await self._upload_once(step, digest, True, send)
 
     async def span_call(self, kind: str, step: RouteStep, tensors: Sequence[torch.Tensor],
                         lora_names: Sequence[str] = (), lora_scaling: float = 1.0, codecs: Sequence[str | None] = (),
@@ -103,7 +115,6 @@ class SwarmConnection:
         Returns the server's tensors: [output] for a forward; for a backward, the gradients w.r.t. the input,
         each LoRA tensor and the deep prompts.
         """
-        fields.pop("grad_codec", None)  # training streams only
         meta = SpanRequest(start=step.start, end=step.end, lora=list(lora_names), lora_scaling=lora_scaling, **fields)
         stub = self.stub(step.peer_id)
         try:
@@ -135,23 +146,16 @@ class SwarmConnection:
 
     async def train_forward(self, step: RouteStep, tensors: Sequence[torch.Tensor], lora_names: Sequence[str] = (),
                             lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0, digest: str = "",
+                            codecs: Sequence[str | None] = (), grad_codec: str | None = None,
                             **fields) -> tuple[TrainStream, torch.Tensor]:
         """Open a training stream (see TrainStream) and run its forward; LoRA tensors go by digest when uploaded."""
-        key = (str(step.peer_id), digest)
-        if lora_names and key in self._lora_uploads:
-            stream = TrainStream(self, step)
-            try:
-                return stream, await stream.forward(tensors, lora_names, lora_scaling, lora_digest=digest, lora_by_digest=True,
-                                                    **fields)
-            except RemoteError as exc:
-                if exc.code != "lora_not_cached":
-                    raise
-                self._lora_uploads.pop(key, None)
-        stream = TrainStream(self, step)
-        output = await stream.forward([*tensors, *lora_tensors], lora_names, lora_scaling, lora_digest=digest, **fields)
-        if lora_names:
-            self._lora_uploads[key] = None
-        return stream, output
+        async def send(by_digest: bool):
+            stream = TrainStream(self, step, grad_codec)
+            sent = list(tensors) if by_digest else [*tensors, *lora_tensors]
+            return stream, await stream.forward(sent, lora_names, lora_scaling, codecs, lora_digest=digest,
+                                                lora_by_digest=by_digest, **fields)
+
+        return await self._upload_once(step, digest, bool(lora_names), send)
 
     def shutdown(self) -> None:
         try:
@@ -202,8 +206,9 @@ class SpanStream:
                                             tensors=_pack(tensors, [self.codec]))
         self._queue.put_nowait(message)
         reply = await self._next_reply()
-        for traffic in (self.connection.traffic, self.traffic):
-            traffic.add(message.tensors, reply.tensors)
+        step_traffic = Traffic.of(message.tensors, reply.tensors)
+        self.connection.traffic += step_traffic
+        self.traffic += step_traffic
         self.position = InferenceReply.decode(reply.metadata).position
         self.step_id += 1
         return unpack_tensor(reply.tensors[0], "server output")
@@ -223,20 +228,18 @@ class TrainStream:
     The server keeps the activations only while this request is open; `abandon()` ends it without a backward.
     """
 
-    def __init__(self, connection: SwarmConnection, step: RouteStep):
+    def __init__(self, connection: SwarmConnection, step: RouteStep, grad_codec: str | None = None):
         self.connection, self.step = connection, step
+        self.grad_codec = grad_codec  # codec of the gradient message
         self._queue: asyncio.Queue = asyncio.Queue()
         self._replies = None
-        self.grad_codec: str | None = None  # codec of the gradient message
 
     async def forward(self, tensors: Sequence[torch.Tensor], lora_names: Sequence[str], lora_scaling: float,
-                      **fields) -> torch.Tensor:
+                      codecs: Sequence[str | None] = (), **fields) -> torch.Tensor:
         async def requests():
             while (message := await self._queue.get()) is not None:
                 yield message
 
-        self.grad_codec = fields.pop("grad_codec", None)
-        codecs = fields.pop("codecs", ())
         meta = SpanRequest(start=self.step.start, end=self.step.end, lora=list(lora_names), lora_scaling=lora_scaling, **fields)
         packed = _pack(tensors, codecs)
         self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed))

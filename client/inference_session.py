@@ -94,8 +94,7 @@ class InferenceSession:
         """Bytes of hidden states this session sent and received over all its hops, raw and on the wire."""
         total = Traffic()
         for stream in self.streams:
-            for name in ("sent_raw", "sent_wire", "received_raw", "received_wire"):
-                setattr(total, name, getattr(total, name) + getattr(stream.traffic, name))
+            total += stream.traffic
         return total
 
     def close(self) -> None:

@@ -179,8 +179,8 @@ class DistributedCausalLMMixin:
 
         for role, codec in (("inference", inference), ("activations", activations), ("gradients", gradients)):
             if codec is not None:
-                if codec != "none" and codec not in compression.available():
-                    raise ValueError(f"unknown codec {codec!r} for {role}; choose from {['none', *compression.available()]}")
+                if codec not in compression.available():
+                    raise ValueError(f"unknown codec {codec!r} for {role}; choose from {compression.available()}")
                 self.remote_layers.codecs[role] = codec
 
     def _freeze_local_weights(self) -> None:

@@ -190,48 +190,45 @@ class RemoteSequential(nn.Module):
         return int(torch.randint(0, 1 << 62, ()))
 
     def _request(self, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor | None, seed: int):
-        """(tensors, SpanRequest fields, (LoRA names, tensors) or None) of one request for a route step."""
-        tensors = [t.detach() for t in inputs]
+        """(tensors, their codecs, SpanRequest fields, (LoRA names, tensors) or None) of one request for a route step."""
         activations, gradients = self.codecs["activations"], self.codecs["gradients"]
+        tensors = [t.detach() for t in inputs]
         codecs = [activations] + [None] * (len(tensors) - 1)  # positions, mask and prompts travel as they are
-        fields: dict = {"codecs": codecs, "reply_codec": activations if grad is None else gradients}
-        if grad is None:
-            fields["grad_codec"] = fields["grad_reply_codec"] = gradients  # for a training stream's backward
+        # grad_reply_codec is for a training stream's backward reply (a plain forward ignores it).
+        fields: dict = {"reply_codec": activations if grad is None else gradients, "grad_reply_codec": gradients}
         deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start) if self.prompts is not None else None
         if deep is not None:
             tensors.append(deep)
-            fields["deep_prompts"] = True
-        if deep is not None:
             codecs.append(None)
+            fields["deep_prompts"] = True
         if grad is not None:
             tensors.append(grad.detach())
             codecs.append(gradients)
         if self.lora is None:
             fields["adapter"] = self.adapter or ""
-            return tensors, fields, None
+            return tensors, codecs, fields, None
         if seed and self.lora.dropout:
             fields.update(lora_dropout=self.lora.dropout, dropout_seed=seed)
         names, params = self.lora.for_blocks(step.start, step.end)
-        return tensors, fields, (names, [p.detach() for p in params])
+        return tensors, codecs, fields, (names, [p.detach() for p in params])
 
     async def acall(self, kind: str, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor | None = None,
                     seed: int = 0, digest: str | None = None) -> list[torch.Tensor]:
         """One forward or backward request for a route step, with this chain's adapter and deep prompts (if any)."""
-        tensors, fields, lora = self._request(step, inputs, grad, seed)
+        tensors, codecs, fields, lora = self._request(step, inputs, grad, seed)
         if lora is None:
-            return await self.connection.span_call(kind, step, tensors, **fields)
+            return await self.connection.span_call(kind, step, tensors, codecs=codecs, **fields)
         digest = digest or self.lora.digest(step.start, step.end)
-        return await self.connection.lora_span_call(kind, step, tensors, *lora, self.lora.scaling, digest, **fields)
+        return await self.connection.lora_span_call(kind, step, tensors, *lora, self.lora.scaling, digest, codecs, **fields)
 
     async def atrain_forward(self, step: RouteStep, inputs: list[torch.Tensor], seed: int = 0, digest: str | None = None):
         """A forward that opens a training stream: returns (the stream, for the backward; the output)."""
-        tensors, fields, lora = self._request(step, inputs, None, seed)
+        tensors, codecs, fields, lora = self._request(step, inputs, None, seed)
+        grad_codec = self.codecs["gradients"]
         if lora is None:
-            stream, output = await self.connection.train_forward(step, tensors, **fields)
-        else:
-            digest = digest or self.lora.digest(step.start, step.end)
-            stream, output = await self.connection.train_forward(step, tensors, *lora, self.lora.scaling, digest, **fields)
-        return stream, output
+            return await self.connection.train_forward(step, tensors, codecs=codecs, grad_codec=grad_codec, **fields)
+        digest = digest or self.lora.digest(step.start, step.end)
+        return await self.connection.train_forward(step, tensors, *lora, self.lora.scaling, digest, codecs, grad_codec, **fields)
 
     def fits_one_message(self, hidden: torch.Tensor, step: RouteStep) -> bool:
         """Whether a training stream's messages stay under the unary limit (each is one message, not chunked).

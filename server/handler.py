@@ -6,6 +6,7 @@ One code path per operation; unary and streamed transports are thin wrappers aro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -94,10 +95,11 @@ class BlockHandler:
         self.stats.raw_in += raw_bytes(request_tensors)
         self.stats.raw_out += raw_bytes(response_tensors)
 
-    async def _guard(self, kind: str, coro):
-        """Turn unexpected failures into a clear remote error; expected ones pass through as they are."""
+    @contextlib.contextmanager
+    def _guarded(self, kind: str):
+        """Count and log failures; unexpected ones become a clear remote error, expected ones pass as they are."""
         try:
-            return await coro
+            yield
         except SwarmError as exc:
             self.stats.errors += 1
             logger.info("%s rejected: %s", kind, exc)
@@ -106,6 +108,10 @@ class BlockHandler:
             self.stats.errors += 1
             logger.exception("%s failed", kind)
             raise SwarmError(f"internal server error in {kind}: {type(exc).__name__}: {exc}") from None
+
+    async def _guard(self, kind: str, coro):
+        with self._guarded(kind):
+            return await coro
 
     # ------------------------------------------------------------------------------------ info
 
@@ -227,15 +233,11 @@ class BlockHandler:
         first = await anext(requests, None)
         if first is None:
             return
-        try:
+        with self._guarded("training stream"):
             meta = SpanRequest.decode(first.metadata)
             inputs, _, adapt, reference = self._prepare("forward", meta, first.tensors, str(context.remote_id))
             nbytes = self.backend.activation_bytes(*inputs.hidden.shape[:2], meta.start, meta.end)
             self.activations.acquire(nbytes)
-        except SwarmError as exc:
-            self.stats.errors += 1
-            logger.info("training stream refused: %s", exc)
-            raise
         kept = None
         try:
             kept = await self._guard("train", self._compute(self.backend.forward_for_backward, inputs, meta.start, meta.end, adapt))
@@ -272,7 +274,7 @@ class BlockHandler:
         first = await anext(requests, None)
         if first is None:
             return
-        try:
+        with self._guarded("inference session"):
             meta = InferenceOpen.decode(first.metadata)
             self.backend.check_span(meta.start, meta.end)
             check_codec(meta.reply_codec)
@@ -290,10 +292,6 @@ class BlockHandler:
                                                                  meta.lora_scaling)
             tokens = meta.batch_size * meta.max_length
             self.budget.acquire(tokens)
-        except SwarmError as exc:
-            self.stats.errors += 1
-            logger.info("inference session refused: %s", exc)
-            raise
         self.stats.sessions_open += 1
         try:
             state = InferenceState(self.backend, meta.start, meta.end, meta.batch_size, meta.max_length,
@@ -335,8 +333,8 @@ def _as_references(grads, reference: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def check_codec(codec: str) -> None:
     """A codec the client asked for must be one this server knows (see swarm.compression)."""
-    if codec and codec != "none" and codec not in compression.available():
-        raise BadRequest(f"unknown codec {codec!r:.70}; this server supports {['none', *compression.available()]}")
+    if codec and codec not in compression.available():
+        raise BadRequest(f"unknown codec {codec!r:.70}; this server supports {compression.available()}")
 
 
 def _pack_reply(tensors: list[torch.Tensor], codec: str) -> list[runtime_pb2.Tensor]:

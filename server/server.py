@@ -131,7 +131,7 @@ class Server:
             forward_tokens_per_s=round(self.forward_tps, 1),
             cache_tokens_left=self.budget.free,
             adapters=tuple(sorted(self.options.adapters)),
-            codecs=("none", *compression.available()),
+            codecs=tuple(compression.available()),
             bytes_raw=stats.raw_in + stats.raw_out if stats else 0,
             bytes_wire=stats.bytes_in + stats.bytes_out if stats else 0,
         )
@@ -149,7 +149,7 @@ class Server:
             "raw_in": self.handler.stats.raw_in,
             "raw_out": self.handler.stats.raw_out,
             "train_activation_bytes": self.handler.activations.used,
-            "compute_s": {kind: round(seconds, 3) for kind, seconds in self.handler.stats.compute_s.items()},
+            "compute_s": {kind: round(seconds, 6) for kind, seconds in self.handler.stats.compute_s.items()},
             "lora_cache": {"entries": len(self.handler.lora_cache), "bytes": self.handler.lora_cache.nbytes,
                            "hits": self.handler.lora_cache.hits, "misses": self.handler.lora_cache.misses},
         }

@@ -17,8 +17,6 @@ from swarm.config import COLOCATED_OMP_ENV
 
 logger = logging.getLogger(__name__)
 
-# Peers that share one machine should not busy-wait for long (see swarm.config). The user's own setting, or `env`, wins.
-COLOCATED_ENV = COLOCATED_OMP_ENV
 
 _JOIN = re.compile(r"Join with: --initial-peers (\S+)")
 LOCALHOST = "/ip4/127.0.0.1/tcp/0"
@@ -49,7 +47,8 @@ class PeerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "swarm.cli", *args], stdout=self._log, stderr=subprocess.STDOUT,
-            env={**COLOCATED_ENV, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=_die_with_parent,
+            # Co-located peers spin only briefly (see swarm.config); the user's own setting, or `env`, wins.
+            env={**COLOCATED_OMP_ENV, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=_die_with_parent,
         )
         self.maddrs: list[str] = []
 

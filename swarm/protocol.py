@@ -243,12 +243,20 @@ class Traffic:
     received_raw: int = 0
     received_wire: int = 0
 
-    def add(self, sent: Iterable[runtime_pb2.Tensor] = (), received: Iterable[runtime_pb2.Tensor] = ()) -> None:
+    @classmethod
+    def of(cls, sent: Iterable[runtime_pb2.Tensor] = (), received: Iterable[runtime_pb2.Tensor] = ()) -> Traffic:
         sent, received = list(sent), list(received)
-        self.sent_raw += raw_bytes(sent)
-        self.sent_wire += payload_bytes(sent)
-        self.received_raw += raw_bytes(received)
-        self.received_wire += payload_bytes(received)
+        return cls(raw_bytes(sent), payload_bytes(sent), raw_bytes(received), payload_bytes(received))
+
+    def add(self, sent: Iterable[runtime_pb2.Tensor] = (), received: Iterable[runtime_pb2.Tensor] = ()) -> None:
+        self += Traffic.of(sent, received)
+
+    def __iadd__(self, other: Traffic) -> Traffic:
+        self.sent_raw += other.sent_raw
+        self.sent_wire += other.sent_wire
+        self.received_raw += other.received_raw
+        self.received_wire += other.received_wire
+        return self
 
     @property
     def ratio(self) -> float:

@@ -49,19 +49,15 @@ def test_trainer_on_the_swarm_matches_trainer_on_local_peft(dist_model, tiny_mod
     reference = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32), LoraConfig(**LORA))
     set_peft_model_state_dict(reference, lora.peft_state_dict())
     initial = {name: param.detach().clone() for name, param in dist_model.named_parameters()}
-    # The client's embeddings and LM head require grad, and Trainer trains whatever does: freeze them, as
-    # get_peft_model does for the local model, so that only the adapter trains on both sides.
-    requires_grad = {name: param.requires_grad for name, param in dist_model.named_parameters()}
+    # Trainer trains whatever requires grad: adding the adapter froze the client's embeddings and LM head, as
+    # get_peft_model does for the local model, so only the adapter trains on both sides.
+    assert [name for name, p in dist_model.named_parameters() if p.requires_grad and not name.startswith(ADAPTER)] == []
     use_cache = dist_model.config.use_cache
-    for name, param in dist_model.named_parameters():
-        param.requires_grad_(name.startswith(ADAPTER))
     try:
         ours = train_losses(dist_model, tmp_path / "swarm", optim)
         changed = {name: not torch.equal(param.detach(), initial[name]) for name, param in dist_model.named_parameters()}
     finally:
         dist_model.remote_layers.lora = None
-        for name, param in dist_model.named_parameters():
-            param.requires_grad_(requires_grad[name])
         dist_model.config.use_cache = use_cache  # Trainer sets it to TrainingArguments.use_cache
         dist_model.eval()  # and leaves the model in training mode; other tests share it
     theirs = train_losses(reference, tmp_path / "local", optim)

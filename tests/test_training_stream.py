@@ -31,32 +31,38 @@ def _wait_until_freed(connection, route, timeout: float = 10.0) -> list[int]:
 def test_activations_live_only_until_the_backward_or_until_dropped(dist_model):
     connection = dist_model.remote_layers.connection
     route = connection.plan()
+    before = _compute_seconds(connection, route)
     embeds = torch.randn(2, 6, 64, requires_grad=True)
     output = dist_model.remote_layers(embeds)
     held = [_info(connection, step.peer_id)["train_activation_bytes"] for step in route]
     assert all(h > 0 for h in held)  # every server keeps this forward's activations for its backward
-    assert work_kinds(connection, route)["forward_for_backward"] >= 1
     output.sum().backward()
     assert embeds.grad is not None and _wait_until_freed(connection, route) == [0, 0, 0]
-    assert work_kinds(connection, route)["backward_kept"] >= 1
+    after = _compute_seconds(connection, route)
+    for server_before, server_after in zip(before, after, strict=True):  # every server: kept forward, its backward,
+        assert server_after["forward_for_backward"] > server_before["forward_for_backward"]
+        assert server_after["backward_kept"] > server_before["backward_kept"]
+        assert server_after["backward"] == server_before["backward"]  # and no recomputing backward
 
     output = dist_model.remote_layers(torch.randn(2, 6, 64, requires_grad=True))
     assert all(_info(connection, step.peer_id)["train_activation_bytes"] > 0 for step in route)
     del output  # no backward will come: the client ends the streams and the servers free the memory
     assert _wait_until_freed(connection, route) == [0, 0, 0]
 
+    before = _compute_seconds(connection, route)
     with torch.no_grad():  # no backward expected: plain forward requests, nothing kept
         dist_model.remote_layers(torch.randn(2, 6, 64))
     assert [_info(connection, step.peer_id)["train_activation_bytes"] for step in route] == [0, 0, 0]
+    after = _compute_seconds(connection, route)
+    for server_before, server_after in zip(before, after, strict=True):
+        assert server_after["forward"] > server_before["forward"]
+        assert server_after["forward_for_backward"] == server_before["forward_for_backward"]
 
 
-def work_kinds(connection, route) -> dict:
-    """compute_s keys summed over the route's servers (which kinds of work they did)."""
-    totals: dict[str, int] = {}
-    for step in route:
-        for kind in _info(connection, step.peer_id)["compute_s"]:
-            totals[kind] = totals.get(kind, 0) + 1
-    return totals
+def _compute_seconds(connection, route) -> list[dict[str, float]]:
+    """Each server's compute seconds by kind of work (0 for kinds it has not done)."""
+    kinds = ("forward", "backward", "forward_for_backward", "backward_kept")
+    return [{kind: _info(connection, step.peer_id)["compute_s"].get(kind, 0.0) for kind in kinds} for step in route]
 
 
 def test_a_server_without_room_for_activations_makes_the_client_recompute(tiny_model_path, reference_model):

@@ -32,8 +32,8 @@ def get(codec_id: str) -> Codec:
 
 
 def available() -> list[str]:
-    """Ids of the registered codecs, sorted."""
-    return sorted(_CODECS)
+    """Ids of the registered codecs: "none" (the uncompressed baseline) first, then the others sorted."""
+    return sorted(_CODECS, key=lambda codec_id: (codec_id != "none", codec_id))
 
 
 def _register_builtins() -> None:
