@@ -1,15 +1,16 @@
-"""Codecs for activations and gradients in transit (not yet used by the wire protocol).
+"""Codecs for activations and gradients in transit; `wire` puts their payloads into request and reply slots.
 
 `registry.get(id).encode(tensor)` gives a `Payload`; `registry.get(payload.codec).decode(payload)` restores the
 tensor, raising `CodecError` on any malformed payload.
 """
 
-from swarm.compression.base import Codec, CodecError, Payload, PayloadSize, payload_size
+from swarm.compression.base import Codec, CodecError, Payload, PayloadSize
 from swarm.compression.codecs import CastCodec, NoneCodec
 from swarm.compression.hadamard import Hadamard
 from swarm.compression.int4 import Int4Outlier
 from swarm.compression.int8 import Int8Outlier, Int8StaticOutlier
 from swarm.compression.registry import available, get, register
+from swarm.compression.wire import payload_size
 
 __all__ = [
     "CastCodec",

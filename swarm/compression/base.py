@@ -38,7 +38,7 @@ class Payload:
 
 @dataclass(frozen=True)
 class PayloadSize:
-    """Bytes of a payload: raw tensor bytes, metadata as compact JSON, and both together on the wire."""
+    """Bytes of a payload in a wire slot (see swarm.compression.wire): its tensors' bytes and its header's."""
 
     raw_bytes: int
     meta_bytes: int
@@ -48,19 +48,12 @@ class PayloadSize:
         return self.raw_bytes + self.meta_bytes
 
 
-def meta_json(meta: dict[str, Any]) -> str:
-    """Metadata as compact JSON (sorted keys, no NaN); CodecError if it is not JSON-able."""
+def meta_json(meta: Any) -> str:
+    """Metadata (a dict or a list of values) as compact JSON (sorted keys, no NaN); CodecError if it is not JSON-able."""
     try:
         return json.dumps(meta, separators=(",", ":"), sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise CodecError(f"metadata is not JSON-able: {exc}") from None
-
-
-def payload_size(payload: Payload) -> PayloadSize:
-    """Raw bytes (sum of the tensors' nbytes) and metadata bytes (compact JSON, UTF-8) of a payload."""
-    tensors = check_tensors(payload.tensors)
-    raw = sum(t.numel() * t.element_size() for t in tensors)
-    return PayloadSize(raw_bytes=raw, meta_bytes=len(meta_json(payload.meta).encode()))
 
 
 @dataclass(frozen=True)
@@ -237,6 +230,15 @@ class Codec(ABC):
         if not all_finite(rows):  # checked before the cast, which would clamp inf to a finite value
             raise CodecError("payload decodes to NaN or infinite values")
         return saturating_cast(rows, dtype or layout.dtype).reshape(layout.shape)
+
+    def payload_shapes(self, meta: dict[str, Any], layout: Layout) -> list[tuple[int, ...]]:
+        """The shape of each payload tensor for this metadata (the codec's fields) and layout; CodecError if a
+        field is invalid. The wire format sends only the metadata and derives the shapes from it."""
+        return [tuple(s) for s in self._shapes(check_keys(meta, ("shape", "dtype", *self.meta_keys)), layout)]
+
+    @abstractmethod
+    def _shapes(self, meta: dict[str, Any], layout: Layout) -> list[tuple[int, ...]]:
+        """Validate the codec's metadata fields and return the payload tensors' shapes."""
 
     @abstractmethod
     def _encode(self, rows: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], dict[str, Any]]:

@@ -15,6 +15,9 @@ class NoneCodec(Codec):
 
     id = "none"
 
+    def _shapes(self, meta: dict[str, Any], layout: Layout) -> list[tuple[int, ...]]:
+        return [layout.shape]
+
     def _encode(self, rows: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], dict[str, Any]]:
         return [rows.reshape(layout.shape)], {}
 
@@ -35,6 +38,9 @@ class CastCodec(Codec):
 
     def __init__(self, wire_dtype: torch.dtype, id: str):
         self.wire_dtype, self.id = wire_dtype, id
+
+    def _shapes(self, meta: dict[str, Any], layout: Layout) -> list[tuple[int, ...]]:
+        return [layout.shape]
 
     def _encode(self, rows: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], dict[str, Any]]:
         return [saturating_cast(rows, self.wire_dtype).reshape(layout.shape)], {}

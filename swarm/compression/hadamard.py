@@ -68,6 +68,14 @@ class Hadamard(Codec):
         self.inner, self.seed, self.max_block = inner, seed, max_block
         self.id = id or f"hadamard+{inner.id}"
 
+    def _shapes(self, meta: dict[str, Any], layout: Layout) -> list[tuple[int, ...]]:
+        read_int(meta, "seed", 0, 2**31 - 1)
+        block = read_int(meta, "block", 1, MAX_BLOCK)
+        if block & (block - 1) or (layout.cols and layout.cols % block):
+            raise CodecError(f"metadata 'block' = {block} is not a power of two dividing {layout.cols} channels")
+        inner_meta = check_keys(meta["inner"], self.inner.meta_keys, "metadata 'inner'")
+        return self.inner._shapes(inner_meta, Layout(layout.shape, torch.float32))
+
     def _encode(self, rows: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], dict[str, Any]]:
         block = block_size(layout.cols, self.max_block)
         rotated = rotate(rows.float(), self.seed, block)
@@ -77,10 +85,7 @@ class Hadamard(Codec):
         return tensors, {"seed": self.seed, "block": block, "inner": inner_meta}
 
     def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
-        seed = read_int(meta, "seed", 0, 2**31 - 1)
-        block = read_int(meta, "block", 1, MAX_BLOCK)
-        if block & (block - 1) or (layout.cols and layout.cols % block):
-            raise CodecError(f"metadata 'block' = {block} is not a power of two dividing {layout.cols} channels")
-        inner_meta = check_keys(meta["inner"], self.inner.meta_keys, "metadata 'inner'")
+        self._shapes(meta, layout)
+        seed, block, inner_meta = meta["seed"], meta["block"], meta["inner"]
         rotated = self.inner._decode(tensors, inner_meta, Layout(layout.shape, torch.float32))
         return rotate(rotated.float(), seed, block, inverse=True)

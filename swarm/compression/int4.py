@@ -19,7 +19,16 @@ from swarm.compression.base import (
     expect,
     read_int,
 )
-from swarm.compression.outliers import check_outliers, index_dtype, quantize, row_absmax, top_outliers, value_dtype
+from swarm.compression.outliers import (
+    check_outliers,
+    index_shapes,
+    pack_indices,
+    quantize,
+    row_absmax,
+    top_outliers,
+    unpack_indices,
+    value_dtype,
+)
 
 QMAX = 7
 GROUP_SIZES = (16, 32, 64, 128)
@@ -28,11 +37,11 @@ GROUP_SIZES = (16, 32, 64, 128)
 class Int4Outlier(Codec):
     """Symmetric 4-bit values in groups of `group` channels, with the k largest-|x| channels per token exact.
 
-    Per token: the top-k channels travel as float16 (float32 when float16 cannot hold them) with int16 indices
-    and are zeroed before quantizing. The other channels are padded to a multiple of `group`; each group's
+    Per token: the top-k channels travel as float16 (float32 when float16 cannot hold them) with packed indices
+    (10 bits each for 576 channels) and are zeroed before quantizing. The other channels are padded to a multiple of `group`; each group's
     scale is token_scale (float32, max|x| / 7) times a float16 ratio in [0, 1] (the group's max over the
     token's), so tiny gradients keep their precision. Values in [-7, 7] are stored +8, two per uint8 (low nibble
-    first). Wire bytes per token for cols=576, group=32, k=16: 288 + 4 + 36 + 64 = 392 (5.9x fewer than float32).
+    first). Wire bytes per token for cols=576, group=32, k=16: 288 + 4 + 36 + 32 + 20 = 380 (6.1x fewer than float32).
     """
 
     meta_keys = ("k", "group")
@@ -43,6 +52,15 @@ class Int4Outlier(Codec):
         if group not in GROUP_SIZES:
             raise CodecError(f"group must be one of {GROUP_SIZES}, got {group!r}")
         self.k, self.group, self.id = k, group, id
+
+    def _shapes(self, meta: dict[str, Any], layout: Layout) -> list[tuple[int, ...]]:
+        n, cols = layout.rows, layout.cols
+        k = read_int(meta, "k", 0, cols)
+        g = read_int(meta, "group", GROUP_SIZES[0], GROUP_SIZES[-1])
+        if g not in GROUP_SIZES:
+            raise CodecError(f"metadata 'group' = {g} is not one of {GROUP_SIZES}")
+        groups = -(-cols // g)
+        return [(n, groups * g // 2), (n,), (n, groups), (n, k), *index_shapes(n, k, cols)]
 
     def _encode(self, rows: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], dict[str, Any]]:
         x = rows.float()
@@ -59,22 +77,23 @@ class Int4Outlier(Codec):
         scale = token_scale[:, None] * ratio.float()
         q = (quantize(body, scale[:, :, None], QMAX) + 8).to(torch.uint8).view(n, groups * g)
         packed = q[:, 0::2] | (q[:, 1::2] << 4)
-        tensors = [packed, token_scale, ratio, vals.to(value_dtype(vals)), idx.to(index_dtype(cols))]
+        tensors = [packed, token_scale, ratio, vals.to(value_dtype(vals)), *pack_indices(idx, cols)]
         return tensors, {"k": k, "group": g}
 
     def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
         n, cols = layout.rows, layout.cols
-        k = read_int(meta, "k", 0, cols)
-        g = read_int(meta, "group", GROUP_SIZES[0], GROUP_SIZES[-1])
-        if g not in GROUP_SIZES:
-            raise CodecError(f"metadata 'group' = {g} is not one of {GROUP_SIZES}")
+        shapes = self._shapes(meta, layout)
+        k, g = meta["k"], meta["group"]
         groups = -(-cols // g)
-        packed, token_scale, ratio, vals, idx = check_tensors(tensors, 5)
-        expect(packed, "packed", torch.uint8, (n, groups * g // 2))
-        expect(token_scale, "token_scale", torch.float32, (n,))
+        packed, token_scale, ratio, vals, low, high = check_tensors(tensors, 6)
+        expect(packed, "packed", torch.uint8, shapes[0])
+        expect(token_scale, "token_scale", torch.float32, shapes[1])
         check_finite(token_scale, "token_scale", 0.0, FLOAT32_MAX / 8)  # |q| <= 8 and ratio <= 1
-        expect(ratio, "group_ratio", torch.float16, (n, groups))
+        expect(ratio, "group_ratio", torch.float16, shapes[2])
         check_finite(ratio, "group_ratio", 0.0, 1.0)
+        expect(low, "outlier_idx_low", torch.uint8, shapes[4])
+        expect(high, "outlier_idx_high", torch.uint8, shapes[5])
+        idx = unpack_indices(low, high, cols)
         check_outliers(idx, vals, n, cols, k)
         if n == 0:
             return torch.empty((0, cols), dtype=torch.float32, device=packed.device)
@@ -82,5 +101,5 @@ class Int4Outlier(Codec):
         scale = token_scale[:, None] * ratio.float()
         out = (q * scale[:, :, None]).view(n, groups * g)[:, :cols]
         if k:
-            out = out.scatter(1, idx.long(), vals.float())
+            out = out.scatter(1, idx, vals.float())
         return out

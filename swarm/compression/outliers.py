@@ -10,9 +10,51 @@ FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0**-14
 
 
-def index_dtype(cols: int) -> torch.dtype:
-    """Channel indices travel as int16 while they fit (hidden sizes up to 32767), else int32."""
-    return torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
+MAX_COLS = 1 << 16  # channel indices travel as a low byte plus at most 8 high bits
+
+
+def high_bits(cols: int) -> int:
+    """Bits per channel index beyond its low byte: 0 up to 256 channels, 2 up to 1024, 4 up to 4096, else 8."""
+    if cols > MAX_COLS:
+        raise CodecError(f"outlier channels are indexed up to {MAX_COLS} channels, got {cols}")
+    need = max(0, (cols - 1).bit_length() - 8)
+    return next(b for b in (0, 1, 2, 4, 8) if b >= need)
+
+
+def index_shapes(rows: int, k: int, cols: int) -> list[tuple[int, int]]:
+    """Shapes of the two uint8 index tensors: low bytes [rows, k], high bits packed [rows, ceil(k * bits / 8)]."""
+    return [(rows, k), (rows, -(-k * high_bits(cols) // 8))]
+
+
+def pack_indices(idx: torch.Tensor, cols: int) -> list[torch.Tensor]:
+    """Channel indices [rows, k] (< cols) as a uint8 low byte each plus their high bits packed 8 // bits per byte.
+
+    For 576 channels that is 10 bits per index (1.25 bytes) instead of an int16's 2.
+    """
+    bits = high_bits(cols)
+    low = (idx & 255).to(torch.uint8)
+    rows, k = idx.shape
+    if bits == 0:
+        return [low, idx.new_zeros((rows, 0), dtype=torch.uint8)]
+    per = 8 // bits
+    high = idx >> 8
+    width = -(-k // per)
+    high = torch.nn.functional.pad(high, (0, width * per - k)).view(rows, width, per)
+    shifts = torch.arange(per, device=idx.device) * bits
+    return [low, (high << shifts).sum(dim=2).to(torch.uint8)]
+
+
+def unpack_indices(low: torch.Tensor, high: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of pack_indices: int64 [rows, k]; the caller checks range and distinctness (check_outliers)."""
+    bits = high_bits(cols)
+    idx = low.long()
+    if bits == 0 or idx.numel() == 0:
+        return idx
+    rows, k = low.shape
+    per = 8 // bits
+    shifts = torch.arange(per, device=low.device) * bits
+    parts = (high.long()[:, :, None] >> shifts) & ((1 << bits) - 1)
+    return idx | (parts.reshape(rows, high.shape[1] * per)[:, :k] << 8)
 
 
 def value_dtype(values: torch.Tensor) -> torch.dtype:
@@ -57,15 +99,14 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
 
 
 def check_outliers(idx: torch.Tensor, vals: torch.Tensor, rows: int, cols: int, k: int) -> None:
-    """Outlier indices in [0, cols) and distinct per row, values finite, both [rows, k] in the wire dtypes."""
-    expect(idx, "outlier_idx", index_dtype(cols), (rows, k))
+    """Outlier indices (unpacked, int64) in [0, cols) and distinct per row; values finite, [rows, k] in float16/32."""
     expect(vals, "outlier_vals", (torch.float16, torch.float32), (rows, k))
     check_finite(vals, "outlier_vals")
     if idx.numel() == 0:
         return
     if int(idx.min()) < 0 or int(idx.max()) >= cols:
-        raise CodecError(f"payload tensor 'outlier_idx' has channel indices outside [0, {cols})")
+        raise CodecError(f"payload outlier indices name channels outside [0, {cols})")
     if k > 1:
         ordered = idx.sort(dim=1).values
         if not bool((ordered[:, 1:] != ordered[:, :-1]).all()):
-            raise CodecError("payload tensor 'outlier_idx' repeats a channel within a token")
+            raise CodecError("payload outlier indices repeat a channel within a token")
