@@ -26,8 +26,8 @@ from swarm.compression import (
     payload_size,
     register,
     registry,
+    wire,
 )
-from swarm.compression import wire
 
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "swarm-hypothesis")  # not .hypothesis/ in the checkout
 

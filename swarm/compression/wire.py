@@ -91,7 +91,7 @@ def unpack_payload(codec_id: str, buffer: bytes, shape: list[int]) -> Payload:
         raise CodecError(f"payload tensor dtype codes {codes} are not all in [0, {len(DTYPE_CODES)}) with zero padding")
     codes = codes[:count]
     values = _parse_fields(header[3 + code_bytes :], len(codec.meta_keys))
-    meta = {"shape": list(shape), "dtype": _FLOAT_NAME[DTYPE_CODES[dtype_code]], **dict(zip(codec.meta_keys, values))}
+    meta = {"shape": list(shape), "dtype": _FLOAT_NAME[DTYPE_CODES[dtype_code]], **dict(zip(codec.meta_keys, values, strict=True))}
     shapes = codec.payload_shapes(meta, read_layout(meta))
     if len(shapes) != count:
         raise CodecError(f"payload has {count} tensors, codec {codec.id} expects {len(shapes)}")
