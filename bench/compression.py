@@ -4,10 +4,9 @@ One LocalSwarm of SmolLM2-135M-Instruct (float32) servers for the whole run; the
 `model.set_codecs(...)`. The uncompressed run ("none", float32 on the wire) is the reference, measured in the same
 run. Per codec:
 
-- wire B/tok/hop: bytes the servers received (in) and sent (out) per token per hop during the perplexity pass,
-  from the deltas of each server's `rpc_info` bytes_in/bytes_out. "in" also carries the position ids of each
-  request; "out" is the hidden states alone. x f32: (in + out) relative to the "none" row. gen x f32: the same for
-  all the bytes the servers moved during the greedy generations (prefill and every decode step).
+- B/tok/hop: bytes of hidden states on the wire per token, hop and direction during the perplexity pass (the
+  client's `hidden_traffic`: payload headers included, position ids not). ratio: the "none" row's bytes over
+  these. gen ratio: the same over the greedy generations (prefill and every decode step, one token each).
 - top-1 agree: share of the N teacher-forced positions (forward passes without a session, so the "activations"
   codec, both ways on every hop) whose argmax next token equals the reference's. Text: bench/heldout_en.txt (the
   GPL-3 and Apache-2.0 texts as Debian ships them), in windows of --window tokens.
@@ -19,7 +18,13 @@ run. Per codec:
   state (the last block's output of the first window, outliers included), per MiB of float32 input.
 - wall s: the run's wall time for that codec (perplexity pass plus greedy generations).
 
+Training rows (role "training"): see bench/compression_train.py; per set of training codecs (activations
+forward / gradients backward / deltas from the second epoch), bytes per token per hop of hidden states and their
+gradients over the whole run, the ratio to the uncompressed run, the held-out loss change and the largest gap
+between the 10-step moving averages of the training loss. enc/dec ms/MB there are the activation codec's.
+
 Run: python bench/compression.py [--codecs none,int8_outlier] [--positions 2000] [--prompts 20] [--new-tokens 32]
+                                 [--train-epochs 4] [--train-samples 32] [--training CONFIGS | --no-training]
 """
 
 # ruff: noqa: E402  (the OpenMP waiting settings must be set before torch is imported)
@@ -38,30 +43,30 @@ from pathlib import Path
 
 import torch
 from common import warn_if_busy  # bench/common.py
-from hivemind.proto import runtime_pb2
+from compression_train import TrainingConfig, load_data, max_ma_deviation, train  # bench/compression_train.py
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from client import aio
 from client.model import DistributedModelForCausalLM
 from swarm import compression
 from swarm.assets import ensure_smollm2
 from swarm.launch import LocalSwarm, even_spans
-from swarm.protocol import BlockService
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CODECS = "none,float16,bfloat16,int8_outlier,hadamard_int8,int4_outlier"
+TRAINING = {  # name: (activations, gradients, deltas)
+    "none": TrainingConfig("none", "none", "none"),
+    "int8": TrainingConfig("int8", "int8_outlier", "int8_outlier"),
+    "int8/int4g": TrainingConfig("int8/int4g", "int8_outlier", "int4_outlier"),
+    "int8/int4g/d4": TrainingConfig("int8/int4g/d4", "int8_outlier", "int4_outlier", "int4_outlier"),
+}
 
 
-def server_bytes(connection, route) -> tuple[int, int]:
-    """Sum of bytes_in and bytes_out over the servers of the route."""
-    total_in = total_out = 0
-    for step in route:
-        stub = BlockService.get_stub(connection.p2p, step.peer_id, namespace=connection.prefix)
-        info = json.loads(aio.run(stub.rpc_info(runtime_pb2.ExpertUID(), timeout=10)).serialized_info)
-        total_in, total_out = total_in + info["bytes_in"], total_out + info["bytes_out"]
-    return total_in, total_out
+def hidden_bytes(connection) -> int:
+    """Bytes of hidden states (and gradients) the client has sent and received on the wire so far."""
+    traffic = connection.hidden_traffic
+    return traffic.sent_wire + traffic.received_wire
 
 
 def text_windows(tokenizer, path: Path, window: int, positions: int) -> torch.Tensor:
@@ -136,13 +141,61 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--servers", type=int, default=3, help="servers, splitting the blocks evenly")
     parser.add_argument("--repeats", type=int, default=20, help="timed encode/decode rounds per codec")
     parser.add_argument("--text", type=Path, default=HERE / "heldout_en.txt", help="English text for perplexity")
+    parser.add_argument("--training", default=",".join(TRAINING),
+                        help=f"training codec sets to run ('none' always runs first as the reference): {', '.join(TRAINING)}")
+    parser.add_argument("--no-training", action="store_true", help="skip the fine-tuning half")
+    parser.add_argument("--no-inference", action="store_true", help="skip the inference half")
+    parser.add_argument("--train-epochs", type=int, default=4, help="epochs of LoRA fine-tuning per codec set")
+    parser.add_argument("--train-samples", type=int, default=32, help="training pairs (16 more are held out)")
     args = parser.parse_args()
+    training = [t for t in args.training.split(",") if t]
+    if set(training) - set(TRAINING):
+        parser.error(f"unknown training sets {sorted(set(training) - set(TRAINING))}; choose from {list(TRAINING)}")
+    args.training = [] if args.no_training else ["none"] + [t for t in dict.fromkeys(training) if t != "none"]
+    if args.no_inference:
+        args.codecs = []
     codecs = [c for c in args.codecs.split(",") if c]
     unknown = set(codecs) - set(compression.available())
     if unknown:
         parser.error(f"unknown codecs {sorted(unknown)}; choose from {compression.available()}")
     args.codecs = ["none"] + [c for c in dict.fromkeys(codecs) if c != "none"]
     return args
+
+
+def training_rows(model, tokenizer, args, capture) -> list[dict]:
+    """One table row per training codec set, the uncompressed one first (the reference)."""
+    train_data, held_out = load_data(tokenizer, args.train_samples)
+    rows, ref = [], None
+    for name in args.training:
+        config = TRAINING[name]
+        print(f"training {name} (activations {config.activations}, gradients {config.gradients}, deltas {config.delta}):",
+              flush=True)
+        result = train(model, config, train_data, held_out, args.train_epochs)
+        ref = ref or result
+        per_token = result.hidden_bytes / result.tokens_hops
+        print(f"  held-out loss {result.held_out:.4f}, last training losses {[round(x, 3) for x in result.losses[-3:]]}, "
+              f"{per_token:.0f} B/tok/hop, {result.fallbacks} fallbacks")
+        enc, dec = codec_ms_per_mb(config.activations, capture[0], args.repeats) if capture else (float("nan"),) * 2
+        rows.append({"codec": name, "role": "training", "bytes": per_token, "ratio": ref.hidden_bytes / result.hidden_bytes,
+                     "held": 100 * (result.held_out / ref.held_out - 1), "ma": max_ma_deviation(result.losses, ref.losses),
+                     "enc": enc, "dec": dec, "wall": result.wall})
+    return rows
+
+
+def print_table(rows: list[dict], prompts: int) -> None:
+    columns = [("codec", 14, "{}"), ("role", 10, "{}"), ("B/tok/hop", 10, "{:.1f}"), ("ratio", 7, "{:.2f}x"),
+               ("gen ratio", 10, "{:.2f}x"), ("top-1", 8, "{:.2f}%"), ("greedy", 7, "{}/" + str(prompts)),
+               ("ppl d", 8, "{:+.3f}%"), ("held-out d", 11, "{:+.2f}%"), ("MA dev", 8, "{:.2f}%"),
+               ("enc ms/MB", 10, "{:.2f}"), ("dec ms/MB", 10, "{:.2f}"), ("wall s", 8, "{:.1f}")]
+    keys = ["codec", "role", "bytes", "ratio", "gen", "top1", "greedy", "ppl", "held", "ma", "enc", "dec", "wall"]
+    print("".join(f"{name:>{width}}" if i > 1 else f"{name:{width}}" for i, (name, width, _) in enumerate(columns)))
+    print("-" * sum(width for _, width, _ in columns))
+    for row in rows:
+        cells = []
+        for i, ((_, width, fmt), key) in enumerate(zip(columns, keys, strict=True)):
+            text = fmt.format(row[key]) if key in row else "-"
+            cells.append(f"{text:>{width}}" if i > 1 else f"{text:{width}}")
+        print("".join(cells))
 
 
 def main() -> None:
@@ -177,12 +230,12 @@ def main() -> None:
                 began = time.perf_counter()
                 try:
                     with torch.inference_mode():
-                        before = server_bytes(connection, route)
+                        before = hidden_bytes(connection)
                         top, nll = perplexity_pass(model, windows, args.batch, args.positions,
                                                    capture if ref is None else None)
-                        after = server_bytes(connection, route)
+                        after = hidden_bytes(connection)
                         outputs = greedy(model, prompts, args.new_tokens)
-                        generated = sum(server_bytes(connection, route)) - sum(after)
+                        generated = hidden_bytes(connection) - after
                 except Exception as exc:  # report the codec as failed and go on with the others
                     failures[codec] = f"{type(exc).__name__}: {exc}"
                     print(f"  FAILED: {failures[codec]}")
@@ -190,30 +243,27 @@ def main() -> None:
                         raise
                     continue
                 wall = time.perf_counter() - began
-                tokens = windows.numel()
-                wire_in, wire_out = ((a - b) / (tokens * hops) for a, b in zip(after, before, strict=True))
+                wire = after - before
                 ppl = nll.mean().exp().item()
                 if ref is None:
-                    ref = {"top": top, "ppl": ppl, "outputs": outputs, "wire": wire_in + wire_out, "generated": generated}
+                    ref = {"top": top, "ppl": ppl, "outputs": outputs, "wire": wire, "generated": generated}
                     print(f"  reference perplexity {ppl:.3f}")
                 enc, dec = codec_ms_per_mb(codec, capture[0], args.repeats)
-                rows.append((codec, wire_in, wire_out, (wire_in + wire_out) / ref["wire"], generated / ref["generated"],
-                             (top == ref["top"]).float().mean().item(), 100 * (ppl / ref["ppl"] - 1),
-                             sum(torch.equal(a, b) for a, b in zip(outputs, ref["outputs"], strict=True)),
-                             enc, dec, wall))
+                rows.append({"codec": codec, "role": "inference", "bytes": wire / (2 * windows.numel() * hops),
+                             "ratio": ref["wire"] / wire, "gen": ref["generated"] / generated,
+                             "top1": 100 * (top == ref["top"]).float().mean().item(), "ppl": 100 * (ppl / ref["ppl"] - 1),
+                             "greedy": sum(torch.equal(a, b) for a, b in zip(outputs, ref["outputs"], strict=True)),
+                             "enc": enc, "dec": dec, "wall": wall})
+            if args.training:
+                rows += training_rows(model, tokenizer, args, capture)
         finally:
             connection.shutdown()
 
-    print(f"\nhidden state for codec timings: {list(capture[0].shape)}, max |x| {capture[0].abs().max().item():.1f}; "
-          f"wire bytes over {hops} hops, {windows.numel()} tokens per codec in the perplexity pass")
-    header = (f"{'codec':14}{'in B/tok/hop':>13}{'out B/tok/hop':>14}{'x f32':>7}{'gen x f32':>10}{'top-1 agree':>12}"
-              f"{'ppl delta':>11}"
-              f"{'greedy same':>12}{'enc ms/MB':>10}{'dec ms/MB':>10}{'wall s':>8}")
-    print(header)
-    print("-" * len(header))
-    for codec, wire_in, wire_out, ratio, gen_ratio, agree, delta, same, enc, dec, wall in rows:
-        print(f"{codec:14}{wire_in:13.1f}{wire_out:14.1f}{ratio:7.3f}{gen_ratio:10.3f}{100 * agree:11.2f}%{delta:+10.3f}%"
-              f"{f'{same}/{len(prompts)}':>12}{enc:10.2f}{dec:10.2f}{wall:8.1f}")
+    if capture:
+        print(f"\nhidden state for codec timings: {list(capture[0].shape)}, max |x| {capture[0].abs().max().item():.1f}; "
+              f"inference: hidden-state bytes over {hops} hops, {windows.numel()} tokens per codec in the perplexity pass "
+              f"(B/tok/hop: per direction)")
+    print_table(rows, len(prompts))
     for codec, error in failures.items():
         print(f"{codec:14}FAILED: {error}")
 

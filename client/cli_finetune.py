@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from swarm.config import CLIENT
+
 IGNORE = -100
 
 DATA_HELP = (
@@ -58,9 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="lora-adapter", metavar="DIR", help="folder to save the adapter to")
     parser.add_argument("--torch-dtype", choices=["auto", "float32", "bfloat16"], default="float32",
                         help="dtype of the client-side embeddings, LM head and adapter")
-    parser.add_argument("--activation-codec", default="none", metavar="ID",
-                        help="codec for hidden states sent forward while training (see swarm.compression)")
-    parser.add_argument("--gradient-codec", default="none", metavar="ID", help="codec for gradients sent backward")
+    parser.add_argument("--activation-codec", default=CLIENT.activation_codec, metavar="ID",
+                        help="codec for hidden states sent forward while training (see swarm.compression; 'none' sends "
+                             "float32)")
+    parser.add_argument("--gradient-codec", default=CLIENT.gradient_codec, metavar="ID", help="codec for gradients sent backward")
+    parser.add_argument("--delta-codec", default=CLIENT.delta_codec, metavar="ID",
+                        help="from the second epoch, send each sample's hidden states as the change since its previous "
+                             "pass, in this codec ('none': every epoch in full). Batches are then padded to "
+                             "--max-length, so a sample looks the same every epoch")
     parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: folder or repo name)")
 
 
@@ -148,11 +155,11 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[list
     return ids[:max_length], labels[:max_length]
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
-    """Right-pad to the longest example: input_ids, attention_mask, labels (IGNORE on padding)."""
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None):
+    """Right-pad to `length` (default: the longest example): input_ids, attention_mask, labels (IGNORE on padding)."""
     import torch
 
-    length = max(len(ids) for ids, _ in batch)
+    length = length or max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), length), dtype=torch.long)
@@ -233,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
     model = DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, dht_prefix=args.dht_prefix,
                                                         torch_dtype=args.torch_dtype)
     try:
-        model.set_codecs(inference="none", activations=args.activation_codec, gradients=args.gradient_codec)
+        model.set_codecs(activations=args.activation_codec, gradients=args.gradient_codec, delta=args.delta_codec)
+        pad_to = args.max_length if args.delta_codec != "none" else None
         for param in model.parameters():
             param.requires_grad_(False)
         torch.manual_seed(args.seed)
@@ -262,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
             for start in range(0, len(order), args.batch_size):
                 if step >= total_steps:
                     break
-                input_ids, mask, labels = collate([train[i] for i in order[start: start + args.batch_size]], pad_id)
+                input_ids, mask, labels = collate([train[i] for i in order[start: start + args.batch_size]], pad_id, pad_to)
                 loss_sum, n = batch_loss(model, input_ids, mask, labels)
                 loss = loss_sum / max(n, 1)
                 optimizer.zero_grad(set_to_none=True)
@@ -281,7 +289,10 @@ def run(args: argparse.Namespace) -> int:
                            + ("" if epoch_steps * args.batch_size >= len(train) else " (partial)"), file=sys.stdout)
         progress.close()
         elapsed = time.perf_counter() - started
-        print(f"trained {step} steps in {elapsed:.1f}s", flush=True)
+        traffic = model.remote_layers.connection.hidden_traffic
+        print(f"trained {step} steps in {elapsed:.1f}s; hidden states and gradients on the wire: "
+              f"{(traffic.sent_wire + traffic.received_wire) / 1e6:.1f} MB ({traffic.ratio:.2f}x fewer than uncompressed)",
+              flush=True)
 
         if held_out:
             after = evaluate(model, held_out, args.batch_size, pad_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from swarm.config import CLIENT
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from swarm.cli import add_swarm_arguments
@@ -23,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the client-side embeddings and LM head")
     parser.add_argument("--adapter", default=None, metavar="DIR_OR_NAME",
                         help="a peft LoRA adapter folder (applied by this client) or the name of an adapter the servers host")
-    parser.add_argument("--codec", default="none", metavar="ID",
-                        help="codec for hidden states on the wire, e.g. bfloat16 or int8_outlier (see swarm.compression)")
+    parser.add_argument("--codec", default=CLIENT.inference_codec, metavar="ID",
+                        help="codec for hidden states on the wire: int8_outlier, bfloat16, float16, 'none' (float32, "
+                             "exact) and more (see swarm.compression)")
     parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: folder or repo name)")
 
 

@@ -26,6 +26,7 @@ from swarm.protocol import (
     SpanRequest,
     Traffic,
     TrainGrad,
+    hidden_slots,
     join_message,
     pack_tensor,
     split_message,
@@ -50,6 +51,7 @@ class SwarmConnection:
         self._servers: list[ServerInfo] = []
         self._servers_time = 0.0
         self.traffic = Traffic()  # every tensor this client sent and received, raw and on the wire
+        self.hidden_traffic = Traffic()  # the part of it that is hidden states and their gradients (hidden_slots)
         # (server, digest) of LoRA tensors a server has accepted from us: later requests name them by digest.
         self._lora_uploads: OrderedDict[tuple[str, str], None] = OrderedDict()
 
@@ -70,6 +72,13 @@ class SwarmConnection:
 
     def stub(self, peer_id):
         return BlockService.get_stub(self.p2p, peer_id, namespace=self.prefix)
+
+    def count(self, sent: Sequence[runtime_pb2.Tensor], received: Sequence[runtime_pb2.Tensor]) -> Traffic:
+        """Add a call's tensors to the traffic totals; returns that call's traffic."""
+        step = Traffic.of(sent, received)
+        self.traffic += step
+        self.hidden_traffic += Traffic.of(hidden_slots(sent), hidden_slots(received))
+        return step
 
     # ------------------------------------------------------------------------------------ stateless calls
 
@@ -123,7 +132,7 @@ class SwarmConnection:
                 method = stub.rpc_forward if kind == "forward" else stub.rpc_backward
                 request = runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed)
                 response = await method(request, timeout=self.request_timeout)
-                self.traffic.add(packed, response.tensors)
+                self.count(packed, response.tensors)
                 return [unpack_tensor(t, "server output") for t in response.tensors]
             method = stub.rpc_forward_stream if kind == "forward" else stub.rpc_backward_stream
             messages = split_message(meta, packed)
@@ -137,7 +146,7 @@ class SwarmConnection:
                 if not replies:
                     raise RemoteError("transport", "server closed the stream without replying")
                 received = join_message(replies[0], replies[1:])
-                self.traffic.add(packed, received)
+                self.count(packed, received)
                 return [unpack_tensor(t, "server output") for t in received]
 
             return await asyncio.wait_for(call(), timeout=self.request_timeout)
@@ -146,13 +155,13 @@ class SwarmConnection:
 
     async def train_forward(self, step: RouteStep, tensors: Sequence[torch.Tensor], lora_names: Sequence[str] = (),
                             lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0, digest: str = "",
-                            codecs: Sequence[str | None] = (), grad_codec: str | None = None,
+                            codecs: Sequence[str | None] = (), grad_codec: str | None = None, decode_reply=None,
                             **fields) -> tuple[TrainStream, torch.Tensor]:
         """Open a training stream (see TrainStream) and run its forward; LoRA tensors go by digest when uploaded."""
         async def send(by_digest: bool):
             stream = TrainStream(self, step, grad_codec)
             sent = list(tensors) if by_digest else [*tensors, *lora_tensors]
-            return stream, await stream.forward(sent, lora_names, lora_scaling, codecs, lora_digest=digest,
+            return stream, await stream.forward(sent, lora_names, lora_scaling, codecs, decode_reply, lora_digest=digest,
                                                 lora_by_digest=by_digest, **fields)
 
         return await self._upload_once(step, digest, bool(lora_names), send)
@@ -170,8 +179,9 @@ class SpanStream:
 
     def __init__(self, connection: SwarmConnection, step: RouteStep, batch_size: int, max_length: int,
                  lora_names: Sequence[str] = (), lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0,
-                 adapter: str = "", prompts: torch.Tensor | None = None, codec: str = "none"):
+                 adapter: str = "", prompts: torch.Tensor | None = None, codec: str = "none", reply_codec: str | None = None):
         self.connection, self.step, self.adapter, self.prompts, self.codec = connection, step, adapter, prompts, codec
+        self.reply_codec = codec if reply_codec is None else reply_codec
         self.traffic = Traffic()  # this stream's steps, raw and on the wire
         self.lora_names, self.lora_tensors, self.lora_scaling = list(lora_names), list(lora_tensors), lora_scaling
         self.batch_size, self.max_length = batch_size, max_length
@@ -187,7 +197,7 @@ class SpanStream:
 
         meta = InferenceOpen(start=self.step.start, end=self.step.end, max_length=self.max_length, batch_size=self.batch_size,
                              lora=self.lora_names, lora_scaling=self.lora_scaling, adapter=self.adapter,
-                             deep_prompts=self.prompts is not None, reply_codec=self.codec)
+                             deep_prompts=self.prompts is not None, reply_codec=self.reply_codec)
         opening = ([self.prompts] if self.prompts is not None else []) + self.lora_tensors
         try:
             self._replies = await asyncio.wait_for(
@@ -206,9 +216,7 @@ class SpanStream:
                                             tensors=_pack(tensors, [self.codec]))
         self._queue.put_nowait(message)
         reply = await self._next_reply()
-        step_traffic = Traffic.of(message.tensors, reply.tensors)
-        self.connection.traffic += step_traffic
-        self.traffic += step_traffic
+        self.traffic += self.connection.count(message.tensors, reply.tensors)
         self.position = InferenceReply.decode(reply.metadata).position
         self.step_id += 1
         return unpack_tensor(reply.tensors[0], "server output")
@@ -234,8 +242,9 @@ class TrainStream:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._replies = None
 
-    async def forward(self, tensors: Sequence[torch.Tensor], lora_names: Sequence[str], lora_scaling: float,
-                      codecs: Sequence[str | None] = (), **fields) -> torch.Tensor:
+    async def forward(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], lora_names: Sequence[str],
+                      lora_scaling: float, codecs: Sequence[str | None] = (), decode_reply=None, **fields) -> torch.Tensor:
+        """Send the forward and return its output (`decode_reply(reply)` when given, e.g. for delta-coded replies)."""
         async def requests():
             while (message := await self._queue.get()) is not None:
                 yield message
@@ -250,8 +259,8 @@ class TrainStream:
         except BaseException:
             self.abandon()
             raise
-        self.connection.traffic.add(packed, reply.tensors)
-        return unpack_tensor(reply.tensors[0], "server output")
+        self.connection.count(packed, reply.tensors)
+        return decode_reply(reply) if decode_reply is not None else unpack_tensor(reply.tensors[0], "server output")
 
     async def backward(self, grad_output: torch.Tensor) -> list[torch.Tensor]:
         message = runtime_pb2.ExpertRequest(metadata=TrainGrad().encode(), tensors=[pack_tensor(grad_output, self.grad_codec)])
@@ -260,7 +269,7 @@ class TrainStream:
             reply = await self._next_reply()
         finally:
             self.abandon()
-        self.connection.traffic.add(message.tensors, reply.tensors)
+        self.connection.count(message.tensors, reply.tensors)
         return [unpack_tensor(t, "server gradient") for t in reply.tensors]
 
     def abandon(self) -> None:
@@ -282,6 +291,8 @@ async def _next_reply(replies, timeout: float, step: RouteStep, what: str) -> ru
     return reply
 
 
-def _pack(tensors: Sequence[torch.Tensor], codecs: Sequence[str | None]) -> list[runtime_pb2.Tensor]:
-    """Tensors for the wire, tensors[i] encoded with codecs[i] where one is given (see swarm.compression)."""
-    return [pack_tensor(t, codecs[i] if i < len(codecs) else None) for i, t in enumerate(tensors)]
+def _pack(tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], codecs: Sequence[str | None]) -> list[runtime_pb2.Tensor]:
+    """Tensors for the wire, tensors[i] encoded with codecs[i] where one is given (see swarm.compression); slots
+    already packed pass as they are."""
+    return [t if isinstance(t, runtime_pb2.Tensor) else pack_tensor(t, codecs[i] if i < len(codecs) else None)
+            for i, t in enumerate(tensors)]

@@ -21,10 +21,12 @@ class InferenceSession:
     """
 
     def __init__(self, connection: SwarmConnection, max_length: int, start: int = 0, end: int | None = None,
-                 batch_size: int | None = None, lora=None, adapter: str | None = None, prompts=None, codec: str = "none"):
+                 batch_size: int | None = None, lora=None, adapter: str | None = None, prompts=None, codec: str = "none",
+                 reply_codec: str | None = None):
         self.connection, self.max_length = connection, max_length
         self.prompts = prompts  # a client.prompts.RemotePrompts: deep prompts go to each server when its stream opens
-        self.codec = codec  # for hidden states both ways (see swarm.compression)
+        self.codec = codec  # for hidden states sent (see swarm.compression)
+        self.reply_codec = codec if reply_codec is None else reply_codec  # for the servers' outputs
         self.virtual_tokens = 0  # shallow prompt tokens this session holds before the caller's tokens
         self.adapter = adapter  # a named adapter hosted by the servers
         self.lora = lora  # a client.lora.RemoteLora; its values are snapshotted when the streams open
@@ -47,7 +49,7 @@ class InferenceSession:
             if self.prompts is not None:
                 deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start)
             streams.append(SpanStream(self.connection, step, batch_size, self.max_length, names, tensors, scaling,
-                                      self.adapter or "", deep, self.codec))
+                                      self.adapter or "", deep, self.codec, self.reply_codec))
         try:
             for stream in streams:
                 await stream.open()

@@ -169,19 +169,30 @@ class DistributedCausalLMMixin:
     def get_decoder(self):
         return getattr(self, self.base_model_prefix)
 
-    def set_codecs(self, inference: str | None = None, activations: str | None = None, gradients: str | None = None) -> None:
+    def set_codecs(self, inference: str | None = None, activations: str | None = None, gradients: str | None = None,
+                   delta: str | None = None, *, replies: dict[str, str] | None = None) -> None:
         """Choose how hidden states travel, by role (codec ids from swarm.compression; "none" sends them as they are).
 
         inference: both ways in inference sessions; activations: a training forward's input and output;
-        gradients: a backward's output and input gradients. Roles left as None keep their codec.
+        gradients: a backward's output and input gradients; delta: a training forward's hidden states from the
+        second epoch on, as the change since the sample's previous pass ("none": every pass with `activations`).
+        Roles left as None keep their codec. `replies` chooses another codec for what servers send back, by role
+        (e.g. {"gradients": "int8_outlier"}); an empty string there means the same as the role's.
         """
         from swarm import compression
 
-        for role, codec in (("inference", inference), ("activations", activations), ("gradients", gradients)):
+        for role, codec in (("inference", inference), ("activations", activations), ("gradients", gradients),
+                            ("delta", delta)):
             if codec is not None:
                 if codec not in compression.available():
                     raise ValueError(f"unknown codec {codec!r} for {role}; choose from {compression.available()}")
                 self.remote_layers.codecs[role] = codec
+        for role, codec in (replies or {}).items():
+            if role not in ("inference", "activations", "gradients"):
+                raise ValueError(f"replies names role {role!r}; roles: inference, activations, gradients")
+            if codec and codec not in compression.available():
+                raise ValueError(f"unknown codec {codec!r} for {role} replies; choose from {compression.available()}")
+            self.remote_layers.codecs[f"{role}_reply"] = codec
 
     def _freeze_local_weights(self) -> None:
         """As peft does: once an adapter or prompts are added, only they train (not embeddings or the LM head)."""

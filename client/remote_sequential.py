@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import weakref
@@ -12,8 +13,10 @@ from torch import nn
 
 from client import aio
 from client.connection import SwarmConnection
+from client.delta_client import ClientDelta
 from client.inference_session import InferenceSession
 from client.routing import RouteStep
+from swarm.compression.delta import row_keys
 from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
 from swarm.protocol import RemoteError
 
@@ -83,13 +86,15 @@ class _RemoteChain(torch.autograd.Function):
 
         async def run_chunk(index: int, where: slice):
             h, step_inputs = hidden[where], []
+            # Delta coding names each sample by its input row (see swarm.compression.delta).
+            keys = row_keys(h, position_ids[where], _part(attention_mask, where)) if streams is not None and chain.delta_coder() else None
             for step in route:
                 step_inputs.append(h)
                 inputs = _span_tensors(h, position_ids[where], _part(attention_mask, where))
                 seed, digest = base_seed + index, digests.get(step.start)
                 if streams is not None and chain.fits_one_message(h, step):
                     try:
-                        streams.items[(index, step.start)], h = await chain.atrain_forward(step, inputs, seed, digest)
+                        streams.items[(index, step.start)], h = await chain.atrain_forward(step, inputs, seed, digest, keys)
                         continue
                     except RemoteError as exc:  # e.g. the server's activation memory is full: recompute instead
                         logger.debug("training stream to %s failed (%s); using a plain forward", step.peer_id, exc)
@@ -178,10 +183,17 @@ class RemoteSequential(nn.Module):
         # Codecs for hidden states on the wire by role: "inference" (both ways), "activations" (a training forward's
         # input and output), "gradients" (a backward's output and input gradients). See swarm.compression.
         self.codecs = {"inference": CLIENT.inference_codec, "activations": CLIENT.activation_codec,
-                       "gradients": CLIENT.gradient_codec}
+                       "gradients": CLIENT.gradient_codec, "delta": CLIENT.delta_codec}
+        # "delta" (not "none"): training streams send each sample's activations as deltas against the previous
+        # epoch's (swarm.compression.delta); the references live here, created on first use.
+        self.delta: ClientDelta | None = None
 
     def __len__(self) -> int:
         return self.end - self.start
+
+    def reply_codec(self, role: str) -> str:
+        """The codec servers answer a role's hidden states in: codecs[role + "_reply"] if set, else the role's own."""
+        return self.codecs.get(f"{role}_reply") or self.codecs[role]
 
     def draw_dropout_seed(self) -> int:
         """A seed for the servers' LoRA dropout masks (from torch's RNG), or 0 when no dropout applies."""
@@ -195,7 +207,8 @@ class RemoteSequential(nn.Module):
         tensors = [t.detach() for t in inputs]
         codecs = [activations] + [None] * (len(tensors) - 1)  # positions, mask and prompts travel as they are
         # grad_reply_codec is for a training stream's backward reply (a plain forward ignores it).
-        fields: dict = {"reply_codec": activations if grad is None else gradients, "grad_reply_codec": gradients}
+        fields: dict = {"reply_codec": self.reply_codec("activations" if grad is None else "gradients"),
+                        "grad_reply_codec": self.reply_codec("gradients")}
         deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start) if self.prompts is not None else None
         if deep is not None:
             tensors.append(deep)
@@ -221,14 +234,45 @@ class RemoteSequential(nn.Module):
         digest = digest or self.lora.digest(step.start, step.end)
         return await self.connection.lora_span_call(kind, step, tensors, *lora, self.lora.scaling, digest, codecs, **fields)
 
-    async def atrain_forward(self, step: RouteStep, inputs: list[torch.Tensor], seed: int = 0, digest: str | None = None):
-        """A forward that opens a training stream: returns (the stream, for the backward; the output)."""
+    def delta_coder(self) -> ClientDelta | None:
+        """The delta coder for the current codecs (None when codecs["delta"] is "none")."""
+        codec, full = self.codecs.get("delta", "none"), self.codecs["activations"]
+        if codec in ("", "none"):
+            return None
+        if self.delta is None or (self.delta.codec, self.delta.full_codec) != (codec, full):
+            self.delta = ClientDelta(codec, full, int(CLIENT.delta_state_mb * 2**20))
+        return self.delta
+
+    async def atrain_forward(self, step: RouteStep, inputs: list[torch.Tensor], seed: int = 0, digest: str | None = None,
+                             keys: list[str] | None = None):
+        """A forward that opens a training stream: returns (the stream, for the backward; the output).
+
+        With `keys` (one per batch row) and a delta codec, the hidden states go as deltas against the references
+        both ends hold; if the server lacks them, the rows are sent again in full.
+        """
         tensors, codecs, fields, lora = self._request(step, inputs, None, seed)
         grad_codec = self.codecs["gradients"]
-        if lora is None:
-            return await self.connection.train_forward(step, tensors, codecs=codecs, grad_codec=grad_codec, **fields)
-        digest = digest or self.lora.digest(step.start, step.end)
-        return await self.connection.train_forward(step, tensors, *lora, self.lora.scaling, digest, codecs, grad_codec, **fields)
+        if lora is not None:
+            lora = (*lora, self.lora.scaling, digest or self.lora.digest(step.start, step.end))
+        delta = self.delta_coder() if keys is not None else None
+        if delta is None:
+            return await self.connection.train_forward(step, tensors, *(lora or ()), codecs=codecs, grad_codec=grad_codec, **fields)
+        for attempt in range(2):
+            info, slots, commit = delta.encode_input(keys, step.start, step.end, tensors[0])
+            decode = functools.partial(delta.decode_output, info, step.start, step.end)
+            try:
+                result = await self.connection.train_forward(
+                    step, [*slots, *tensors[1:]], *(lora or ()), codecs=[None, None, *codecs[1:]], grad_codec=grad_codec,
+                    decode_reply=decode, delta=info, **fields)
+            except RemoteError as exc:
+                if exc.code != "delta_state_missing" or attempt:
+                    raise
+                logger.info("server %s lacks references of delta-coded rows; sending them in full", step.peer_id)
+                delta.forget_inputs(keys, step.start, step.end)
+                continue
+            commit()
+            return result
+        raise AssertionError("unreachable")
 
     def fits_one_message(self, hidden: torch.Tensor, step: RouteStep) -> bool:
         """Whether a training stream's messages stay under the unary limit (each is one message, not chunked).
@@ -260,7 +304,7 @@ class RemoteSequential(nn.Module):
 
     def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:
         return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.lora, self.adapter,
-                                self.prompts, self.codecs["inference"])
+                                self.prompts, self.codecs["inference"], self.reply_codec("inference"))
 
     def extra_repr(self) -> str:
         return f"blocks {self.start}:{self.end} of {self.connection.prefix!r} (remote)"

@@ -57,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-activation-mb", type=float, default=SERVER.train_activation_mb,
                         help="memory for activations that training requests keep between their forward and backward "
                              "(beyond it, clients fall back to requests whose backward recomputes the forward)")
+    parser.add_argument("--delta-state-mb", type=float, default=SERVER.delta_state_mb,
+                        help="memory for references of clients' delta-coded training activations (the previous epoch's "
+                             "value of each sample; beyond it the oldest go and those rows are sent in full again)")
+    parser.add_argument("--delta-state-ttl", type=float, default=SERVER.delta_state_ttl,
+                        help="seconds an unused reference of delta-coded training activations is kept")
     parser.add_argument("--shutdown-timeout", type=float, default=SERVER.shutdown_timeout,
                         help="seconds to let open sessions finish on SIGTERM")
 
@@ -72,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, max_chunk_tokens=args.max_chunk_tokens,
         shutdown_timeout=args.shutdown_timeout, adapters=dict(args.adapters), max_lora_mb=args.max_lora_mb,
         lora_cache_mb=args.lora_cache_mb, lora_cache_ttl=args.lora_cache_ttl, train_activation_mb=args.train_activation_mb,
+        delta_state_mb=args.delta_state_mb, delta_state_ttl=args.delta_state_ttl,
     ))
     server.run()
     return 0

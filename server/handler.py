@@ -19,6 +19,7 @@ from hivemind.proto import runtime_pb2
 
 from server.backend import Adaptation, InferenceState, SpanBackend
 from server.cache_budget import ActivationBudget, CacheBudget
+from server.delta_state import ServerDelta
 from server.lora_cache import LoraCache
 from swarm import compression, lora
 from swarm.config import SERVER
@@ -62,12 +63,14 @@ class BlockHandler:
     def __init__(self, backend: SpanBackend, budget: CacheBudget, info: Callable[[], dict],
                  session_timeout: float = SERVER.request_timeout, max_lora_mb: float = SERVER.max_lora_mb,
                  lora_cache_mb: float = SERVER.lora_cache_mb, lora_cache_ttl: float = SERVER.lora_cache_ttl,
-                 train_activation_mb: float = SERVER.train_activation_mb):
+                 train_activation_mb: float = SERVER.train_activation_mb, delta_state_mb: float = SERVER.delta_state_mb,
+                 delta_state_ttl: float = SERVER.delta_state_ttl):
         self.backend, self.budget, self.info = backend, budget, info
         self.session_timeout = session_timeout
         self.max_lora_bytes = int(max_lora_mb * 2**20)
         self.lora_cache = LoraCache(int(lora_cache_mb * 2**20), lora_cache_ttl)
         self.activations = ActivationBudget(int(train_activation_mb * 2**20))
+        self.delta = ServerDelta(int(delta_state_mb * 2**20), delta_state_ttl)
         # The largest forward/backward a client can need: hidden states and their gradient for the most tokens a
         # request may hold, positions and mask, and the most LoRA bytes. Streams are cut off beyond it.
         tokens, hidden = backend.limits.max_chunk_tokens, backend.hidden_size
@@ -233,16 +236,30 @@ class BlockHandler:
         first = await anext(requests, None)
         if first is None:
             return
+        peer = str(context.remote_id)
         with self._guarded("training stream"):
             meta = SpanRequest.decode(first.metadata)
-            inputs, _, adapt, reference = self._prepare("forward", meta, first.tensors, str(context.remote_id))
+            protos, commit = first.tensors, None
+            if meta.delta is not None:  # hidden states as full rows and deltas against earlier epochs' references
+                check_codec(meta.delta.codec)
+                if len(protos) < 2:
+                    raise BadRequest("a delta-coded request starts with two tensors: the full rows and the deltas")
+                hidden, commit = self.delta.decode_input(meta.delta, protos[0], protos[1], peer, meta.start, meta.end)
+                protos = [pack_tensor(hidden), *protos[2:]]
+            inputs, _, adapt, reference = self._prepare("forward", meta, protos, peer)
+            if commit is not None:
+                commit()
             nbytes = self.backend.activation_bytes(*inputs.hidden.shape[:2], meta.start, meta.end)
             self.activations.acquire(nbytes)
         kept = None
         try:
             kept = await self._guard("train", self._compute(self.backend.forward_for_backward, inputs, meta.start, meta.end, adapt))
-            response = runtime_pb2.ExpertResponse(
-                tensors=_pack_reply([kept.output.detach().to(reference[0].dtype)], meta.reply_codec), metadata=SpanReply().encode())
+            output = kept.output.detach().to(reference[0].dtype)
+            if meta.delta is not None:
+                modes, tensors = self.delta.encode_output(meta.delta, output, meta.reply_codec, peer, meta.start, meta.end)
+                response = runtime_pb2.ExpertResponse(tensors=tensors, metadata=SpanReply(delta_modes=modes).encode())
+            else:
+                response = runtime_pb2.ExpertResponse(tensors=_pack_reply([output], meta.reply_codec), metadata=SpanReply().encode())
             self._count("train_forward", first.tensors, response.tensors)
             yield response
             try:

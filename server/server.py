@@ -52,6 +52,8 @@ class ServerOptions:
     lora_cache_mb: float = SERVER.lora_cache_mb
     lora_cache_ttl: float = SERVER.lora_cache_ttl
     train_activation_mb: float = SERVER.train_activation_mb
+    delta_state_mb: float = SERVER.delta_state_mb
+    delta_state_ttl: float = SERVER.delta_state_ttl
 
 
 def measure_speed(span: BlockSpan, dtype: torch.dtype) -> tuple[float, float]:
@@ -152,6 +154,7 @@ class Server:
             "compute_s": {kind: round(seconds, 6) for kind, seconds in self.handler.stats.compute_s.items()},
             "lora_cache": {"entries": len(self.handler.lora_cache), "bytes": self.handler.lora_cache.nbytes,
                            "hits": self.handler.lora_cache.hits, "misses": self.handler.lora_cache.misses},
+            "delta": self.handler.delta.info(),
         }
 
     def _announce(self, state: ServerState, expiration: float | None = None, timeout: float = 10.0) -> None:
@@ -183,7 +186,8 @@ class Server:
                 logger.info("hosting adapter %r from %s", name, path)
             self.handler = BlockHandler(backend, self.budget, self.info, max_lora_mb=o.max_lora_mb,
                                         lora_cache_mb=o.lora_cache_mb, lora_cache_ttl=o.lora_cache_ttl,
-                                        train_activation_mb=o.train_activation_mb)
+                                        train_activation_mb=o.train_activation_mb, delta_state_mb=o.delta_state_mb,
+                                        delta_state_ttl=o.delta_state_ttl)
             try:
                 import uvloop
 

@@ -47,6 +47,8 @@ class ServerDefaults:
     lora_cache_mb: float = 256.0  # uploaded LoRA tensors kept for reuse by digest, over all clients
     lora_cache_ttl: float = 120.0  # seconds an unused upload stays in that cache
     train_activation_mb: float = 2048.0  # activations training streams may keep between forward and backward
+    delta_state_mb: float = 1024.0  # references of delta-coded training activations, over all clients
+    delta_state_ttl: float = 3600.0  # seconds an unused reference is kept (an epoch must come back within it)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class ClientDefaults:
     inference_codec: str = "none"  # hidden states of inference steps, both ways
     activation_codec: str = "none"  # training forward: the span's input and output
     gradient_codec: str = "none"  # training backward: the output gradient and the input gradient
+    # Training activations as deltas against the previous epoch's, per sample (swarm.compression.delta): the codec
+    # of the deltas, or "none" to send every epoch in full. Needs training streams (keep_activations).
+    delta_codec: str = "none"
+    delta_state_mb: float = 4096.0  # the client's references (two per sample and span)
     keep_activations: bool = True  # training: one request per span for forward + backward (no recompute)
     hop_overhead_ms: float = 2.0  # routing cost of one extra hop before pings are measured
     default_ms_per_block: float = 10.0  # routing cost of a block when a server reports no throughput

@@ -13,15 +13,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 # hivemind recognises streaming RPCs by typing.AsyncIterator hints (not collections.abc's), keep this import.
-from typing import AsyncIterator  # noqa: UP035
+from typing import Annotated, AsyncIterator  # noqa: UP035
 
 import torch
 from hivemind.p2p import ServicerBase
 from hivemind.proto import runtime_pb2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from swarm.compression import wire
-from swarm.compression.base import CodecError
+from swarm.compression.base import CodecError, Payload
 from swarm.config import PROTOCOL_VERSION, STREAM_CHUNK_BYTES
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -57,6 +57,12 @@ class LoraNotCached(SwarmError):
     """The request named LoRA tensors by a digest the server no longer holds: send the tensors again."""
 
     code = "lora_not_cached"
+
+
+class DeltaStateMissing(SwarmError):
+    """Delta-coded rows name references the server does not hold (evicted, restarted, another route): send in full."""
+
+    code = "delta_state_missing"
 
 
 class ServerBusy(SwarmError):
@@ -106,6 +112,38 @@ class _Meta(BaseModel):
             raise BadRequest(f"malformed {cls.__name__}: {_short(exc)}") from None
 
 
+_KEY = r"^[0-9a-f]{32}$"
+_REF = r"^([0-9a-f]{16})?$"
+MAX_DELTA_ROWS = 1024
+
+
+class DeltaInfo(BaseModel):
+    """Delta coding of a training stream's hidden states (see swarm.compression.delta), one entry per batch row.
+
+    With it, the request's first two tensors are the rows sent in full (the activations codec) and the deltas of
+    the others (`codec`), in row order; rows in mode "s" are not sent. `refs` names the reference each "d"/"s" row
+    is relative to, `out_refs` the reference the client holds for each row of the output ("" for none): the
+    server answers a row as a delta only where its own reference has that digest.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    keys: list[Annotated[str, Field(pattern=_KEY)]] = Field(max_length=MAX_DELTA_ROWS)
+    modes: str = Field(pattern=r"^[fds]*$", max_length=MAX_DELTA_ROWS)
+    refs: list[Annotated[str, Field(pattern=_REF)]] = Field(max_length=MAX_DELTA_ROWS)
+    out_refs: list[Annotated[str, Field(pattern=_REF)]] = Field(max_length=MAX_DELTA_ROWS)
+    codec: str = Field(max_length=64)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeltaInfo:
+        rows = len(self.keys)
+        if not rows or not len(self.modes) == len(self.refs) == len(self.out_refs) == rows:
+            raise ValueError(f"delta needs one key, mode, ref and out_ref per row (got {rows} keys, {len(self.modes)} "
+                             f"modes, {len(self.refs)} refs, {len(self.out_refs)} out_refs)")
+        if any((mode == "f") != (ref == "") for mode, ref in zip(self.modes, self.refs, strict=True)):
+            raise ValueError("delta refs must be empty exactly for the rows sent in full ('f')")
+        return self
+
+
 class SpanRequest(_Meta):
     """Forward or backward through blocks [start, end) of the model."""
 
@@ -126,6 +164,7 @@ class SpanRequest(_Meta):
     # Codec for the hidden-state tensor of the reply (the output, or the gradient w.r.t. the input); "" = none.
     reply_codec: str = Field(default="", max_length=64)
     grad_reply_codec: str = Field(default="", max_length=64)  # rpc_train only: codec of the backward's input gradient
+    delta: DeltaInfo | None = None  # rpc_train only: delta-coded hidden states (the output answered likewise)
 
 
 class InferenceOpen(_Meta):
@@ -154,7 +193,8 @@ class TrainGrad(_Meta):
 
 
 class SpanReply(_Meta):
-    pass
+    # With a request's `delta`: the output's mode per row; its tensors are then the full rows and the deltas.
+    delta_modes: str = Field(default="", pattern=r"^[fds]*$", max_length=MAX_DELTA_ROWS)
 
 
 class InferenceReply(_Meta):
@@ -197,6 +237,14 @@ def pack_tensor(tensor: torch.Tensor, codec: str | None = None) -> runtime_pb2.T
     return runtime_pb2.Tensor(buffer=raw, size=list(tensor.shape), dtype=name, requires_grad=False)
 
 
+def pack_payload(payload: Payload | None, like: torch.Tensor) -> runtime_pb2.Tensor:
+    """A slot for an already encoded payload; with none, an empty float32 tensor of `like`'s row shape."""
+    if payload is None:
+        return pack_tensor(torch.zeros((0, *like.shape[1:]), dtype=torch.float32))
+    return runtime_pb2.Tensor(buffer=wire.pack_payload(payload), size=payload.meta["shape"],
+                              dtype=wire.PREFIX + payload.codec, requires_grad=False)
+
+
 def unpack_tensor(proto: runtime_pb2.Tensor, what: str = "tensor") -> torch.Tensor:
     if wire.is_payload_dtype(proto.dtype):  # compressed: the codec checks the payload before decoding it
         if proto.compression != runtime_pb2.CompressionType.NONE:
@@ -232,6 +280,15 @@ def raw_bytes(tensors: Iterable[runtime_pb2.Tensor]) -> int:
     """What packed tensors would take uncompressed (payload_bytes is what they take on the wire)."""
     return sum(wire.original_nbytes(t.buffer, list(t.size)) if wire.is_payload_dtype(t.dtype) else len(t.buffer)
                for t in tensors)
+
+
+def hidden_slots(tensors: Iterable[runtime_pb2.Tensor]) -> list[runtime_pb2.Tensor]:
+    """The slots holding hidden states or their gradients: float or codec payloads of rank 3 [batch, length, hidden]
+    (positions and masks are integers, LoRA tensors rank 2, deep prompts rank 4)."""
+    return [t for t in tensors if len(t.size) == 3 and (wire.is_payload_dtype(t.dtype) or t.dtype in _FLOAT_NAMES)]
+
+
+_FLOAT_NAMES = ("float32", "float16", "bfloat16")
 
 
 @dataclass

@@ -52,13 +52,14 @@ def _server_bytes_in(connection, peer_id) -> int:
 
 def test_clients_choose_codecs_per_role(dist_model, reference_model):
     layers = dist_model.remote_layers
+    saved = dict(layers.codecs)
     connection = layers.connection
     first = connection.plan()[0].peer_id
     input_ids = torch.randint(3, 320, (2, 24), generator=torch.Generator().manual_seed(2))
     try:
         sizes = {}
         for codec in ("none", "bfloat16"):
-            layers.codecs = {"inference": codec, "activations": codec, "gradients": codec}
+            dist_model.set_codecs(inference=codec, activations=codec, gradients=codec)
             before = _server_bytes_in(connection, first)
             with torch.no_grad():
                 logits = dist_model(input_ids).logits
@@ -75,13 +76,14 @@ def test_clients_choose_codecs_per_role(dist_model, reference_model):
         assert ((ours_in.grad - theirs_in.grad).norm() / theirs_in.grad.norm()) < 0.05
 
         # An inference session with compressed hidden states: its output stays close to the exact model's.
-        layers.codecs = {"inference": "int8_outlier", "activations": "none", "gradients": "none"}
+        dist_model.set_codecs(inference="int8_outlier", activations="none", gradients="none")
         with dist_model.inference_session(max_length=30) as session, torch.no_grad():
             out = session.step(dist_model.get_input_embeddings()(input_ids[:, :20]))
             logits = reference_model.lm_head(reference_model.model.norm(out))
             torch.testing.assert_close(logits, reference_model(input_ids[:, :20]).logits, atol=0.1, rtol=0.1)
     finally:
-        layers.codecs = {"inference": "none", "activations": "none", "gradients": "none"}
+        layers.codecs.clear()
+        layers.codecs.update(saved)
         reference_model.zero_grad(set_to_none=True)
 
 
@@ -96,11 +98,17 @@ def test_unknown_codecs_are_refused_and_named(dist_model):
 def test_set_codecs_names_the_choices(dist_model):
     with pytest.raises(ValueError, match=r"unknown codec 'nope' for gradients; choose from \['none', "):
         dist_model.set_codecs(gradients="nope")
-    dist_model.set_codecs(inference="bfloat16")
+    before = dict(dist_model.remote_layers.codecs)
+    dist_model.set_codecs(inference="bfloat16", replies={"gradients": "int8_outlier"})
     try:
-        assert dist_model.remote_layers.codecs == {"inference": "bfloat16", "activations": "none", "gradients": "none"}
+        assert dist_model.remote_layers.codecs == {**before, "inference": "bfloat16", "gradients_reply": "int8_outlier"}
+        assert dist_model.remote_layers.reply_codec("gradients") == "int8_outlier"
+        assert dist_model.remote_layers.reply_codec("activations") == before["activations"]
+        with pytest.raises(ValueError, match="replies names role 'delta'"):
+            dist_model.set_codecs(replies={"delta": "none"})
     finally:
-        dist_model.set_codecs(inference="none")
+        dist_model.remote_layers.codecs.clear()
+        dist_model.remote_layers.codecs.update(before)
 
 
 def test_traffic_is_counted_raw_and_on_the_wire(dist_model):
@@ -108,6 +116,7 @@ def test_traffic_is_counted_raw_and_on_the_wire(dist_model):
 
     connection = dist_model.remote_layers.connection
     input_ids = torch.randint(3, 320, (2, 32), generator=torch.Generator().manual_seed(3))
+    saved = dict(dist_model.remote_layers.codecs)
     dist_model.set_codecs(activations="bfloat16", inference="int8_outlier")
     try:
         before = replace(connection.traffic)
@@ -128,5 +137,5 @@ def test_traffic_is_counted_raw_and_on_the_wire(dist_model):
         # One token of 64 channels per decode step: the payload header is a large part of it on this tiny model.
         assert traffic.sent_raw > 0 and traffic.received_wire < traffic.received_raw
     finally:
-        dist_model.set_codecs(activations="none", inference="none")
+        dist_model.remote_layers.codecs.update(saved)
 

@@ -89,28 +89,40 @@ def test_generation_with_client_adapter_matches_local_peft(lora_model, tiny_mode
 
 
 def test_training_loss_curve_matches_local_peft(dist_model, tiny_model_path):
-    """50 AdamW steps on the same batches: every step's loss within 1e-3 relative of the local peft run."""
+    """50 AdamW steps on the same batches. Before each step the local model takes the swarm's current adapter, so
+    every step's loss and gradients are compared from the same parameters: within 1e-5 and 1e-4 relative.
+
+    (Left to run freely, AdamW at this learning rate turns float differences in the last bits, from summation order
+    on a loaded machine, into loss differences of ~1e-3 within a few steps: the comparison would test the noise.)
+    """
     torch.manual_seed(0)
     lora = dist_model.add_lora_adapter(LoraConfig(**LORA))
     try:
         reference = local_peft(tiny_model_path, lora)
+        theirs_params = dict((k.replace(".default", ""), p) for k, p in reference.named_parameters() if "lora_" in k)
         ours_opt = torch.optim.AdamW(lora.parameters(), lr=1e-2)
-        theirs_opt = torch.optim.AdamW([p for n, p in reference.named_parameters() if "lora_" in n], lr=1e-2)
         data = torch.randint(3, 320, (8, 4, 16), generator=torch.Generator().manual_seed(13))
-        ours_losses, theirs_losses = [], []
+        ours_losses = []
         for step in range(50):
             batch = data[step % 8]
-            for model, optimizer, losses in ((dist_model, ours_opt, ours_losses), (reference, theirs_opt, theirs_losses)):
-                optimizer.zero_grad()
-                loss = model(batch, labels=batch).loss
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
+            with torch.no_grad():
+                for key, param in zip(lora.peft_state_dict(), lora.params, strict=True):
+                    theirs_params[key].copy_(param)
+            reference.zero_grad()
+            theirs = reference(batch, labels=batch).loss
+            theirs.backward()
+            ours_opt.zero_grad()
+            ours = dist_model(batch, labels=batch).loss
+            ours.backward()
+            assert abs(ours.item() - theirs.item()) <= 1e-5 * theirs.item(), f"step {step}: {ours.item()} vs {theirs.item()}"
+            for key, param in zip(lora.peft_state_dict(), lora.params, strict=True):
+                expected = theirs_params[key].grad
+                assert (param.grad - expected).norm() <= 1e-4 * expected.norm() + 1e-8, f"step {step}: {key}"
+            ours_opt.step()
+            ours_losses.append(ours.item())
     finally:
         dist_model.remote_layers.lora = None
     assert ours_losses[-1] < 0.8 * ours_losses[0]  # it learns
-    for step, (a, b) in enumerate(zip(ours_losses, theirs_losses, strict=True)):
-        assert abs(a - b) <= 1e-3 * abs(b), f"step {step}: swarm {a:.6f} vs local {b:.6f}"
 
 
 def test_bad_lora_tensors_are_rejected(dist_model):

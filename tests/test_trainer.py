@@ -63,9 +63,14 @@ def test_trainer_on_the_swarm_matches_trainer_on_local_peft(dist_model, tiny_mod
     theirs = train_losses(reference, tmp_path / "local", optim)
 
     assert len(ours) == len(theirs) == STEPS
+    # The first epoch agrees to float precision. Later steps may drift apart by ~1e-3: AdamW at lr 1e-2 turns
+    # last-bit differences in summation order (a loaded machine) into visible ones. test_lora.py pins the
+    # gradients of every step from identical parameters.
+    per_epoch = len(token_dataset()) // BATCH
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-        assert abs(a - b) <= 1e-3 * abs(b), f"step {step}: swarm {a:.6f} vs local {b:.6f} (swarm {ours}, local {theirs})"
-    per_epoch = len(token_dataset()) // BATCH  # the second epoch sees the same examples again, after some training
+        bound = 1e-5 if step < per_epoch else 1e-2
+        assert abs(a - b) <= bound * abs(b), f"step {step}: swarm {a:.6f} vs local {b:.6f} (swarm {ours}, local {theirs})"
+    # the second epoch sees the same examples again, after some training
     assert sum(ours[per_epoch:2 * per_epoch]) < 0.95 * sum(ours[:per_epoch]), ours
     assert all(changed[name] for name in changed if name.startswith(ADAPTER))
     assert not [name for name in changed if changed[name] and not name.startswith(ADAPTER)]

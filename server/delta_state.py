@@ -1,0 +1,93 @@
+"""The server's end of delta-coded training streams (see swarm.compression.delta): references per peer, hop and
+sample, bounded in memory; decoding a request's rows and encoding the output's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from swarm import compression
+from swarm.compression.base import CodecError
+from swarm.compression.delta import DeltaStore, delta_decode, delta_encode
+from swarm.protocol import BadRequest, DeltaInfo, DeltaStateMissing, pack_payload, unpack_tensor
+
+
+@dataclass
+class DeltaStats:
+    rows_full: int = 0  # rows received or sent in full, a delta, or not at all ("same")
+    rows_delta: int = 0
+    rows_same: int = 0
+    refused: int = 0  # requests refused for a missing or different reference (the client then sends in full)
+
+
+class ServerDelta:
+    """References of the inputs ("in") and outputs ("out") this server exchanged with each peer, by sample key."""
+
+    def __init__(self, max_bytes: int, ttl: float):
+        self.store = DeltaStore(max_bytes, ttl)
+        self.stats = DeltaStats()
+
+    def decode_input(self, info: DeltaInfo, full: runtime_pb2.Tensor, delta: runtime_pb2.Tensor, peer: str,
+                     start: int, end: int) -> tuple[torch.Tensor, Callable[[], None]]:
+        """The hidden states [rows, length, hidden] of a delta-coded request, and a function that stores them as
+        the new references (to call once the request is validated)."""
+        keys = [(peer, start, end, "in", key) for key in info.keys]
+        refs = []
+        missing = 0
+        for key, mode, want in zip(keys, info.modes, info.refs, strict=True):
+            ref = self.store.get(key) if mode != "f" else None
+            if mode != "f" and (ref is None or ref.digest != want):
+                missing += 1
+            refs.append(ref.tensor if ref is not None else None)
+        if missing:
+            self.stats.refused += 1
+            raise DeltaStateMissing(f"{missing} of {len(keys)} rows refer to activations this server does not hold "
+                                    "(evicted, restarted or a new route); send them in full")
+        try:
+            rows = delta_decode(info.modes, _rows(full, "full rows"), _rows(delta, "delta rows"), refs)
+        except CodecError as exc:
+            raise BadRequest(f"delta-coded hidden states: {exc}") from None
+
+        def commit() -> None:
+            for key, mode, row in zip(keys, info.modes, rows, strict=True):
+                if mode != "s":
+                    self.store.put(key, row)
+            self._count(info.modes)
+
+        return torch.stack(rows), commit
+
+    def encode_output(self, info: DeltaInfo, output: torch.Tensor, full_codec: str, peer: str, start: int,
+                      end: int) -> tuple[str, list[runtime_pb2.Tensor]]:
+        """(modes, [full rows, deltas]) of the output; a row goes as a delta only where the client's reference
+        (its digest in `out_refs`) is the one stored here."""
+        keys = [(peer, start, end, "out", key) for key in info.keys]
+        refs = []
+        for key, want in zip(keys, info.out_refs, strict=True):
+            ref = self.store.get(key) if want else None
+            refs.append(ref if ref is not None and ref.digest == want else None)
+        encoded = delta_encode(output, refs, compression.get(full_codec or "none"), compression.get(info.codec or "none"))
+        for key, mode, state, source in zip(keys, encoded.modes, encoded.states, encoded.sources, strict=True):
+            if mode != "s":
+                self.store.put(key, state, source)
+        self._count(encoded.modes)
+        return encoded.modes, [pack_payload(encoded.full, output), pack_payload(encoded.delta, output)]
+
+    def _count(self, modes: str) -> None:
+        self.stats.rows_full += modes.count("f")
+        self.stats.rows_delta += modes.count("d")
+        self.stats.rows_same += modes.count("s")
+
+    def info(self) -> dict:
+        return {"delta_refs": len(self.store), "delta_ref_bytes": self.store.bytes, "delta_rows_full": self.stats.rows_full,
+                "delta_rows_delta": self.stats.rows_delta, "delta_rows_same": self.stats.rows_same,
+                "delta_refused": self.stats.refused}
+
+
+def _rows(proto: runtime_pb2.Tensor, what: str) -> torch.Tensor | None:
+    tensor = unpack_tensor(proto, what)
+    if tensor.dim() != 3 or not tensor.is_floating_point():
+        raise BadRequest(f"{what} must be a float tensor [rows, length, hidden], got {tensor.dtype} {list(tensor.shape)}")
+    return tensor if tensor.shape[0] else None
