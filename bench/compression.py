@@ -24,7 +24,7 @@ gradients over the whole run, the ratio to the uncompressed run, the held-out lo
 between the 10-step moving averages of the training loss. enc/dec ms/MB there are the activation codec's.
 
 Run: python bench/compression.py [--codecs none,int8_outlier] [--positions 2000] [--prompts 20] [--new-tokens 32]
-                                 [--train-epochs 4] [--train-samples 32] [--training CONFIGS | --no-training]
+                                 [--train-epochs 4] [--train-samples 64] [--held-out 32] [--training CONFIGS | --no-training]
 """
 
 # ruff: noqa: E402  (the OpenMP waiting settings must be set before torch is imported)
@@ -146,25 +146,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-training", action="store_true", help="skip the fine-tuning half")
     parser.add_argument("--no-inference", action="store_true", help="skip the inference half")
     parser.add_argument("--train-epochs", type=int, default=4, help="epochs of LoRA fine-tuning per codec set")
-    parser.add_argument("--train-samples", type=int, default=32, help="training pairs (16 more are held out)")
+    parser.add_argument("--train-samples", type=int, default=64, help="training pairs")
+    parser.add_argument("--held-out", type=int, default=32, help="pairs held out to measure the trained adapter")
     args = parser.parse_args()
     training = [t for t in args.training.split(",") if t]
     if set(training) - set(TRAINING):
         parser.error(f"unknown training sets {sorted(set(training) - set(TRAINING))}; choose from {list(TRAINING)}")
     args.training = [] if args.no_training else ["none"] + [t for t in dict.fromkeys(training) if t != "none"]
-    if args.no_inference:
-        args.codecs = []
     codecs = [c for c in args.codecs.split(",") if c]
     unknown = set(codecs) - set(compression.available())
     if unknown:
         parser.error(f"unknown codecs {sorted(unknown)}; choose from {compression.available()}")
-    args.codecs = ["none"] + [c for c in dict.fromkeys(codecs) if c != "none"]
+    args.codecs = [] if args.no_inference else ["none"] + [c for c in dict.fromkeys(codecs) if c != "none"]
     return args
 
 
 def training_rows(model, tokenizer, args, capture) -> list[dict]:
     """One table row per training codec set, the uncompressed one first (the reference)."""
-    train_data, held_out = load_data(tokenizer, args.train_samples)
+    train_data, held_out = load_data(tokenizer, args.train_samples, args.held_out)
     rows, ref = [], None
     for name in args.training:
         config = TRAINING[name]

@@ -3,7 +3,7 @@ training codecs, against the uncompressed run with the same seed, data and order
 
 Setup: LoRA r=8 (alpha 16) on q,k,v,o, AdamW lr 5e-4, gradient norm clipped at 1, batch 4; the first N training
 pairs of client/data/instructions.jsonl (chat template, loss on the answer), each padded to a fixed 128 tokens so
-a sample looks the same every epoch; E epochs, shuffled with one seed; the next 16 pairs held out. Measured:
+a sample looks the same every epoch; E epochs, shuffled with one seed; the next H pairs held out. Measured:
 
 - bytes: every byte of hidden states and their gradients the client sent and received over the run (activations
   forward, gradients backward, every hop; first-epoch full sends and fallbacks included), per token per hop;
@@ -31,7 +31,6 @@ from client.data import INSTRUCTIONS
 LENGTH = 128
 BATCH = 4
 LR = 5e-4
-HELD_OUT = 16
 
 
 @dataclass
@@ -66,11 +65,11 @@ def padded(tokenizer, examples) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return ids, mask, labels
 
 
-def load_data(tokenizer, samples: int):
+def load_data(tokenizer, samples: int, held_out: int):
     examples = load_examples(INSTRUCTIONS)
-    if samples + HELD_OUT > len(examples):
-        sys.exit(f"--train-samples {samples} + {HELD_OUT} held out exceeds the {len(examples)} shipped examples")
-    return padded(tokenizer, examples[:samples]), padded(tokenizer, examples[samples: samples + HELD_OUT])
+    if samples + held_out > len(examples):
+        sys.exit(f"--train-samples {samples} + --held-out {held_out} exceeds the {len(examples)} shipped examples")
+    return padded(tokenizer, examples[:samples]), padded(tokenizer, examples[samples: samples + held_out])
 
 
 def held_out_loss(model, data) -> float:

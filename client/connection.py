@@ -14,7 +14,7 @@ from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from client import aio
-from client.routing import RouteStep, plan_route
+from client.routing import RouteStep, ban_seconds, plan_route
 from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
 from swarm.dht_records import ServerInfo, fetch_servers
 from swarm.protocol import (
@@ -52,6 +52,7 @@ class SwarmConnection:
         self._servers_time = 0.0
         self.traffic = Traffic()  # every tensor this client sent and received, raw and on the wire
         self.hidden_traffic = Traffic()  # the part of it that is hidden states and their gradients (hidden_slots)
+        self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
         # (server, digest) of LoRA tensors a server has accepted from us: later requests name them by digest.
         self._lora_uploads: OrderedDict[tuple[str, str], None] = OrderedDict()
 
@@ -63,12 +64,25 @@ class SwarmConnection:
             self._servers_time = time.monotonic()
         return self._servers
 
+    def ban(self, peer_id) -> float:
+        """Keep a server that failed a call out of routes for a while (longer after each failure in a row)."""
+        _, strikes = self._bans.get(str(peer_id), (0.0, 0))
+        seconds = ban_seconds(strikes + 1)
+        self._bans[str(peer_id)] = (time.monotonic() + seconds, strikes + 1)
+        logger.info("server %s failed; leaving it out of routes for %.0f s", peer_id, seconds)
+        return seconds
+
+    def banned(self) -> set:
+        now = time.monotonic()
+        return {peer for peer, (until, _) in self._bans.items() if until > now}
+
     def plan(self, start: int = 0, end: int | None = None, adapter: str | None = None) -> list[RouteStep]:
         end = self.num_blocks if end is None else end
+        banned = self.banned()
         try:
-            return plan_route(self.servers(), start, end, adapter=adapter)
-        except RuntimeError:
-            return plan_route(self.servers(refresh=True), start, end, adapter=adapter)  # the swarm may have changed
+            return plan_route(self.servers(), start, end, banned=banned, adapter=adapter)
+        except RuntimeError:  # the swarm may have changed
+            return plan_route(self.servers(refresh=True), start, end, banned=banned, adapter=adapter)
 
     def stub(self, peer_id):
         return BlockService.get_stub(self.p2p, peer_id, namespace=self.prefix)
@@ -189,6 +203,8 @@ class SpanStream:
         self._replies = None
         self.position = 0
         self.step_id = 0
+        self.history: list[list[torch.Tensor]] = []  # every step's inputs, to replay on a replacement server
+        self.failed = False
 
     async def open(self) -> None:
         async def requests():
@@ -204,8 +220,13 @@ class SpanStream:
                 self.connection.stub(self.step.peer_id).rpc_inference(requests()), CLIENT.connect_timeout)
             self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=[pack_tensor(t) for t in opening]))
             await self._next_reply()
-        except BaseException:
+        except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
             self._queue.put_nowait(None)
+            self.failed = True
+            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
+        except BaseException as exc:
+            self._queue.put_nowait(None)
+            self.failed = isinstance(exc, RemoteError) and exc.code in ("transport", "server_leaving")
             raise
 
     async def _next_reply(self) -> runtime_pb2.ExpertResponse:
@@ -215,7 +236,12 @@ class SpanStream:
         message = runtime_pb2.ExpertRequest(metadata=InferenceStep(step=self.step_id).encode(),
                                             tensors=_pack(tensors, [self.codec]))
         self._queue.put_nowait(message)
-        reply = await self._next_reply()
+        try:
+            reply = await self._next_reply()
+        except RemoteError as exc:
+            self.failed = exc.code in ("transport", "server_leaving")  # gone or going, not a refusal
+            raise
+        self.history.append(list(tensors))
         self.traffic += self.connection.count(message.tensors, reply.tensors)
         self.position = InferenceReply.decode(reply.metadata).position
         self.step_id += 1

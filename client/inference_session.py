@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from client import aio
 from client.connection import SpanStream, SwarmConnection
-from swarm.protocol import Traffic
+from client.routing import NoRouteError
+from swarm.config import CLIENT
+from swarm.protocol import RemoteError, Traffic
+
+# Failures a session survives by moving the span elsewhere: the server is gone or going. Its refusals (bad input,
+# a full cache) are answers, passed on to the caller.
+RECOVERABLE = frozenset({"transport", "server_leaving"})
 
 logger = logging.getLogger(__name__)
 
@@ -36,37 +43,94 @@ class InferenceSession:
         self.position = 0  # tokens processed so far
         self.token_ids: torch.Tensor | None = None  # the last generate() output, kept by the model class
         self.closed = False
+        self.recoveries: list[float] = []  # seconds each move of a failed span took (re-route, replay, retry)
 
-    async def _open(self, batch_size: int) -> None:
-        route = self.connection.plan(self.start, self.end, self.adapter)
-        streams = []
-        for step in route:
-            names, tensors, scaling = [], [], 1.0
-            if self.lora is not None:
-                names, params = self.lora.for_blocks(step.start, step.end)
-                tensors, scaling = [p.detach().clone() for p in params], self.lora.scaling
-            deep = None
-            if self.prompts is not None:
-                deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start)
-            streams.append(SpanStream(self.connection, step, batch_size, self.max_length, names, tensors, scaling,
-                                      self.adapter or "", deep, self.codec, self.reply_codec))
+    def _stream(self, step, batch_size: int) -> SpanStream:
+        names, tensors, scaling = [], [], 1.0
+        if self.lora is not None:
+            names, params = self.lora.for_blocks(step.start, step.end)
+            tensors, scaling = [p.detach().clone() for p in params], self.lora.scaling
+        deep = None
+        if self.prompts is not None:
+            deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start)
+        return SpanStream(self.connection, step, batch_size, self.max_length, names, tensors, scaling,
+                          self.adapter or "", deep, self.codec, self.reply_codec)
+
+    async def _open_route(self, start: int, end: int, batch_size: int) -> list[SpanStream]:
+        streams = [self._stream(step, batch_size) for step in self.connection.plan(start, end, self.adapter)]
         try:
             for stream in streams:
                 await stream.open()
         except BaseException:
             for stream in streams:
+                if stream.failed:  # e.g. a server that died before its record expired
+                    self.connection.ban(stream.step.peer_id)
                 await stream.close()
             raise
-        self.streams = streams
-        logger.debug("opened inference session through %s", [(str(s.step.peer_id)[-6:], s.step.start, s.step.end) for s in streams])
+        return streams
+
+    async def _open(self, batch_size: int) -> None:
+        for attempt in range(CLIENT.max_retries + 1):
+            try:
+                self.streams = await self._open_route(self.start, self.end, batch_size)
+                break
+            except RemoteError as exc:
+                if exc.code not in RECOVERABLE or attempt == CLIENT.max_retries:
+                    raise
+        logger.debug("opened inference session through %s", [(str(s.step.peer_id)[-6:], s.step.start, s.step.end) for s in self.streams])
 
     async def _step(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if not self.streams:
             await self._open(tensors[0].shape[0])
-        hidden = tensors[0]
-        for stream in self.streams:
-            hidden = await stream.send([hidden, *tensors[1:]])
+        hidden, index = tensors[0], 0
+        while index < len(self.streams):
+            inputs = [hidden, *tensors[1:]]
+            try:
+                hidden = await self.streams[index].send(inputs)
+                index += 1
+            except RemoteError as exc:
+                if exc.code not in RECOVERABLE:
+                    raise
+                hidden, count = await self._recover(index, inputs, exc)
+                index += count
         return hidden
+
+    async def _recover(self, index: int, inputs: list[torch.Tensor], error: RemoteError) -> tuple[torch.Tensor, int]:
+        """Replace the failed stream `index` by a route of other servers for its blocks: open sessions there, replay
+        every input that stream took (one message each, as first sent, so the new KV caches hold exactly the same
+        values), then send `inputs`. Returns the output and how many streams took its place."""
+        failed = self.streams[index]
+        start, end, history = failed.step.start, failed.step.end, failed.history
+        tried = [f"{str(failed.step.peer_id)[-8:]} ({error.message[:120]})"]
+        began = time.perf_counter()
+        self.connection.ban(failed.step.peer_id)
+        await failed.close()
+        for _ in range(CLIENT.max_retries):
+            try:
+                streams = [self._stream(step, failed.batch_size) for step in self.connection.plan(start, end, self.adapter)]
+            except NoRouteError as exc:
+                tried.append(f"a new route ({exc})")
+                break
+            try:
+                for stream in streams:
+                    await stream.open()
+                for past in [*history, inputs]:
+                    hidden = past[0]
+                    for stream in streams:
+                        hidden = await stream.send([hidden, *past[1:]])
+            except RemoteError as exc:
+                culprit = next((s for s in streams if s.failed), streams[0])
+                tried.append(f"{str(culprit.step.peer_id)[-8:]} ({exc.message[:120]})")
+                self.connection.ban(culprit.step.peer_id)
+                for stream in streams:
+                    await stream.close()
+                continue
+            self.streams[index : index + 1] = streams
+            self.recoveries.append(time.perf_counter() - began)
+            logger.info("blocks %d:%d moved to %s after a failure; replayed %d steps in %.2f s", start, end,
+                        [str(s.step.peer_id)[-6:] for s in streams], len(history), self.recoveries[-1])
+            return hidden, len(streams)
+        raise RemoteError("transport", f"blocks {start}:{end} failed and could not be moved; tried: {'; '.join(tried)}")
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:

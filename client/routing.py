@@ -20,11 +20,19 @@ class NoRouteError(RuntimeError):
     pass
 
 
+def ban_seconds(strikes: int, base: float = CLIENT.ban_base_s, cap: float = CLIENT.ban_max_s) -> float:
+    """How long a server stays out of routes after its `strikes`-th failure in a row: doubling from `base`, at
+    most `cap`."""
+    if strikes < 1:
+        return 0.0
+    return min(cap, base * 2.0 ** (strikes - 1))
+
+
 def plan_route(
     servers: Sequence[ServerInfo],
     start: int,
     end: int,
-    banned: Collection = (),
+    banned: Collection[str] = (),  # str(peer_id) of servers to leave out
     hop_ms: float = CLIENT.hop_overhead_ms,
     default_ms_per_block: float = CLIENT.default_ms_per_block,
     adapter: str | None = None,
@@ -34,7 +42,7 @@ def plan_route(
     A server may be entered in the middle of its span and left before its end. Ties prefer fewer hops.
     With `adapter`, only servers that host that named adapter are used.
     """
-    usable = [s for s in servers if s.record.state == ServerState.ONLINE and s.peer_id not in banned
+    usable = [s for s in servers if s.record.state == ServerState.ONLINE and str(s.peer_id) not in banned
               and (adapter is None or adapter in s.record.adapters)]
     best: dict[int, tuple[float, int, int | None, ServerInfo | None]] = {start: (0.0, 0, None, None)}
     for i in range(start, end):

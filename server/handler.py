@@ -29,6 +29,7 @@ from swarm.protocol import (
     InferenceReply,
     InferenceStep,
     LoraNotCached,
+    ServerLeaving,
     SpanReply,
     SpanRequest,
     SwarmError,
@@ -78,6 +79,7 @@ class BlockHandler:
         # One compute thread: requests run one at a time, in arrival order, off the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.stats = TrafficStats()
+        self.leaving = False  # set on shutdown: open inference sessions are told to move on their next step
 
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, fn, *args)
@@ -292,6 +294,8 @@ class BlockHandler:
         if first is None:
             return
         with self._guarded("inference session"):
+            if self.leaving:
+                raise ServerLeaving("this server is leaving the swarm and takes no new sessions")
             meta = InferenceOpen.decode(first.metadata)
             self.backend.check_span(meta.start, meta.end)
             check_codec(meta.reply_codec)
@@ -321,6 +325,9 @@ class BlockHandler:
                     raise BadRequest(f"session was idle for over {self.session_timeout:.0f} s and was closed") from None
                 if request is None:
                     break
+                if self.leaving:
+                    raise ServerLeaving(f"this server is leaving the swarm; continue the session elsewhere "
+                                        f"(it held {state.position} tokens)")
                 output = await self._guard("inference", self._inference_step(state, request))
                 response = runtime_pb2.ExpertResponse(
                     tensors=_pack_reply([output], meta.reply_codec),

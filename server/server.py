@@ -230,6 +230,9 @@ class Server:
         logger.info("leaving: announcing offline and draining %d open session(s)", self.handler.stats.sessions_open)
         # The DHT keeps the entry that expires last, so the offline record must outlive the online one.
         await asyncio.to_thread(self._announce, ServerState.OFFLINE, None, 3.0)
+        self.handler.leaving = True  # sessions that send another step are told to move (they replay elsewhere)
+        logger.info("offline: open sessions move on their next step; waiting up to %.0f s for them",
+                    self.options.shutdown_timeout)
         deadline = time.monotonic() + self.options.shutdown_timeout
         while self.handler.stats.sessions_open and time.monotonic() < deadline:
             await asyncio.sleep(0.1)

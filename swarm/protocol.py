@@ -65,6 +65,12 @@ class DeltaStateMissing(SwarmError):
     code = "delta_state_missing"
 
 
+class ServerLeaving(SwarmError):
+    """The server is shutting down: the client should continue its session on another server."""
+
+    code = "server_leaving"
+
+
 class ServerBusy(SwarmError):
     code = "server_busy"
 

@@ -68,11 +68,21 @@ def tiny_swarm(tiny_model_path):
         swarm.stop()
 
 
+EXACT = dict(inference="none", activations="none", gradients="none", delta="none")
+
+
+def exact(model):
+    """Send hidden states uncompressed (float32), for tests that compare with local transformers/peft to float
+    precision; the default codecs (swarm.config.CLIENT) are lossy by design and have tests of their own."""
+    model.set_codecs(**EXACT)
+    return model
+
+
 @pytest.fixture(scope="session")
 def dist_model(tiny_swarm, tiny_model_path):
     from client.model import DistributedModelForCausalLM
 
-    model = DistributedModelForCausalLM.from_pretrained(tiny_model_path, tiny_swarm.initial_peers)
+    model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, tiny_swarm.initial_peers))
     yield model
     model.model.layers.connection.shutdown()
 

@@ -119,7 +119,7 @@ def test_traffic_is_counted_raw_and_on_the_wire(dist_model):
     saved = dict(dist_model.remote_layers.codecs)
     dist_model.set_codecs(activations="bfloat16", inference="int8_outlier")
     try:
-        before = replace(connection.traffic)
+        before, hidden_before = replace(connection.traffic), replace(connection.hidden_traffic)
         with torch.no_grad():
             dist_model(input_ids)
         sent_raw = connection.traffic.sent_raw - before.sent_raw
@@ -130,6 +130,9 @@ def test_traffic_is_counted_raw_and_on_the_wire(dist_model):
         assert received_raw == hidden and hidden // 2 < received_wire < hidden // 2 + 3 * 256  # bf16 + a small header per reply
         assert sent_raw == hidden + 3 * 2 * 32 * 8  # plus int64 position ids, sent as they are
         assert sent_wire < sent_raw * 0.6
+        # hidden_traffic: the hidden states alone, without the position ids
+        assert connection.hidden_traffic.sent_raw - hidden_before.sent_raw == hidden
+        assert connection.hidden_traffic.received_wire - hidden_before.received_wire == received_wire
 
         with dist_model.inference_session(max_length=40) as session, torch.no_grad():
             dist_model.generate(input_ids[:1, :8], max_new_tokens=4, do_sample=False)

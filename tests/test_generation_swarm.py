@@ -7,7 +7,7 @@ import torch
 
 from client.model import DistributedModelForCausalLM
 from swarm.config import CLIENT
-from tests.conftest import run_concurrently
+from tests.conftest import exact, run_concurrently
 
 
 def test_route_spans_three_servers(dist_model, tiny_swarm):
@@ -149,7 +149,7 @@ def test_batches_over_the_request_limit_are_split(dist_model, reference_model):
 def test_eight_concurrent_clients(tiny_swarm, tiny_model_path, reference_model):
     prompts = [torch.randint(3, 320, (1, 4 + i), generator=torch.Generator().manual_seed(100 + i)) for i in range(8)]
     expected = [reference_model.generate(p, max_new_tokens=16, min_new_tokens=16, do_sample=False) for p in prompts]
-    models = [DistributedModelForCausalLM.from_pretrained(tiny_model_path, tiny_swarm.initial_peers) for _ in range(8)]
+    models = [exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, tiny_swarm.initial_peers)) for _ in range(8)]
     try:
         results = run_concurrently([
             lambda i=i: models[i].generate(prompts[i], max_new_tokens=16, min_new_tokens=16, do_sample=False)

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from transformers import LlamaForCausalLM
 
-from tests.conftest import run_concurrently
+from tests.conftest import exact, run_concurrently
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], lora_dropout=0.0)
 
@@ -187,7 +187,7 @@ def test_two_clients_train_different_adapters_at_once(tiny_swarm, tiny_model_pat
 
     clients, expected = [], []
     for index in range(2):
-        model = DistributedModelForCausalLM.from_pretrained(tiny_model_path, tiny_swarm.initial_peers)
+        model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, tiny_swarm.initial_peers))
         torch.manual_seed(100 + index)
         lora = model.add_lora_adapter(LoraConfig(**{**LORA, "r": 2 + 2 * index}))
         with torch.no_grad():

@@ -14,6 +14,7 @@ from client import aio
 from server.lora_cache import LoraCache
 from swarm import lora as wire
 from swarm.protocol import BlockService, RemoteError, SpanRequest, pack_tensor, split_message
+from tests.conftest import exact
 
 NAMES = ["0.self_attn.q_proj.A", "0.self_attn.q_proj.B"]
 
@@ -105,7 +106,7 @@ def test_training_step_sends_lora_once_and_resends_when_the_server_lacks_it(dist
 
         # A second client (another peer) that believes these uploads are its own: servers refuse to serve
         # another peer's upload, so it falls back to sending the tensors, and the result is the same.
-        other = DistributedModelForCausalLM.from_pretrained(tiny_model_path, tiny_swarm.initial_peers)
+        other = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, tiny_swarm.initial_peers))
         try:
             other.remote_layers.lora = lora
             other_connection = other.remote_layers.connection

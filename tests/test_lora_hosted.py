@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 from client.routing import NoRouteError
+from tests.conftest import exact
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_hosted_adapter_serves_generation_and_unknown_adapter_is_clear(tiny_mode
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         swarm.start_servers(tiny_model_path, [(0, 3), (3, 6)], ["--torch-dtype", "float32", "--adapters", f"demo={path}"])
-        model = DistributedModelForCausalLM.from_pretrained(tiny_model_path, swarm.initial_peers)
+        model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, swarm.initial_peers))
         try:
             servers = model.remote_layers.connection.servers(refresh=True)
             assert all(s.record.adapters == ("demo",) for s in servers)

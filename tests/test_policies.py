@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.routing import NoRouteError, plan_route
+from client.routing import NoRouteError, ban_seconds, plan_route
 from server.block_selection import choose_span, coverage
 from swarm.dht_records import ServerInfo, ServerRecord, ServerState
 
@@ -30,6 +30,11 @@ def route(servers, start=0, end=6, **kwargs) -> list[tuple[str, int, int]]:
 )
 def test_plan_route(servers, expected):
     assert route(servers) == expected
+
+
+@pytest.mark.parametrize("strikes, seconds", [(0, 0.0), (1, 15.0), (2, 30.0), (3, 60.0), (5, 240.0), (6, 300.0), (40, 300.0)])
+def test_ban_time_doubles_per_failure_in_a_row_up_to_a_cap(strikes, seconds):
+    assert ban_seconds(strikes, base=15.0, cap=300.0) == seconds
 
 
 def test_plan_route_sub_range_and_bans():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.conftest import exact
 from tests.test_finetune_cli import held_out_loss, swarm_cli
 
 SPANS = [(0, 10), (10, 20), (20, 30)]
@@ -51,12 +52,14 @@ def test_smollm2_greedy_answer_is_token_identical(smollm2_path, smollm2_swarm):
     model = DistributedModelForCausalLM.from_pretrained(smollm2_path, smollm2_swarm.initial_peers)
     try:
         assert len(model.model.layers.connection.plan()) == len(SPANS)
-        ours = model.generate(**inputs, **kwargs)
+        compressed = model.generate(**inputs, **kwargs)  # the default codec: int8 hidden states on the wire
+        ours = exact(model).generate(**inputs, **kwargs)
     finally:
         model.model.layers.connection.shutdown()
     assert torch.equal(ours, expected)
     answer = tokenizer.decode(ours[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+    assert "Paris" in tokenizer.decode(compressed[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_finetune_on_shipped_data_then_generate_with_the_adapter(smollm2_path, smollm2_swarm, tmp_path):
@@ -83,7 +86,7 @@ def test_finetune_on_shipped_data_then_generate_with_the_adapter(smollm2_path, s
 
     prompt, new_tokens = "Write 'river' in uppercase.", 8
     generated = swarm_cli("generate", smollm2_path, prompt, "--chat", "--max-new-tokens", str(new_tokens),
-                          "--initial-peers", *peers, "--adapter", str(out))
+                          "--initial-peers", *peers, "--adapter", str(out), "--codec", "none")
     assert generated.returncode == 0, generated.stderr
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)

@@ -12,6 +12,7 @@ from peft import LoraConfig
 
 from client import aio
 from swarm.protocol import BlockService
+from tests.conftest import exact
 
 
 def _info(connection, peer_id) -> dict:
@@ -72,7 +73,7 @@ def test_a_server_without_room_for_activations_makes_the_client_recompute(tiny_m
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         swarm.start_servers(tiny_model_path, [(0, 6)], ["--torch-dtype", "float32", "--train-activation-mb", "0"])
-        model = DistributedModelForCausalLM.from_pretrained(tiny_model_path, swarm.initial_peers)
+        model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, swarm.initial_peers))
         try:
             model.add_lora_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
             input_ids = torch.randint(3, 320, (2, 7), generator=torch.Generator().manual_seed(8))
