@@ -55,11 +55,13 @@ from swarm.launch import LocalSwarm, even_spans
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CODECS = "none,float16,bfloat16,int8_outlier,hadamard_int8,int4_outlier"
-TRAINING = {  # name: (activations, gradients, deltas)
+TRAINING = {  # name: (activations, gradients, deltas); "int8/int4g/d8" is the default (swarm.config.CLIENT)
     "none": TrainingConfig("none", "none", "none"),
     "int8": TrainingConfig("int8", "int8_outlier", "int8_outlier"),
     "int8/int4g": TrainingConfig("int8/int4g", "int8_outlier", "int4_outlier"),
     "int8/int4g/d4": TrainingConfig("int8/int4g/d4", "int8_outlier", "int4_outlier", "int4_outlier"),
+    "int8/int4g/d8": TrainingConfig("int8/int4g/d8", "int8_outlier", "int4_outlier", "int8_outlier"),
+    "int8/int4k4g/d8": TrainingConfig("int8/int4k4g/d8", "int8_outlier", "int4_outlier_k4", "int8_outlier"),
 }
 
 
@@ -144,6 +146,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--training", default=",".join(TRAINING),
                         help=f"training codec sets to run ('none' always runs first as the reference): {', '.join(TRAINING)}")
     parser.add_argument("--no-training", action="store_true", help="skip the fine-tuning half")
+    parser.add_argument("--losses", type=Path, help="write every training step's loss per codec set to this JSON file")
     parser.add_argument("--no-inference", action="store_true", help="skip the inference half")
     parser.add_argument("--train-epochs", type=int, default=4, help="epochs of LoRA fine-tuning per codec set")
     parser.add_argument("--train-samples", type=int, default=64, help="training pairs")
@@ -164,13 +167,16 @@ def parse_args() -> argparse.Namespace:
 def training_rows(model, tokenizer, args, capture) -> list[dict]:
     """One table row per training codec set, the uncompressed one first (the reference)."""
     train_data, held_out = load_data(tokenizer, args.train_samples, args.held_out)
-    rows, ref = [], None
+    rows, ref, losses = [], None, {}
     for name in args.training:
         config = TRAINING[name]
         print(f"training {name} (activations {config.activations}, gradients {config.gradients}, deltas {config.delta}):",
               flush=True)
         result = train(model, config, train_data, held_out, args.train_epochs)
         ref = ref or result
+        losses[name] = {"steps": result.losses, "held_out": result.held_out}
+        if args.losses:
+            args.losses.write_text(json.dumps(losses))
         per_token = result.hidden_bytes / result.tokens_hops
         print(f"  held-out loss {result.held_out:.4f}, last training losses {[round(x, 3) for x in result.losses[-3:]]}, "
               f"{per_token:.0f} B/tok/hop, {result.fallbacks} fallbacks")

@@ -49,6 +49,7 @@ class PeerProcess:
             [sys.executable, "-m", "swarm.cli", *args], stdout=self._log, stderr=subprocess.STDOUT,
             # Co-located peers spin only briefly (see swarm.config); the user's own setting, or `env`, wins.
             env={**COLOCATED_OMP_ENV, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=_die_with_parent,
+            start_new_session=True,  # its own process group: stopping it also ends its DHT process and p2pd
         )
         self.maddrs: list[str] = []
 
@@ -69,16 +70,28 @@ class PeerProcess:
         raise TimeoutError(f"{self.name} did not become ready in {timeout:.0f} s:\n{self.log()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Send `sig` (SIGKILL goes to the whole process group, as when a machine dies) and wait; then kill whatever
+        of its group is left (a hivemind DHT process or p2pd outlives a killed server otherwise)."""
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            if sig == signal.SIGKILL:
+                self._kill_group()
+            else:
+                self.process.send_signal(sig)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 logger.warning("%s did not exit in %.0f s; killing it", self.name, timeout)
                 self.process.kill()
                 self.process.wait()
+        self._kill_group()
         self._log.close()
         return self.process.returncode
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class LocalSwarm:

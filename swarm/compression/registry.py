@@ -43,6 +43,7 @@ def _register_builtins() -> None:
     from swarm.compression.int8 import Int8Outlier
 
     for codec in (NoneCodec(), float16(), bfloat16(), Int8Outlier(), Int4Outlier(),
+                  Int4Outlier(k=4, id="int4_outlier_k4"),  # for gradients: fewer exact channels, 10% fewer bytes
                   Hadamard(Int8Outlier(k=0, id="int8"), id="hadamard_int8")):
         register(codec)
 
