@@ -282,6 +282,9 @@ class TrainStream:
             self._replies = await asyncio.wait_for(self.connection.stub(self.step.peer_id).rpc_train(requests()),
                                                    CLIENT.connect_timeout)
             reply = await self._next_reply()
+        except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+            self.abandon()
+            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
         except BaseException:
             self.abandon()
             raise

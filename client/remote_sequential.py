@@ -14,8 +14,8 @@ from torch import nn
 from client import aio
 from client.connection import SwarmConnection
 from client.delta_client import ClientDelta
-from client.inference_session import InferenceSession
-from client.routing import RouteStep
+from client.inference_session import RECOVERABLE, InferenceSession
+from client.routing import NoRouteError, RouteStep
 from swarm.compression.delta import row_keys
 from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
 from swarm.protocol import RemoteError
@@ -83,22 +83,29 @@ class _RemoteChain(torch.autograd.Function):
         digests = {step.start: chain.lora.digest(step.start, step.end) for step in route} if chain.lora is not None else {}
         # With a backward to come, each step's forward opens a training stream whose backward reuses its activations.
         streams = _OpenStreams() if chain.keep_activations and expect_backward else None
+        routes = [list(route) for _ in slices]  # per chunk: the servers that ran it (a failed one is replaced)
 
         async def run_chunk(index: int, where: slice):
             h, step_inputs = hidden[where], []
             # Delta coding names each sample by its input row (see swarm.compression.delta).
             keys = row_keys(h, position_ids[where], _part(attention_mask, where)) if streams is not None and chain.delta_coder() else None
-            for step in route:
+            for position, step in enumerate(route):
                 step_inputs.append(h)
                 inputs = _span_tensors(h, position_ids[where], _part(attention_mask, where))
                 seed, digest = base_seed + index, digests.get(step.start)
-                if streams is not None and chain.fits_one_message(h, step):
-                    try:
-                        streams.items[(index, step.start)], h = await chain.atrain_forward(step, inputs, seed, digest, keys)
-                        continue
-                    except RemoteError as exc:  # e.g. the server's activation memory is full: recompute instead
-                        logger.debug("training stream to %s failed (%s); using a plain forward", step.peer_id, exc)
-                (h,) = await chain.acall("forward", step, inputs, seed=seed, digest=digest)
+
+                async def forward(step: RouteStep, inputs=inputs, seed=seed, digest=digest, h=h):
+                    if streams is not None and chain.fits_one_message(h, step):
+                        try:
+                            stream, output = await chain.atrain_forward(step, inputs, seed, digest, keys)
+                            streams.items[(index, step.start)] = stream
+                            return output
+                        except RemoteError as exc:  # e.g. the server's activation memory is full: recompute instead
+                            logger.debug("training stream to %s failed (%s); using a plain forward", step.peer_id, exc)
+                    (output,) = await chain.acall("forward", step, inputs, seed=seed, digest=digest)
+                    return output
+
+                routes[index][position], h = await chain.on_replica(step, forward)
             return step_inputs, h
 
         try:
@@ -107,7 +114,7 @@ class _RemoteChain(torch.autograd.Function):
             if streams is not None:
                 _abandon(streams.items)
             raise
-        ctx.chain, ctx.route, ctx.slices, ctx.base_seed, ctx.digests = chain, route, slices, base_seed, digests
+        ctx.chain, ctx.routes, ctx.slices, ctx.base_seed, ctx.digests = chain, routes, slices, base_seed, digests
         ctx.streams = streams
         ctx.chunk_inputs = [inputs for inputs, _ in results]
         ctx.position_ids, ctx.attention_mask = position_ids, attention_mask
@@ -127,11 +134,16 @@ class _RemoteChain(torch.autograd.Function):
                     return await stream.backward(grad)
                 except RemoteError as exc:  # the server lost it: recompute from the inputs kept here
                     logger.info("training stream to %s failed in backward (%s); recomputing", step.peer_id, exc)
-            return await chain.acall("backward", step, inputs, grad, seed=ctx.base_seed + index, digest=ctx.digests.get(step.start))
+
+            async def backward(step: RouteStep):
+                return await chain.acall("backward", step, inputs, grad, seed=ctx.base_seed + index,
+                                         digest=ctx.digests.get(step.start))
+
+            return (await chain.on_replica(step, backward))[1]
 
         async def run_chunk(index: int, where: slice, step_inputs: list[torch.Tensor]):
             grad, lora_grads, prompt_grads = grad_output[where], {}, {}
-            for step, hidden in zip(reversed(ctx.route), reversed(step_inputs), strict=True):
+            for step, hidden in zip(reversed(ctx.routes[index]), reversed(step_inputs), strict=True):
                 inputs = _span_tensors(hidden, position_ids[where], _part(attention_mask, where))
                 grad, *rest = await step_backward(index, step, inputs, grad.contiguous())
                 if prompts is not None and prompts.deep is not None:
@@ -233,6 +245,32 @@ class RemoteSequential(nn.Module):
             return await self.connection.span_call(kind, step, tensors, codecs=codecs, **fields)
         digest = digest or self.lora.digest(step.start, step.end)
         return await self.connection.lora_span_call(kind, step, tensors, *lora, self.lora.scaling, digest, codecs, **fields)
+
+    async def on_replica(self, step: RouteStep, call):
+        """(the step that answered, `await call(step)`): if the server is gone (`transport`, `server_leaving`), it is
+        banned and the same blocks go to another server that hosts all of them, up to CLIENT.max_retries times; the
+        inputs are the ones kept here, so the result is the same. The final error says what was tried."""
+        tried = []
+        for attempt in range(CLIENT.max_retries + 1):
+            try:
+                return step, await call(step)
+            except RemoteError as exc:
+                if exc.code not in RECOVERABLE:
+                    raise
+                tried.append(f"{str(step.peer_id)[-8:]} ({exc.message[:100]})")
+                self.connection.ban(step.peer_id)
+                try:
+                    replacement = self.connection.plan(step.start, step.end, self.adapter)
+                except NoRouteError as no_route:
+                    tried.append(str(no_route))
+                    break
+                if len(replacement) != 1 or attempt == CLIENT.max_retries:
+                    tried.append(f"no other single server hosts blocks {step.start}:{step.end}" if len(replacement) != 1 else "")
+                    break
+                logger.info("blocks %d:%d: %s failed; retrying on %s", step.start, step.end, str(step.peer_id)[-8:],
+                            str(replacement[0].peer_id)[-8:])
+                step = replacement[0]
+        raise RemoteError("transport", f"blocks {step.start}:{step.end} failed; tried: {'; '.join(t for t in tried if t)}")
 
     def delta_coder(self) -> ClientDelta | None:
         """The delta coder for the current codecs (None when codecs["delta"] is "none")."""

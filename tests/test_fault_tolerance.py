@@ -108,3 +108,48 @@ def test_a_span_with_no_replica_left_fails_with_what_was_tried(replicated_swarm,
     finally:
         model.remote_layers.connection.shutdown()
         replicated_swarm.start_servers(tiny_model_path, [SPANS[-1]] * 2, ["--torch-dtype", "float32"])
+
+
+@pytest.mark.parametrize("when", ["before_forward", "before_backward"])
+def test_a_training_step_survives_a_server_killed_mid_step(replicated_swarm, tiny_model_path, when):
+    """The loss and every gradient equal the undisturbed step's: the replica computes from the inputs kept here."""
+    from peft import LoraConfig
+
+    from client.model import DistributedModelForCausalLM
+
+    model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, replicated_swarm.initial_peers,
+                                                              request_timeout=20))
+    connection = model.remote_layers.connection
+    torch.manual_seed(0)
+    lora = model.add_lora_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for param in lora.params:
+            param.normal_(0, 0.1)
+    batch = torch.randint(3, 320, (2, 10), generator=torch.Generator().manual_seed(41))
+
+    def step():
+        for param in lora.params:
+            param.grad = None
+        loss = model(batch, labels=batch).loss
+        return loss, lambda: (loss.backward(), [p.grad.clone() for p in lora.params])[1]
+
+    try:
+        loss, backward = step()
+        expected_loss, expected_grads = loss.item(), backward()
+        victim = connection.plan()[1]
+        (process,) = [p for p in replicated_swarm.servers if any(str(victim.peer_id) in m for m in p.maddrs)]
+        if when == "before_forward":
+            process.stop(signal.SIGKILL)
+            loss, backward = step()
+        else:
+            loss, backward = step()
+            process.stop(signal.SIGKILL)
+        replicated_swarm.servers.remove(process)
+        grads = backward()
+    finally:
+        connection.shutdown()
+    assert abs(loss.item() - expected_loss) <= 1e-6 * expected_loss
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert str(victim.peer_id) in connection.banned()
+    replicated_swarm.start_servers(tiny_model_path, [(victim.start, victim.end)], ["--torch-dtype", "float32"])
