@@ -12,21 +12,20 @@ import torch.nn.functional as F
 from swarm.compression.base import (
     FLOAT32_MAX,
     Codec,
-    CodecError,
     Layout,
     check_finite,
     check_tensors,
     expect,
-    read_int,
 )
 from swarm.compression.outliers import (
-    check_outliers,
+    check_params,
     index_shapes,
     pack_indices,
     quantize,
+    read_outliers,
+    read_params,
     row_absmax,
     top_outliers,
-    unpack_indices,
     value_dtype,
 )
 
@@ -47,18 +46,12 @@ class Int4Outlier(Codec):
     meta_keys = ("k", "group")
 
     def __init__(self, k: int = 16, group: int = 32, id: str = "int4_outlier"):
-        if not isinstance(k, int) or k < 0:
-            raise CodecError(f"k must be a non-negative integer, got {k!r}")
-        if group not in GROUP_SIZES:
-            raise CodecError(f"group must be one of {GROUP_SIZES}, got {group!r}")
+        check_params(k, group, GROUP_SIZES)
         self.k, self.group, self.id = k, group, id
 
     def _shapes(self, meta: dict[str, Any], layout: Layout) -> list[tuple[int, ...]]:
         n, cols = layout.rows, layout.cols
-        k = read_int(meta, "k", 0, cols)
-        g = read_int(meta, "group", GROUP_SIZES[0], GROUP_SIZES[-1])
-        if g not in GROUP_SIZES:
-            raise CodecError(f"metadata 'group' = {g} is not one of {GROUP_SIZES}")
+        k, g = read_params(meta, cols, GROUP_SIZES)
         groups = -(-cols // g)
         return [(n, groups * g // 2), (n,), (n, groups), (n, k), *index_shapes(n, k, cols)]
 
@@ -91,10 +84,7 @@ class Int4Outlier(Codec):
         check_finite(token_scale, "token_scale", 0.0, FLOAT32_MAX / 8)  # |q| <= 8 and ratio <= 1
         expect(ratio, "group_ratio", torch.float16, shapes[2])
         check_finite(ratio, "group_ratio", 0.0, 1.0)
-        expect(low, "outlier_idx_low", torch.uint8, shapes[4])
-        expect(high, "outlier_idx_high", torch.uint8, shapes[5])
-        idx = unpack_indices(low, high, cols)
-        check_outliers(idx, vals, n, cols, k)
+        idx = read_outliers(vals, low, high, n, cols, k)
         if n == 0:
             return torch.empty((0, cols), dtype=torch.float32, device=packed.device)
         q = torch.stack([packed & 15, packed >> 4], dim=2).view(n, groups, g).float() - 8

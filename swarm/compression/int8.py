@@ -17,19 +17,19 @@ from swarm.compression.base import (
     check_finite,
     check_tensors,
     expect,
-    read_int,
     read_str,
 )
 from swarm.compression.outliers import (
     FP16_MIN_NORMAL,
-    check_outliers,
+    check_params,
     index_shapes,
     keep_mask,
     pack_indices,
     quantize,
+    read_outliers,
+    read_params,
     row_absmax,
     top_outliers,
-    unpack_indices,
     value_dtype,
 )
 
@@ -81,18 +81,12 @@ class Int8Outlier(Codec):
     meta_keys = ("k", "group")
 
     def __init__(self, k: int = 16, group: int = 64, id: str = "int8_outlier"):
-        if not isinstance(k, int) or k < 0:
-            raise CodecError(f"k must be a non-negative integer, got {k!r}")
-        if group not in GROUPS:
-            raise CodecError(f"group must be one of {GROUPS}, got {group!r}")
+        check_params(k, group, GROUPS)
         self.k, self.group, self.id = k, group, id
 
     def _shapes(self, meta: dict[str, Any], layout: Layout) -> list[tuple[int, ...]]:
         n, cols = layout.rows, layout.cols
-        k = read_int(meta, "k", 0, cols)
-        group = read_int(meta, "group", 0, GROUPS[-1])
-        if group not in GROUPS:
-            raise CodecError(f"metadata 'group' = {group} is not one of {GROUPS}")
+        k, group = read_params(meta, cols, GROUPS)
         return [(n, cols - k), (n,), (n, _group_count(cols - k, group)), (n, k), *index_shapes(n, k, cols)]
 
     def _encode(self, rows: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], dict[str, Any]]:
@@ -126,10 +120,7 @@ class Int8Outlier(Codec):
         expect(q, "q", torch.int8, shapes[0])
         _check_scale(scale, n)
         expect(codes, "group_codes", torch.uint8, shapes[2])
-        expect(low, "outlier_idx_low", torch.uint8, shapes[4])
-        expect(high, "outlier_idx_high", torch.uint8, shapes[5])
-        idx = unpack_indices(low, high, cols)
-        check_outliers(idx, vals, n, cols, k)
+        idx = read_outliers(vals, low, high, n, cols, k)
         if n == 0:
             return torch.empty((0, cols), dtype=torch.float32, device=q.device)
         width = cols - k

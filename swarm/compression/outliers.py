@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from swarm.compression.base import CodecError, check_finite, expect
+from swarm.compression.base import CodecError, check_finite, expect, read_int
 
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0**-14
@@ -96,6 +96,33 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
     """round(x / scale) clamped to [-qmax, qmax], as float; `scale` broadcasts against x, 0 means all-zero."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return (x / safe).round_().clamp_(-qmax, qmax)
+
+
+def check_params(k: int, group: int, groups: tuple[int, ...]) -> None:
+    """A codec's k (exact channels per token) and group size, at construction."""
+    if not isinstance(k, int) or k < 0:
+        raise CodecError(f"k must be a non-negative integer, got {k!r}")
+    if group not in groups:
+        raise CodecError(f"group must be one of {groups}, got {group!r}")
+
+
+def read_params(meta: dict, cols: int, groups: tuple[int, ...]) -> tuple[int, int]:
+    """The metadata's 'k' (at most cols) and 'group' (one of `groups`)."""
+    k = read_int(meta, "k", 0, cols)
+    group = read_int(meta, "group", min(groups), max(groups))
+    if group not in groups:
+        raise CodecError(f"metadata 'group' = {group} is not one of {groups}")
+    return k, group
+
+
+def read_outliers(vals: torch.Tensor, low: torch.Tensor, high: torch.Tensor, rows: int, cols: int, k: int) -> torch.Tensor:
+    """The checked outlier channel indices (int64 [rows, k]) of a payload's values and packed index tensors."""
+    low_shape, high_shape = index_shapes(rows, k, cols)
+    expect(low, "outlier_idx_low", torch.uint8, low_shape)
+    expect(high, "outlier_idx_high", torch.uint8, high_shape)
+    idx = unpack_indices(low, high, cols)
+    check_outliers(idx, vals, rows, cols, k)
+    return idx
 
 
 def check_outliers(idx: torch.Tensor, vals: torch.Tensor, rows: int, cols: int, k: int) -> None:
