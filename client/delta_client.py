@@ -3,7 +3,7 @@ the request fields and slots for a hop's input, and the reconstruction of its ou
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -23,7 +23,6 @@ class DeltaCounts:
     rows_delta: int = 0
     rows_same: int = 0
     fallbacks: int = 0
-    same_bytes: int = field(default=0, repr=False)  # float32 bytes of the rows not sent (for raw accounting)
 
 
 class ClientDelta:
@@ -51,7 +50,7 @@ class ClientDelta:
             for key, mode, state, source in zip(keys, encoded.modes, encoded.states, encoded.sources, strict=True):
                 if mode != "s":
                     self.store.put((start, end, "in", key), state, source)
-            self._count(encoded.modes, hidden)
+            self._count(encoded.modes)
 
         return info, slots, commit
 
@@ -72,7 +71,7 @@ class ClientDelta:
             if mode != "s":
                 self.store.put((start, end, "out", key), row)
         output = torch.stack(rows)
-        self._count(modes, output)
+        self._count(modes)
         self.counts.fallbacks += sum(m == "f" and want != "" for m, want in zip(modes, info.out_refs, strict=True))
         return output
 
@@ -83,8 +82,7 @@ class ClientDelta:
             self.store.drop((start, end, "in", key))
         self.counts.fallbacks += len(held)
 
-    def _count(self, modes: str, like: torch.Tensor) -> None:
+    def _count(self, modes: str) -> None:
         self.counts.rows_full += modes.count("f")
         self.counts.rows_delta += modes.count("d")
         self.counts.rows_same += modes.count("s")
-        self.counts.same_bytes += modes.count("s") * like[0].numel() * 4

@@ -107,13 +107,14 @@ class InferenceSession:
         await failed.close()
         for _ in range(CLIENT.max_retries):
             try:
-                streams = [self._stream(step, failed.batch_size) for step in self.connection.plan(start, end, self.adapter)]
+                streams = await self._open_route(start, end, failed.batch_size)  # bans servers that fail to open
             except NoRouteError as exc:
                 tried.append(f"a new route ({exc})")
                 break
+            except RemoteError as exc:
+                tried.append(f"{str(exc.peer)[-8:]} ({exc.message[:120]})")
+                continue
             try:
-                for stream in streams:
-                    await stream.open()
                 for past in [*history, inputs]:
                     hidden = past[0]
                     for stream in streams:

@@ -259,18 +259,20 @@ class RemoteSequential(nn.Module):
                     raise
                 tried.append(f"{str(step.peer_id)[-8:]} ({exc.message[:100]})")
                 self.connection.ban(step.peer_id)
+                if attempt == CLIENT.max_retries:
+                    break
                 try:
                     replacement = self.connection.plan(step.start, step.end, self.adapter)
                 except NoRouteError as no_route:
                     tried.append(str(no_route))
                     break
-                if len(replacement) != 1 or attempt == CLIENT.max_retries:
-                    tried.append(f"no other single server hosts blocks {step.start}:{step.end}" if len(replacement) != 1 else "")
+                if len(replacement) != 1:
+                    tried.append(f"no other single server hosts blocks {step.start}:{step.end}")
                     break
                 logger.info("blocks %d:%d: %s failed; retrying on %s", step.start, step.end, str(step.peer_id)[-8:],
                             str(replacement[0].peer_id)[-8:])
                 step = replacement[0]
-        raise RemoteError("transport", f"blocks {step.start}:{step.end} failed; tried: {'; '.join(t for t in tried if t)}")
+        raise RemoteError("transport", f"blocks {step.start}:{step.end} failed; tried: {'; '.join(tried)}")
 
     def delta_coder(self) -> ClientDelta | None:
         """The delta coder for the current codecs (None when codecs["delta"] is "none")."""

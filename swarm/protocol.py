@@ -21,7 +21,7 @@ from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from swarm.compression import wire
-from swarm.compression.base import CodecError, Payload
+from swarm.compression.base import FLOAT_DTYPES, CodecError, Payload
 from swarm.config import PROTOCOL_VERSION, STREAM_CHUNK_BYTES
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -291,10 +291,7 @@ def raw_bytes(tensors: Iterable[runtime_pb2.Tensor]) -> int:
 def hidden_slots(tensors: Iterable[runtime_pb2.Tensor]) -> list[runtime_pb2.Tensor]:
     """The slots holding hidden states or their gradients: float or codec payloads of rank 3 [batch, length, hidden]
     (positions and masks are integers, LoRA tensors rank 2, deep prompts rank 4)."""
-    return [t for t in tensors if len(t.size) == 3 and (wire.is_payload_dtype(t.dtype) or t.dtype in _FLOAT_NAMES)]
-
-
-_FLOAT_NAMES = ("float32", "float16", "bfloat16")
+    return [t for t in tensors if len(t.size) == 3 and (wire.is_payload_dtype(t.dtype) or t.dtype in FLOAT_DTYPES)]
 
 
 @dataclass

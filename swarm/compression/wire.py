@@ -46,15 +46,21 @@ def is_payload_dtype(dtype: str) -> bool:
     return dtype.startswith(PREFIX)
 
 
+def _header(payload: Payload, codec: Codec | None) -> bytes:
+    """The length-prefixed header of a payload's slot (see the module docstring)."""
+    codec = codec or registry.get(payload.codec)
+    tensors = check_tensors(payload.tensors)
+    fields = meta_json([payload.meta[key] for key in codec.meta_keys]).encode()
+    codes = _nibbles([_CODE[t.dtype] for t in tensors])
+    header = bytes([VERSION, _CODE[FLOAT_DTYPES[payload.meta["dtype"]]], len(tensors), *codes]) + fields
+    return len(header).to_bytes(2, "little") + header
+
+
 def pack_payload(payload: Payload, codec: Codec | None = None) -> bytes:
     """The slot buffer of a payload (see the module docstring); `codec` defaults to the registered one."""
-    codec = codec or registry.get(payload.codec)
-    tensors = [t.detach().cpu().contiguous() for t in check_tensors(payload.tensors)]
-    dtype = FLOAT_DTYPES[payload.meta["dtype"]]
-    fields = meta_json([payload.meta[key] for key in codec.meta_keys]).encode()
-    header = bytes([VERSION, _CODE[dtype], len(tensors), *_nibbles([_CODE[t.dtype] for t in tensors])]) + fields
-    parts = [t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors]
-    return len(header).to_bytes(2, "little") + header + b"".join(parts)
+    header = _header(payload, codec)  # checks the tensors first
+    parts = [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in payload.tensors]
+    return header + b"".join(parts)
 
 
 def encode_slot(tensor: torch.Tensor, codec_id: str) -> tuple[str, bytes]:
@@ -65,7 +71,7 @@ def encode_slot(tensor: torch.Tensor, codec_id: str) -> tuple[str, bytes]:
 def payload_size(payload: Payload, codec: Codec | None = None) -> PayloadSize:
     """Bytes of a payload in a slot: the tensors' bytes and the header's."""
     raw = sum(t.numel() * t.element_size() for t in check_tensors(payload.tensors))
-    return PayloadSize(raw_bytes=raw, meta_bytes=len(pack_payload(payload, codec)) - raw)
+    return PayloadSize(raw_bytes=raw, meta_bytes=len(_header(payload, codec)))
 
 
 def unpack_payload(codec_id: str, buffer: bytes, shape: list[int]) -> Payload:
