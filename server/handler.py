@@ -125,7 +125,7 @@ class BlockHandler:
 
     # ------------------------------------------------------------------------------------ forward / backward
 
-    def _prepare(self, kind: str, meta: SpanRequest, protos, peer: str):
+    def _prepare(self, kind: str, meta: SpanRequest, tensors: list[torch.Tensor], peer: str):
         """Validate a forward/backward request: (inputs, output gradient or None, adaptation, reference tensors).
 
         Request tensors: hidden, position ids, mask (optional), deep prompts (if meta.deep_prompts), the output
@@ -135,7 +135,6 @@ class BlockHandler:
         self.backend.check_span(meta.start, meta.end)
         check_codec(meta.reply_codec)
         check_codec(meta.grad_reply_codec)
-        tensors = [unpack_tensor(t, f"tensor {i}") for i, t in enumerate(protos)]
         tensors, lora_tensors = self._lora_tensors(meta, tensors, peer)
         needed = 2 + (kind == "backward") + meta.deep_prompts
         if len(tensors) < needed:
@@ -155,7 +154,7 @@ class BlockHandler:
     async def _span_call(self, kind: str, metadata: bytes, protos, peer: str) -> list[runtime_pb2.Tensor]:
         """Forward: [output]. Backward: [grad w.r.t. input, each LoRA tensor in request order, deep prompts if sent]."""
         meta = SpanRequest.decode(metadata)
-        inputs, grad_output, adapt, reference = self._prepare(kind, meta, protos, peer)
+        inputs, grad_output, adapt, reference = self._prepare(kind, meta, _unpack(protos), peer)
         if kind == "forward":
             output = await self._compute(self.backend.forward, inputs, meta.start, meta.end, adapt)
             return _pack_reply([output.to(reference[0].dtype)], meta.reply_codec)
@@ -242,13 +241,15 @@ class BlockHandler:
         with self._guarded("training stream"):
             meta = SpanRequest.decode(first.metadata)
             protos, commit = first.tensors, None
-            if meta.delta is not None:  # hidden states as full rows and deltas against earlier epochs' references
+            if meta.delta is None:
+                tensors = _unpack(protos)
+            else:  # hidden states as full rows and deltas against earlier epochs' references
                 check_codec(meta.delta.codec)
                 if len(protos) < 2:
                     raise BadRequest("a delta-coded request starts with two tensors: the full rows and the deltas")
                 hidden, commit = self.delta.decode_input(meta.delta, protos[0], protos[1], peer, meta.start, meta.end)
-                protos = [pack_tensor(hidden), *protos[2:]]
-            inputs, _, adapt, reference = self._prepare("forward", meta, protos, peer)
+                tensors = [hidden, *_unpack(protos[2:], first=2)]
+            inputs, _, adapt, reference = self._prepare("forward", meta, tensors, peer)
             if commit is not None:
                 commit()
             nbytes = self.backend.activation_bytes(*inputs.hidden.shape[:2], meta.start, meta.end)
@@ -341,13 +342,18 @@ class BlockHandler:
 
     async def _inference_step(self, state: InferenceState, request: runtime_pb2.ExpertRequest) -> torch.Tensor:
         InferenceStep.decode(request.metadata)
-        tensors = [unpack_tensor(t, f"tensor {i}") for i, t in enumerate(request.tensors)]
+        tensors = _unpack(request.tensors)
         inputs = self.backend.check_inputs(tensors)
         output = await self._compute(state.step, inputs)
         return output.to(tensors[0].dtype)
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _unpack(protos, first: int = 0) -> list[torch.Tensor]:
+    """A request's tensors, checked (see swarm.protocol.unpack_tensor); `first` numbers them in error messages."""
+    return [unpack_tensor(t, f"tensor {first + i}") for i, t in enumerate(protos)]
 
 
 def _as_references(grads, reference: list[torch.Tensor]) -> list[torch.Tensor]:
