@@ -35,6 +35,9 @@ from swarm.protocol import (
 
 logger = logging.getLogger(__name__)
 
+# What a call raises when the server cannot be reached or the link breaks (turned into RemoteError "transport").
+TRANSPORT_ERRORS = (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError)
+
 
 class SwarmConnection:
     """Joins the DHT as a client (it accepts no incoming connections) and talks to servers."""
@@ -164,7 +167,7 @@ class SwarmConnection:
                 return [unpack_tensor(t, "server output") for t in received]
 
             return await asyncio.wait_for(call(), timeout=self.request_timeout)
-        except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise RemoteError.from_exception(exc, str(step.peer_id)) from None
 
     async def train_forward(self, step: RouteStep, tensors: Sequence[torch.Tensor], lora_names: Sequence[str] = (),
@@ -220,13 +223,13 @@ class SpanStream:
                 self.connection.stub(self.step.peer_id).rpc_inference(requests()), CLIENT.connect_timeout)
             self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=[pack_tensor(t) for t in opening]))
             await self._next_reply()
-        except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+        except TRANSPORT_ERRORS as exc:
             self._queue.put_nowait(None)
             self.failed = True
             raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
         except BaseException as exc:
             self._queue.put_nowait(None)
-            self.failed = isinstance(exc, RemoteError) and exc.code in ("transport", "server_leaving")
+            self.failed = isinstance(exc, RemoteError) and exc.server_gone
             raise
 
     async def _next_reply(self) -> runtime_pb2.ExpertResponse:
@@ -239,7 +242,7 @@ class SpanStream:
         try:
             reply = await self._next_reply()
         except RemoteError as exc:
-            self.failed = exc.code in ("transport", "server_leaving")  # gone or going, not a refusal
+            self.failed = exc.server_gone  # not a refusal
             raise
         self.history.append(list(tensors))
         self.traffic += self.connection.count(message.tensors, reply.tensors)
@@ -282,7 +285,7 @@ class TrainStream:
             self._replies = await asyncio.wait_for(self.connection.stub(self.step.peer_id).rpc_train(requests()),
                                                    CLIENT.connect_timeout)
             reply = await self._next_reply()
-        except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+        except TRANSPORT_ERRORS as exc:
             self.abandon()
             raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
         except BaseException:
@@ -313,7 +316,7 @@ async def _next_reply(replies, timeout: float, step: RouteStep, what: str) -> ru
     """The next message of a server's reply stream, with transport failures and an early end as RemoteError."""
     try:
         reply = await asyncio.wait_for(anext(replies, None), timeout)
-    except (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+    except TRANSPORT_ERRORS as exc:
         raise RemoteError.from_exception(exc, str(step.peer_id)) from None
     if reply is None:
         raise RemoteError("transport", f"server closed the {what}", str(step.peer_id))

@@ -13,10 +13,6 @@ from client.routing import NoRouteError
 from swarm.config import CLIENT
 from swarm.protocol import RemoteError, Traffic
 
-# Failures a session survives by moving the span elsewhere: the server is gone or going. Its refusals (bad input,
-# a full cache) are answers, passed on to the caller.
-RECOVERABLE = frozenset({"transport", "server_leaving"})
-
 logger = logging.getLogger(__name__)
 
 
@@ -75,7 +71,7 @@ class InferenceSession:
                 self.streams = await self._open_route(self.start, self.end, batch_size)
                 break
             except RemoteError as exc:
-                if exc.code not in RECOVERABLE or attempt == CLIENT.max_retries:
+                if not exc.server_gone or attempt == CLIENT.max_retries:
                     raise
         logger.debug("opened inference session through %s", [(str(s.step.peer_id)[-6:], s.step.start, s.step.end) for s in self.streams])
 
@@ -89,7 +85,7 @@ class InferenceSession:
                 hidden = await self.streams[index].send(inputs)
                 index += 1
             except RemoteError as exc:
-                if exc.code not in RECOVERABLE:
+                if not exc.server_gone:  # a refusal (bad input, a full cache) is the server's answer
                     raise
                 hidden, count = await self._recover(index, inputs, exc)
                 index += count

@@ -14,7 +14,7 @@ from torch import nn
 from client import aio
 from client.connection import SwarmConnection
 from client.delta_client import ClientDelta
-from client.inference_session import RECOVERABLE, InferenceSession
+from client.inference_session import InferenceSession
 from client.routing import NoRouteError, RouteStep
 from swarm.compression.delta import row_keys
 from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
@@ -255,7 +255,7 @@ class RemoteSequential(nn.Module):
             try:
                 return step, await call(step)
             except RemoteError as exc:
-                if exc.code not in RECOVERABLE:
+                if not exc.server_gone:
                     raise
                 tried.append(f"{str(step.peer_id)[-8:]} ({exc.message[:100]})")
                 self.connection.ban(step.peer_id)

@@ -81,10 +81,17 @@ _REMOTE_ERROR = re.compile(r"\[([a-z_]+)\] (.*)", re.S)
 class RemoteError(RuntimeError):
     """An error a server reported, as seen by the client."""
 
+    # The server is gone or going: the call may be retried elsewhere. Other codes are the server's answers.
+    SERVER_GONE = frozenset({"transport", "server_leaving"})
+
     def __init__(self, code: str, message: str, peer: str | None = None):
         where = f" (server {peer})" if peer else ""
         super().__init__(f"{message}{where}")
         self.code, self.message, self.peer = code, message, peer
+
+    @property
+    def server_gone(self) -> bool:
+        return self.code in self.SERVER_GONE
 
     @classmethod
     def from_exception(cls, exc: BaseException, peer: str | None = None) -> RemoteError:
