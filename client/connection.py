@@ -6,11 +6,11 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import hivemind
 import torch
-from hivemind.p2p import P2PDaemonError, P2PHandlerError
+from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from client import aio
@@ -220,7 +220,8 @@ class SpanStream:
         opening = ([self.prompts] if self.prompts is not None else []) + self.lora_tensors
         try:
             self._replies = await asyncio.wait_for(
-                self.connection.stub(self.step.peer_id).rpc_inference(requests()), CLIENT.connect_timeout)
+                open_stream(self.connection.p2p, self.connection.prefix, self.step.peer_id, "rpc_inference", requests()),
+                CLIENT.connect_timeout)
             self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=[pack_tensor(t) for t in opening]))
             await self._next_reply()
         except TRANSPORT_ERRORS as exc:
@@ -282,7 +283,8 @@ class TrainStream:
         packed = _pack(tensors, codecs)
         self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed))
         try:
-            self._replies = await asyncio.wait_for(self.connection.stub(self.step.peer_id).rpc_train(requests()),
+            self._replies = await asyncio.wait_for(open_stream(self.connection.p2p, self.connection.prefix, self.step.peer_id,
+                                                                   "rpc_train", requests()),
                                                    CLIENT.connect_timeout)
             reply = await self._next_reply()
         except TRANSPORT_ERRORS as exc:
@@ -310,6 +312,42 @@ class TrainStream:
 
     async def _next_reply(self) -> runtime_pb2.ExpertResponse:
         return await _next_reply(self._replies, self.connection.request_timeout, self.step, "training stream")
+
+
+async def open_stream(p2p: P2P, prefix: str, peer_id, method: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+                      ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    """Call a streaming RPC of BlockService: as `BlockService.get_stub(p2p, peer_id, namespace=prefix).<method>(requests)`,
+    except that the replies end as soon as the connection closes.
+
+    hivemind's stream call, on a closed connection, waits for the request stream to end before it ends the replies;
+    ours waits for a reply before it sends more, so a server killed mid-session went unnoticed until the request timeout.
+    """
+    name = BlockService._get_handle_name(prefix, method)
+    _, reader, writer = await p2p.call_binary_stream_handler(peer_id, name)
+
+    async def write() -> None:
+        async for request in requests:
+            await P2P.send_protobuf(request, writer)
+        await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+
+    async def read() -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            while True:
+                try:
+                    reply, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+                except asyncio.IncompleteReadError:
+                    return  # the connection closed: the server finished, or it is gone
+                if error is not None:  # worded as hivemind's, which RemoteError.from_exception parses
+                    raise P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {error.message}")
+                yield reply
+        finally:
+            writing.cancel()
+            if writing.done() and not writing.cancelled():
+                writing.exception()  # a write to a closed connection: the read above has told the caller
+            writer.close()
+
+    writing = asyncio.create_task(write())
+    return read()
 
 
 async def _next_reply(replies, timeout: float, step: RouteStep, what: str) -> runtime_pb2.ExpertResponse:
