@@ -56,16 +56,20 @@ class PeerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def ready(self) -> bool:
+        """Whether it has printed its addresses (a server: after announcing itself online); raises if it exited."""
+        if not self.maddrs:
+            text = self.log()
+            self.maddrs = _JOIN.findall(text)
+            if not self.maddrs and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}:\n{text[-3000:]}")
+        return bool(self.maddrs)
+
     def wait_ready(self, timeout: float = 120.0) -> list[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self.log()
-            found = _JOIN.findall(text)
-            if found:
-                self.maddrs = found
-                return found
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}:\n{text[-3000:]}")
+            if self.ready():
+                return self.maddrs
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} did not become ready in {timeout:.0f} s:\n{self.log()[-3000:]}")
 
@@ -110,15 +114,16 @@ class LocalSwarm:
         return self.bootstrap.wait_ready()
 
     def start_servers(self, model: str, spans: Sequence[tuple[int, int]], extra_args: Sequence[str] = (),
-                      env: dict | None = None, timeout: float = 180.0) -> list[PeerProcess]:
-        """Start one server per span, all at once, and wait until every one is serving."""
+                      env: dict | None = None, timeout: float = 180.0, wait: bool = True) -> list[PeerProcess]:
+        """Start one server per span, all at once, and wait until every one is serving (unless `wait` is False:
+        then PeerProcess.ready() tells when one is)."""
         started = []
         for start, end in spans:
             args = ["server", model, "--blocks", f"{start}:{end}", "--initial-peers", *self.initial_peers,
                     "--host-maddrs", LOCALHOST, *extra_args]
             started.append(PeerProcess(args, f"server-{start}-{end}", env))
         self.servers += started
-        for server in started:
+        for server in started if wait else ():
             server.wait_ready(timeout)
         return started
 
