@@ -52,18 +52,30 @@ class InferenceSession:
         return SpanStream(self.connection, step, batch_size, self.max_length, names, tensors, scaling,
                           self.adapter or "", deep, self.codec, self.reply_codec)
 
-    async def _open_route(self, start: int, end: int, batch_size: int) -> list[SpanStream]:
-        streams = [self._stream(step, batch_size) for step in self.connection.plan(start, end, self.adapter)]
-        try:
-            for stream in streams:
-                await stream.open()
-        except BaseException:
-            for stream in streams:
-                if stream.failed:  # e.g. a server that died before its record expired
-                    self.connection.ban(stream.step.peer_id)
-                await stream.close()
-            raise
-        return streams
+    async def _open_route(self, start: int, end: int, batch_size: int, tried: list[str] | None = None) -> list[SpanStream]:
+        """Open streams along a planned route for blocks [start, end).
+
+        A server that is gone when we open (a crashed server's record stays in the DHT for up to 2.5 update
+        periods) is banned, added to `tried` and the route planned again, without using up the caller's retries:
+        under churn there are more such records than retries. Each server is passed over once, so this ends.
+        """
+        passed_over: set[str | None] = set()
+        while True:
+            streams = [self._stream(step, batch_size) for step in self.connection.plan(start, end, self.adapter)]
+            try:
+                for stream in streams:
+                    await stream.open()
+                return streams
+            except BaseException as exc:
+                for stream in streams:
+                    if stream.failed:
+                        self.connection.ban(stream.step.peer_id)
+                    await stream.close()
+                if not isinstance(exc, RemoteError) or not exc.server_gone or exc.peer in passed_over:
+                    raise
+                passed_over.add(exc.peer)
+                if tried is not None:
+                    tried.append(f"{str(exc.peer)[-8:]} ({exc.message[:120]})")
 
     async def _open(self, batch_size: int) -> None:
         for attempt in range(CLIENT.max_retries + 1):
@@ -103,7 +115,7 @@ class InferenceSession:
         await failed.close()
         for _ in range(CLIENT.max_retries):
             try:
-                streams = await self._open_route(start, end, failed.batch_size)  # bans servers that fail to open
+                streams = await self._open_route(start, end, failed.batch_size, tried)  # bans servers that fail to open
             except NoRouteError as exc:
                 tried.append(f"a new route ({exc})")
                 break
