@@ -127,7 +127,17 @@ class LocalSwarm:
             server.wait_ready(timeout)
         return started
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Servers leave all at once (each announces offline and drains its sessions), then the bootstrap node."""
+        for server in self.servers:
+            if server.process.poll() is None:
+                server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for server in self.servers:
+            try:
+                server.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass  # stop() below signals it again, then kills it
         for peer in [*self.servers, *([self.bootstrap] if self.bootstrap else [])]:
             peer.stop()
         self.servers, self.bootstrap = [], None
