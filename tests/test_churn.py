@@ -93,6 +93,15 @@ class Chaos:
         (process,) = self.swarm.start_servers(self.model_path, [victim.span], SERVER_ARGS, wait=False)
         self.replicas.append(Replica(victim.span, process))
 
+    def finish(self) -> None:
+        """Kill the replacements still starting (a server SIGTERMed while it loads leaves only once it has loaded,
+        over a minute on a busy machine), then wait for the SIGTERMed servers to exit."""
+        for replica in [r for r in self.replicas if not r.ready]:
+            replica.process.stop(signal.SIGKILL)
+            self.swarm.servers.remove(replica.process)
+            self.replicas.remove(replica)
+        self.reap(timeout=30)
+
     def reap(self, timeout: float = 0.0) -> None:
         """Collect the exit codes of SIGTERMed servers that exited (with `timeout`: of all, waiting that long each)."""
         for process in list(self.leaving):
@@ -168,7 +177,7 @@ def test_generation_survives_servers_coming_and_going(churn_swarm, tiny_model_pa
         stopped = time.monotonic()
         for thread in clients:
             thread.join(120)
-        chaos.reap(timeout=30)
+        chaos.finish()
         for model in models:
             model.remote_layers.connection.shutdown()
     elapsed, wound_down = time.monotonic() - began, time.monotonic() - stopped
