@@ -73,7 +73,8 @@ class Rebalancer:
 
     async def decide(self) -> Move | None:
         server = self.server
-        servers = await asyncio.to_thread(fetch_servers, server.dht, server.prefix, server.num_model_blocks)
+        async with server.dht_lock:
+            servers = await asyncio.to_thread(fetch_servers, server.dht, server.prefix, server.num_model_blocks)
         hosted = server.hosted
         view = swarm_view(servers, server.dht.peer_id.to_base58(), hosted.start, hosted.end)
         return decide_move(server.num_model_blocks, view[-1].peer_id, view, self.balance_margin)

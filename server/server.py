@@ -113,7 +113,9 @@ class Server:
         self.ready = threading.Event()
         self.hosted: Hosted | None = None
         self.active: ActiveHandler | None = None  # what the RPC layer calls: the current span's handler
-        self._announce_lock: asyncio.Lock | None = None  # announcements in order: the later record must win
+        # One DHT call at a time from the event loop: announcements must land in order (the record that expires last
+        # wins), and hivemind's DHT pipe is not meant for concurrent senders.
+        self.dht_lock: asyncio.Lock | None = None
         # Only a server that chose its blocks itself moves; one given --blocks stays where its operator put it.
         self.rebalances = options.blocks is None and options.rebalance_period > 0
 
@@ -202,7 +204,7 @@ class Server:
 
     async def _publish(self, state: ServerState, timeout: float = 10.0, hosted: Hosted | None = None) -> None:
         """Announce from the event loop; one at a time, since the DHT keeps the record that expires last."""
-        async with self._announce_lock:
+        async with self.dht_lock:
             await asyncio.to_thread(self._announce, state, None, timeout, hosted)
 
     def load(self, start: int, end: int) -> Hosted:
@@ -228,7 +230,7 @@ class Server:
     async def switch(self, new: Hosted) -> bool:
         """Serve `new` instead of the current span: new requests go to it, the old span is announced offline (its
         open sessions are told to move on their next step), then the new one online. False if the server is leaving."""
-        async with self._announce_lock:
+        async with self.dht_lock:
             if self._stop_event.is_set():
                 return False
             old, self.hosted = self.hosted, new
@@ -275,7 +277,7 @@ class Server:
     async def _serve(self, install_signal_handlers: bool) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
-        self._announce_lock = asyncio.Lock()
+        self.dht_lock = asyncio.Lock()
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stop_event.set)

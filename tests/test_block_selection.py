@@ -171,3 +171,107 @@ def test_a_moved_server_reads_as_online_where_it_is_now():
     finally:
         second.shutdown()
         first.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- a real swarm
+
+
+def test_num_blocks_servers_cover_the_model_and_one_moves_to_blocks_left_without_a_server(tiny_model_path,
+                                                                                          reference_model):
+    """Three --num-blocks servers started one after another cover the 6 blocks (0:3, 3:6, then a replica of 0:3).
+    The only server of 3:6 is SIGKILLed: one replica of 0:3 (the smaller peer id) moves there within a bounded time,
+    its session on 0:3 is told to move while the other replica's goes on, and the swarm generates exactly."""
+    import re
+    import signal
+    import time
+
+    import torch
+    from hivemind.p2p import PeerID
+
+    from client import aio
+    from client.connection import SpanStream, SwarmConnection
+    from client.model import DistributedModelForCausalLM
+    from client.routing import RouteStep
+    from swarm.dht_records import block_key, fetch_servers
+    from swarm.launch import LOCALHOST, LocalSwarm, PeerProcess
+    from swarm.protocol import RemoteError
+    from tests.conftest import exact
+
+    # Records live 2.5 update periods (7.5 s), so the killed server's vanish soon (and live ones, re-announced every
+    # 3 s, do not lapse on a busy machine); servers check the swarm every ~2 s.
+    common = ["--num-blocks", "3", "--host-maddrs", LOCALHOST, "--torch-dtype", "float32", "--update-period", "3",
+              "--rebalance-period", "2", "--shutdown-timeout", "2"]
+    with LocalSwarm() as swarm:  # the first server starts the swarm (one process less to wait for)
+        initial_peers = ["--new-swarm"]
+        for index in range(3):
+            process = PeerProcess(["server", tiny_model_path, *common, *initial_peers], f"rebalance-{index}")
+            swarm.servers.append(process)
+            process.wait_ready()
+            initial_peers = ["--initial-peers", *swarm.servers[0].maddrs]
+        assert [re.search(r"Server ready: blocks (\d+:\d+)", p.log()).group(1) for p in swarm.servers] == ["0:3", "3:6", "0:3"]
+        peer = {p: re.search(r"/p2p/(\w+)", p.maddrs[0]).group(1) for p in swarm.servers}
+        first, killed, third = swarm.servers
+        mover, stayer = sorted([first, third], key=peer.get)  # the policy's tie-break: the smaller peer id moves
+
+        connection = SwarmConnection(first.maddrs, "tiny-llama", 6, request_timeout=20)
+
+        def online() -> list[tuple[int, int, str]]:
+            return sorted((s.record.start, s.record.end, s.peer_id.to_base58()) for s in fetch_servers(connection.dht, "tiny-llama", 6)
+                          if s.record.state.value == "online")
+
+        def step(process, start, end):
+            return RouteStep(PeerID.from_base58(peer[process]), start, end)
+
+        hidden = torch.randn(1, 10, 64, generator=torch.Generator().manual_seed(7))
+        positions = torch.arange(10)[None]
+        try:
+            assert online() == sorted([(0, 3, peer[first]), (3, 6, peer[killed]), (0, 3, peer[third])])
+            streams = {p: SpanStream(connection, step(p, 0, 3), batch_size=1, max_length=16) for p in (mover, stayer)}
+            for stream in streams.values():
+                aio.run(stream.open())
+                aio.run(stream.send([hidden[:, :5], positions[:, :5]]))
+
+            killed.stop(signal.SIGKILL)
+            swarm.servers.remove(killed)
+            began = time.monotonic()
+            while online() != sorted([(0, 3, peer[stayer]), (3, 6, peer[mover])]):
+                assert time.monotonic() - began < 60, (online(), mover.log()[-3000:])
+                time.sleep(0.25)
+            print(f"\nblocks 3:6 lost their only server; another server serves them {time.monotonic() - began:.1f} s later")
+            assert "moving from blocks 0:3 to 3:6 because blocks 3:6 have no server" in mover.log()
+
+            # The mover's open session on 0:3 is told to move (a client replays it elsewhere); the other goes on exactly.
+            with pytest.raises(RemoteError) as leaving:
+                aio.run(streams[mover].send([hidden[:, 5:], positions[:, 5:]]))
+            assert leaving.value.code == "server_leaving"
+            rest = aio.run(streams[stayer].send([hidden[:, 5:], positions[:, 5:]]))
+            (whole,) = aio.run(connection.span_call("forward", step(stayer, 0, 3), [hidden, positions]))
+            torch.testing.assert_close(rest, whole[:, 5:], rtol=1e-5, atol=1e-5)
+            for stream in streams.values():
+                aio.run(stream.close())
+            # Its old blocks are refused with a code that clients retry elsewhere, and recorded offline in the DHT.
+            with pytest.raises(RemoteError) as refused:
+                aio.run(connection.span_call("forward", step(mover, 0, 3), [hidden, positions]))
+            assert refused.value.code == "blocks_not_served" and refused.value.server_gone
+            old_record = connection.dht.get(block_key("tiny-llama", 0), latest=True).value[peer[mover]].value
+            assert (old_record["state"], old_record["start"], old_record["end"]) == ("offline", 0, 3)
+
+            model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, first.maddrs, request_timeout=20))
+            try:
+                prompt = torch.randint(3, 320, (1, 8), generator=torch.Generator().manual_seed(11))
+                kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+                assert torch.equal(model.generate(prompt, **kwargs), reference_model.generate(prompt, **kwargs))
+            finally:
+                model.remote_layers.connection.shutdown()
+
+            deadline = time.monotonic() + 30
+            while "blocks 0:3 retired" not in mover.log():
+                assert time.monotonic() < deadline, mover.log()[-3000:]
+                time.sleep(0.25)
+            time.sleep(2.5)  # the longest check period (2 s + 25%): the settled swarm stays as it is
+            assert online() == sorted([(0, 3, peer[stayer]), (3, 6, peer[mover])])
+            assert "moving from" not in stayer.log() and mover.log().count("moving from") == 1
+        finally:
+            connection.shutdown()
+            for process in swarm.servers:  # no need to wait for clean exits here
+                process.stop(signal.SIGKILL)
