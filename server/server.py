@@ -158,7 +158,7 @@ class Server:
         return choose_span(self.num_model_blocks, min(o.num_blocks, self.num_model_blocks), spans)
 
     def _record(self, state: ServerState, hosted: Hosted | None = None) -> ServerRecord:
-        hosted = hosted or self.hosted
+        hosted = self.hosted if hosted is None else hosted
         stats = hosted.handler.stats
         return ServerRecord(
             state=state,
