@@ -49,6 +49,13 @@ class ServerDefaults:
     train_activation_mb: float = 2048.0  # activations training streams may keep between forward and backward
     delta_state_mb: float = 1024.0  # references of delta-coded training activations, over all clients
     delta_state_ttl: float = 3600.0  # seconds an unused reference is kept (an epoch must come back within it)
+    # Rebalancing (servers started with --num-blocks): how often each checks the swarm's coverage (0: never). Each
+    # wait is this times a random factor within 1 +- rebalance_jitter, so two servers rarely check (and move) at once.
+    rebalance_period: float = 60.0
+    rebalance_jitter: float = 0.25
+    # Move to even out coverage only when the least-served block would get more than 1 + this times its servers
+    # (a move reloads weights and moves sessions; blocks with no server at all are always worth a move).
+    balance_margin: float = 0.2
 
 
 @dataclass(frozen=True)

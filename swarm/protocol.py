@@ -82,7 +82,8 @@ class RemoteError(RuntimeError):
     """An error a server reported, as seen by the client."""
 
     # The server is gone or going: the call may be retried elsewhere. Other codes are the server's answers.
-    SERVER_GONE = frozenset({"transport", "server_leaving"})
+    # blocks_not_served: it moved to other blocks since the caller's view of the swarm was taken (rebalancing).
+    SERVER_GONE = frozenset({"transport", "server_leaving", "blocks_not_served"})
 
     def __init__(self, code: str, message: str, peer: str | None = None):
         where = f" (server {peer})" if peer else ""
