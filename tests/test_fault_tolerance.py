@@ -121,8 +121,15 @@ def test_a_training_step_survives_a_server_killed_mid_step(replicated_swarm, tin
     model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, replicated_swarm.initial_peers,
                                                               request_timeout=20))
     connection = model.remote_layers.connection
-    # Training routes are drawn over the replicas: the same seed draws the same route every step, so the second
-    # step meets the killed server. Pings are off, or one could mark it unreachable first and the draw avoid it.
+    # Training routes are drawn over the replicas: with the same seed and servers, every step draws the same route,
+    # so the second step meets the killed server. Servers killed by earlier tests may still be announced: once
+    # pinged, they count as unreachable and are not drawn. Then pings stop, or one could mark the victim unreachable
+    # before the step and the draw avoid it.
+    deadline = time.monotonic() + 60
+    while not all(str(s.peer_id) in connection.pings for s in connection.servers(refresh=True)
+                  if s.record.state.value == "online"):
+        assert time.monotonic() < deadline, connection.pings
+        time.sleep(0.1)
     connection.pinger.stop()
     torch.manual_seed(0)
     lora = model.add_lora_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
