@@ -68,7 +68,7 @@ class SwarmConnection:
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
         # (server, digest) of LoRA tensors a server has accepted from us: later requests name them by digest.
         self._lora_uploads: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self.in_flight = InFlight()  # requests awaiting a reply, by server (training routes spread by it)
+        self.in_flight = InFlight()  # training requests awaiting a reply, by server (training routes spread by it)
         self.rng = random.Random()  # draws of training routes (replace it with a seeded one to repeat them)
         self.pinger = Pinger(self._ping)
         self.pinger.start()
@@ -91,7 +91,6 @@ class SwarmConnection:
 
     async def _ping(self, peer_id) -> None:
         await self.stub(peer_id).rpc_info(runtime_pb2.ExpertUID(), timeout=self.pinger.timeout)
-
 
     def ban(self, peer_id) -> float:
         """Keep a server that failed a call out of routes for a while (longer after each failure in a row)."""
@@ -193,33 +192,32 @@ class SwarmConnection:
         """
         meta = SpanRequest(start=step.start, end=step.end, lora=list(lora_names), lora_scaling=lora_scaling, **fields)
         stub = self.stub(step.peer_id)
-        with self.in_flight.request(step.peer_id):  # training routes count it as load on this server
-            try:
-                packed = _pack(tensors, codecs)
-                if sum(len(p.buffer) for p in packed) <= MAX_UNARY_PAYLOAD_BYTES:
-                    method = stub.rpc_forward if kind == "forward" else stub.rpc_backward
-                    request = runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed)
-                    response = await method(request, timeout=self.request_timeout)
-                    self.count(packed, response.tensors)
-                    return [unpack_tensor(t, "server output") for t in response.tensors]
-                method = stub.rpc_forward_stream if kind == "forward" else stub.rpc_backward_stream
-                messages = split_message(meta, packed)
+        try:
+            packed = _pack(tensors, codecs)
+            if sum(len(p.buffer) for p in packed) <= MAX_UNARY_PAYLOAD_BYTES:
+                method = stub.rpc_forward if kind == "forward" else stub.rpc_backward
+                request = runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed)
+                response = await method(request, timeout=self.request_timeout)
+                self.count(packed, response.tensors)
+                return [unpack_tensor(t, "server output") for t in response.tensors]
+            method = stub.rpc_forward_stream if kind == "forward" else stub.rpc_backward_stream
+            messages = split_message(meta, packed)
 
-                async def requests():
-                    for message in messages:
-                        yield message
+            async def requests():
+                for message in messages:
+                    yield message
 
-                async def call():
-                    replies = [reply async for reply in await method(requests())]
-                    if not replies:
-                        raise RemoteError("transport", "server closed the stream without replying")
-                    received = join_message(replies[0], replies[1:])
-                    self.count(packed, received)
-                    return [unpack_tensor(t, "server output") for t in received]
+            async def call():
+                replies = [reply async for reply in await method(requests())]
+                if not replies:
+                    raise RemoteError("transport", "server closed the stream without replying")
+                received = join_message(replies[0], replies[1:])
+                self.count(packed, received)
+                return [unpack_tensor(t, "server output") for t in received]
 
-                return await asyncio.wait_for(call(), timeout=self.request_timeout)
-            except TRANSPORT_ERRORS as exc:
-                raise RemoteError.from_exception(exc, str(step.peer_id)) from None
+            return await asyncio.wait_for(call(), timeout=self.request_timeout)
+        except TRANSPORT_ERRORS as exc:
+            raise RemoteError.from_exception(exc, str(step.peer_id)) from None
 
     async def train_forward(self, step: RouteStep, tensors: Sequence[torch.Tensor], lora_names: Sequence[str] = (),
                             lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0, digest: str = "",
@@ -334,10 +332,9 @@ class TrainStream:
         packed = _pack(tensors, codecs)
         self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed))
         try:
-            with self.connection.in_flight.request(self.step.peer_id):
-                self._replies = await asyncio.wait_for(self.connection.stub(self.step.peer_id).rpc_train(requests()),
-                                                       CLIENT.connect_timeout)
-                reply = await self._next_reply()
+            self._replies = await asyncio.wait_for(self.connection.stub(self.step.peer_id).rpc_train(requests()),
+                                                   CLIENT.connect_timeout)
+            reply = await self._next_reply()
         except TRANSPORT_ERRORS as exc:
             self.abandon()
             raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
@@ -351,8 +348,7 @@ class TrainStream:
         message = runtime_pb2.ExpertRequest(metadata=TrainGrad().encode(), tensors=[pack_tensor(grad_output, self.grad_codec)])
         self._queue.put_nowait(message)
         try:
-            with self.connection.in_flight.request(self.step.peer_id):
-                reply = await self._next_reply()
+            reply = await self._next_reply()
         finally:
             self.abandon()
         self.connection.count(message.tensors, reply.tensors)

@@ -132,7 +132,8 @@ class _RemoteChain(torch.autograd.Function):
             stream = open_streams.pop((index, step.start), None)
             if stream is not None:
                 try:
-                    return await stream.backward(grad)
+                    with chain.connection.in_flight.request(step.peer_id):
+                        return await stream.backward(grad)
                 except RemoteError as exc:  # the server lost it: recompute from the inputs kept here
                     logger.info("training stream to %s failed in backward (%s); recomputing", step.peer_id, exc)
 
@@ -189,7 +190,7 @@ class RemoteSequential(nn.Module):
         self.lora = None  # a client.lora.RemoteLora once an adapter is attached
         self.adapter: str | None = None  # or the name of an adapter that servers host
         self.prompts = None  # a client.prompts.RemotePrompts for prompt tuning
-        self.last_routes: list[list[RouteStep]] = []  # the routes the last forward planned, per chunk
+        self.last_routes: list[list[RouteStep]] = []  # the routes the last forward ran, per chunk (failed servers replaced)
         self.max_chunk_tokens = CLIENT.max_chunk_tokens  # larger batches are split into concurrent requests
         # Training forwards keep their activations on the server until the backward (one request per step), rather
         # than having the backward recompute them; False always recomputes.
@@ -218,7 +219,7 @@ class RemoteSequential(nn.Module):
             route = self.connection.plan_training(self.start, self.end, self.adapter, planned)
             planned.update(str(step.peer_id) for step in route)
             routes.append(route)
-        self.last_routes = [list(route) for route in routes]
+        self.last_routes = routes
         return routes
 
     def draw_dropout_seed(self) -> int:
@@ -267,7 +268,8 @@ class RemoteSequential(nn.Module):
         tried = []
         for attempt in range(CLIENT.max_retries + 1):
             try:
-                return step, await call(step)
+                with self.connection.in_flight.request(step.peer_id):  # load that later training routes avoid
+                    return step, await call(step)
             except RemoteError as exc:
                 if not exc.server_gone:
                     raise
