@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import threading
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 
 import hivemind
 import torch
-from hivemind.p2p import P2PDaemonError, P2PHandlerError
+from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from client import aio
-from client.routing import RouteStep, ban_seconds, plan_route
+from client.measurements import InFlight, Pinger
+from client.routing import NoRouteError, RouteStep, ServerChoice, ban_seconds, plan_route, plan_training_route
 from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
-from swarm.dht_records import ServerInfo, fetch_servers
+from swarm.dht_records import ServerInfo, ServerState, fetch_servers
 from swarm.protocol import (
     BlockService,
     InferenceOpen,
@@ -40,12 +43,18 @@ TRANSPORT_ERRORS = (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, Conne
 
 
 class SwarmConnection:
-    """Joins the DHT as a client (it accepts no incoming connections) and talks to servers."""
+    """Joins the DHT as a client (it accepts no incoming connections) and talks to servers.
+
+    `allowed_servers` (only these; None: any) and `blocked_servers` (never these) are peer ids; servers left out
+    by them are never contacted, not even pinged.
+    """
 
     def __init__(self, initial_peers: Sequence[str], prefix: str, num_blocks: int,
-                 request_timeout: float = CLIENT.request_timeout, servers_max_age: float = 5.0):
+                 request_timeout: float = CLIENT.request_timeout, servers_max_age: float = 5.0,
+                 allowed_servers: Iterable | None = None, blocked_servers: Iterable = ()):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddress printed by `swarm dht` or `swarm server`")
+        self.choice = ServerChoice.of(allowed_servers, blocked_servers, check=_check_peer_id)
         self.prefix, self.num_blocks = prefix, num_blocks
         self.request_timeout = request_timeout
         self.servers_max_age = servers_max_age
@@ -53,19 +62,35 @@ class SwarmConnection:
         self.p2p = aio.run(self.dht.replicate_p2p())
         self._servers: list[ServerInfo] = []
         self._servers_time = 0.0
+        self._servers_lock = threading.Lock()  # the caller's thread and the client loop may both refresh
         self.traffic = Traffic()  # every tensor this client sent and received, raw and on the wire
         self.hidden_traffic = Traffic()  # the part of it that is hidden states and their gradients (hidden_slots)
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
         # (server, digest) of LoRA tensors a server has accepted from us: later requests name them by digest.
         self._lora_uploads: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.in_flight = InFlight()  # training requests awaiting a reply, by server (training routes spread by it)
+        self.rng = random.Random()  # draws of training routes (replace it with a seeded one to repeat them)
+        self.pinger = Pinger(self._ping)
+        self.pinger.start()
 
     # ------------------------------------------------------------------------------------ discovery
 
     def servers(self, refresh: bool = False) -> list[ServerInfo]:
-        if refresh or time.monotonic() - self._servers_time > self.servers_max_age:
-            self._servers = fetch_servers(self.dht, self.prefix, self.num_blocks)
-            self._servers_time = time.monotonic()
-        return self._servers
+        with self._servers_lock:
+            if refresh or time.monotonic() - self._servers_time > self.servers_max_age:
+                self._servers = fetch_servers(self.dht, self.prefix, self.num_blocks)
+                self._servers_time = time.monotonic()
+                self.pinger.watch(s.peer_id for s in self._servers
+                                  if s.record.state == ServerState.ONLINE and self.choice.refusal(str(s.peer_id)) is None)
+            return self._servers
+
+    @property
+    def pings(self) -> dict[str, float]:
+        """Measured round trips in ms by peer id string (inf: its last ping failed); servers not pinged yet are absent."""
+        return self.pinger.rtt_ms
+
+    async def _ping(self, peer_id) -> None:
+        await self.stub(peer_id).rpc_info(runtime_pb2.ExpertUID(), timeout=self.pinger.timeout)
 
     def ban(self, peer_id) -> float:
         """Keep a server that failed a call out of routes for a while (longer after each failure in a row)."""
@@ -79,13 +104,37 @@ class SwarmConnection:
         now = time.monotonic()
         return {peer for peer, (until, _) in self._bans.items() if until > now}
 
-    def plan(self, start: int = 0, end: int | None = None, adapter: str | None = None) -> list[RouteStep]:
+    def plan(self, start: int = 0, end: int | None = None, adapter: str | None = None, *,
+             session_tokens: int = 0) -> list[RouteStep]:
+        """The least-latency route (client.routing.plan_route) over the measured pings; `session_tokens`
+        (batch x max_length) leaves out servers that announce less free KV cache."""
         end = self.num_blocks if end is None else end
-        banned = self.banned()
+        rules = dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice)
         try:
-            return plan_route(self.servers(), start, end, banned=banned, adapter=adapter)
-        except RuntimeError:  # the swarm may have changed
-            return plan_route(self.servers(refresh=True), start, end, banned=banned, adapter=adapter)
+            return plan_route(self.servers(), start, end, session_tokens=session_tokens, **rules)
+        except NoRouteError:  # the swarm may have changed
+            servers = self.servers(refresh=True)
+        try:
+            return plan_route(servers, start, end, session_tokens=session_tokens, **rules)
+        except NoRouteError as exc:
+            if exc.reasons != {"cache"}:
+                raise
+            # Announced free cache is up to an update period old: the servers decide (they refuse clearly if full).
+            logger.debug("%s; trying the route regardless", exc)
+            return plan_route(servers, start, end, **rules)
+
+    def plan_training(self, start: int = 0, end: int | None = None, adapter: str | None = None,
+                      planned: Mapping[str, int] | None = None) -> list[RouteStep]:
+        """A training route drawn by throughput (client.routing.plan_training_route), counting the requests this
+        client has in flight and `planned` ones (by peer id) as load."""
+        end = self.num_blocks if end is None else end
+        load = Counter(self.in_flight.counts())
+        load.update(planned or {})
+        rules = dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice)
+        try:
+            return plan_training_route(self.servers(), start, end, self.rng, load, **rules)
+        except NoRouteError:
+            return plan_training_route(self.servers(refresh=True), start, end, self.rng, load, **rules)
 
     def stub(self, peer_id):
         return BlockService.get_stub(self.p2p, peer_id, namespace=self.prefix)
@@ -184,6 +233,7 @@ class SwarmConnection:
         return await self._upload_once(step, digest, bool(lora_names), send)
 
     def shutdown(self) -> None:
+        self.pinger.stop()
         try:
             aio.run(self.p2p.shutdown(), timeout=5)
         except Exception:  # noqa: BLE001 - best effort on the way out
@@ -321,6 +371,13 @@ async def _next_reply(replies, timeout: float, step: RouteStep, what: str) -> ru
     if reply is None:
         raise RemoteError("transport", f"server closed the {what}", str(step.peer_id))
     return reply
+
+
+def _check_peer_id(text: str) -> None:
+    """A peer id is a base58 multihash (a code, the digest's length, the digest), e.g. "Qm..." or "12D3Koo..."."""
+    raw = PeerID.from_base58(text).to_bytes()
+    if len(raw) < 3 or raw[1] != len(raw) - 2:
+        raise ValueError(f"{text!r} is not a multihash")
 
 
 def _pack(tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], codecs: Sequence[str | None]) -> list[runtime_pb2.Tensor]:

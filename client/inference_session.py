@@ -53,7 +53,8 @@ class InferenceSession:
                           self.adapter or "", deep, self.codec, self.reply_codec)
 
     async def _open_route(self, start: int, end: int, batch_size: int) -> list[SpanStream]:
-        streams = [self._stream(step, batch_size) for step in self.connection.plan(start, end, self.adapter)]
+        route = self.connection.plan(start, end, self.adapter, session_tokens=batch_size * self.max_length)
+        streams = [self._stream(step, batch_size) for step in route]
         try:
             for stream in streams:
                 await stream.open()

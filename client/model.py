@@ -111,7 +111,9 @@ class DistributedModelForCausalLM:
 
     @staticmethod
     def from_pretrained(model: str, initial_peers: Sequence[str], *, dht_prefix: str | None = None,
-                        torch_dtype: str | torch.dtype = "float32", request_timeout: float = CLIENT.request_timeout):
+                        torch_dtype: str | torch.dtype = "float32", request_timeout: float = CLIENT.request_timeout,
+                        allowed_servers: Sequence[str] | None = None, blocked_servers: Sequence[str] = ()):
+        """`allowed_servers` (use only these; None: any) and `blocked_servers` (never these) are server peer ids."""
         checkpoint = Checkpoint(model)
         config = checkpoint.config
         family = family_for(config)
@@ -127,7 +129,8 @@ class DistributedModelForCausalLM:
             lm = cls(empty)
         local_base = getattr(lm, family.base_model_attr)
         connection = SwarmConnection(initial_peers, dht_prefix or default_dht_prefix(model), config.num_hidden_layers,
-                                     request_timeout=request_timeout)
+                                     request_timeout=request_timeout, allowed_servers=allowed_servers,
+                                     blocked_servers=blocked_servers)
         base = DistributedBaseModel(config, family, local_base.embed_tokens, local_base.norm, RemoteSequential(connection))
         setattr(lm, family.base_model_attr, base)
         lm.config = config

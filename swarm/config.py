@@ -75,7 +75,12 @@ class ClientDefaults:
     delta_codec: str = "int8_outlier"
     delta_state_mb: float = 2048.0  # the client's references (two per sample and span; least recently used go first)
     keep_activations: bool = True  # training: one request per span for forward + backward (no recompute)
-    hop_overhead_ms: float = 2.0  # routing cost of one extra hop before pings are measured
+    hop_overhead_ms: float = 2.0  # routing cost of a hop to a server whose round trip is not measured yet
+    # Round trips to every known server, measured in the background by timing a small rpc_info call.
+    ping_period_s: float = 15.0  # seconds between rounds (a newly seen server is pinged at once)
+    ping_timeout_s: float = 5.0  # a ping that takes longer marks the server unreachable until it answers again
+    ping_smoothing: float = 0.3  # weight of a new ping in the moving average, so one slow answer does not flip routes
+    unreachable_rtt_ms: float = 10_000.0  # routing cost of a hop to an unreachable server: used only if nothing else
     ban_base_s: float = 15.0  # a server that failed a call stays out of routes this long, doubling per failure in a row
     ban_max_s: float = 300.0
     max_retries: int = 3  # replacement routes tried for a failed span before giving up

@@ -3,6 +3,7 @@ token-identical to the local model."""
 
 from __future__ import annotations
 
+import random
 import signal
 import time
 
@@ -120,6 +121,16 @@ def test_a_training_step_survives_a_server_killed_mid_step(replicated_swarm, tin
     model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, replicated_swarm.initial_peers,
                                                               request_timeout=20))
     connection = model.remote_layers.connection
+    # Training routes are drawn over the replicas: with the same seed and servers, every step draws the same route,
+    # so the second step meets the killed server. Servers killed by earlier tests may still be announced: once
+    # pinged, they count as unreachable and are not drawn. Then pings stop, or one could mark the victim unreachable
+    # before the step and the draw avoid it.
+    deadline = time.monotonic() + 60
+    while not all(str(s.peer_id) in connection.pings for s in connection.servers(refresh=True)
+                  if s.record.state.value == "online"):
+        assert time.monotonic() < deadline, connection.pings
+        time.sleep(0.1)
+    connection.pinger.stop()
     torch.manual_seed(0)
     lora = model.add_lora_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
@@ -128,6 +139,7 @@ def test_a_training_step_survives_a_server_killed_mid_step(replicated_swarm, tin
     batch = torch.randint(3, 320, (2, 10), generator=torch.Generator().manual_seed(41))
 
     def step():
+        connection.rng = random.Random(0)
         for param in lora.params:
             param.grad = None
         loss = model(batch, labels=batch).loss
@@ -136,7 +148,7 @@ def test_a_training_step_survives_a_server_killed_mid_step(replicated_swarm, tin
     try:
         loss, backward = step()
         expected_loss, expected_grads = loss.item(), backward()
-        victim = connection.plan()[1]
+        victim = model.remote_layers.last_routes[0][1]
         (process,) = [p for p in replicated_swarm.servers if any(str(victim.peer_id) in m for m in p.maddrs)]
         if when == "before_forward":
             process.stop(signal.SIGKILL)
