@@ -100,6 +100,16 @@ class SwarmConnection:
         logger.info("server %s failed; leaving it out of routes for %.0f s", peer_id, seconds)
         return seconds
 
+    def failed(self, peer_id, error: BaseException) -> None:
+        """A server failed a call. Gone (no answer): banned for a while. Leaving or moved to other blocks (it said
+        so, and its DHT record says so too): the view of the swarm is refreshed instead, so its new blocks stay
+        usable."""
+        if isinstance(error, RemoteError) and error.code in ("server_leaving", "blocks_not_served"):
+            logger.info("server %s is leaving or moved (%s); refreshing the view of the swarm", peer_id, error.code)
+            self.servers(refresh=True)
+        else:
+            self.ban(peer_id)
+
     def banned(self) -> set:
         now = time.monotonic()
         return {peer for peer, (until, _) in self._bans.items() if until > now}

@@ -58,10 +58,10 @@ class InferenceSession:
         try:
             for stream in streams:
                 await stream.open()
-        except BaseException:
+        except BaseException as exc:
             for stream in streams:
                 if stream.failed:  # e.g. a server that died before its record expired
-                    self.connection.ban(stream.step.peer_id)
+                    self.connection.failed(stream.step.peer_id, exc)
                 await stream.close()
             raise
         return streams
@@ -100,7 +100,7 @@ class InferenceSession:
         start, end, history = failed.step.start, failed.step.end, failed.history
         tried = [f"{str(failed.step.peer_id)[-8:]} ({error.message[:120]})"]
         began = time.perf_counter()
-        self.connection.ban(failed.step.peer_id)
+        self.connection.failed(failed.step.peer_id, error)
         await failed.close()
         for _ in range(CLIENT.max_retries):
             try:
@@ -119,7 +119,7 @@ class InferenceSession:
             except RemoteError as exc:
                 culprit = next((s for s in streams if s.failed), streams[0])
                 tried.append(f"{str(culprit.step.peer_id)[-8:]} ({exc.message[:120]})")
-                self.connection.ban(culprit.step.peer_id)
+                self.connection.failed(culprit.step.peer_id, exc)
                 for stream in streams:
                     await stream.close()
                 continue

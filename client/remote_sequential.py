@@ -274,7 +274,7 @@ class RemoteSequential(nn.Module):
                 if not exc.server_gone:
                     raise
                 tried.append(f"{str(step.peer_id)[-8:]} ({exc.message[:100]})")
-                self.connection.ban(step.peer_id)
+                self.connection.failed(step.peer_id, exc)
                 if attempt == CLIENT.max_retries:
                     break
                 try:
