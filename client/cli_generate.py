@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codec", default=CLIENT.inference_codec, metavar="ID",
                         help="codec for hidden states on the wire: int8_outlier, bfloat16, float16, 'none' (float32, "
                              "exact) and more (see swarm.compression)")
+    parser.add_argument("--forwarding", action=argparse.BooleanOptionalAction, default=CLIENT.forwarding,
+                        help="servers push each token's hidden states straight to the next server of the route, so they "
+                             "cross each link once; --no-forwarding returns them to this client at every hop")
     parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: folder or repo name)")
 
 
@@ -42,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
                                                         torch_dtype=args.torch_dtype)
     try:
         model.set_codecs(inference=args.codec)
+        model.remote_layers.forwarding = args.forwarding
         if args.adapter is not None:
             from pathlib import Path
 

@@ -208,6 +208,7 @@ class Server:
         if self._stop.is_set():
             self._stop_event.set()
         p2p = await self.dht.replicate_p2p()
+        self.handler.attach(p2p, self.prefix)  # inference steps are pushed on to the next server with it
         await BlockService().add_p2p_handlers(p2p, wrapper=self.handler, namespace=self.prefix)
         await asyncio.to_thread(self._announce, ServerState.ONLINE)
         maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
