@@ -3,8 +3,8 @@
 For each model: tokens/s of `generate()` locally and through a LocalSwarm of N servers, steady-state
 per-token decode latency (prefill excluded), their ratio, and the overhead each server hop adds. Then, through a
 LocalSwarm of M servers (4 by default), the per-token latency with server-to-server forwarding (each server pushes
-its output to the next) against client-driven hops (every output comes back to the client, which sends it on), from
-runs of the two interleaved on the same swarm and client, and their ratio.
+its output to the next) against client-driven hops (every output comes back to the client, which sends it on), the two
+alternating token by token in the same generations, and their ratio.
 Run: python bench/generation.py [--models tiny,smollm2] [--runs 5] [--compare local,forwarding] [--server-env OMP_NUM_THREADS=1]
 
 Each side runs as it would on its own: the local baseline in a separate process with the default OpenMP
@@ -192,16 +192,33 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> Result:
 
 
 
+class AlternatingClock(StoppingCriteria):
+    """Never stops generation; switches the session between forwarding and client-driven hops after every token and
+    files each decode step's time under the mode it ran with, so both modes see the same load, token by token."""
+
+    def __init__(self, session, first: bool):
+        self.session, self.last = session, None
+        self.session.forwarding = first
+        self.steps: dict[bool, list[float]] = {True: [], False: []}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        now = time.perf_counter()
+        if self.last is not None:  # the first call ends the prefill
+            self.steps[self.session.forwarding].append(now - self.last)
+        self.session.forwarding = not self.session.forwarding
+        self.last = now
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class ForwardingResult:
     name: str
     spans: list[tuple[int, int]]
-    runs: dict[bool, list[Timing]]  # forwarding on / off -> one Timing per measured run
-    new_tokens: int
+    runs: list[dict[bool, list[float]]]  # per measured run: forwarding on / off -> its decode steps' seconds
     same_output: bool
 
-    def step_ms(self, forwarding: bool) -> float:
-        return 1000 * statistics.median([s for t in self.runs[forwarding] for s in t.decode_steps])
+    def step_ms(self, forwarding: bool, runs: list | None = None) -> float:
+        return 1000 * statistics.median([s for run in (runs or self.runs) for s in run[forwarding]])
 
     @property
     def ratio(self) -> float:
@@ -209,18 +226,15 @@ class ForwardingResult:
         return self.step_ms(False) / self.step_ms(True)
 
     def table(self) -> str:
-        rows = [f"{'':16}{'tok/s':>8}{'prefill ms':>12}{'decode ms/tok':>15}   per-run medians (ms/tok)"]
+        rows = [f"{'':16}{'decode ms/tok':>14}   per-run medians (ms/tok)"]
         for label, forwarding in (("forwarding", True), ("client-driven", False)):
-            runs = self.runs[forwarding]
-            totals = [total for t in runs for total in t.totals]
-            per_run = " ".join(f"{t.step_ms:.2f}" for t in runs)
-            rows.append(f"{label:16}{self.new_tokens / statistics.median(totals):8.1f}"
-                        f"{statistics.median([p for t in runs for p in t.prefills]) * 1000:12.1f}"
-                        f"{self.step_ms(forwarding):15.2f}   {per_run}")
+            per_run = " ".join(f"{self.step_ms(forwarding, [run]):.2f}" for run in self.runs)
+            rows.append(f"{label:16}{self.step_ms(forwarding):14.2f}   {per_run}")
+        ratios = " ".join(f"{self.step_ms(False, [run]) / self.step_ms(True, [run]):.2f}" for run in self.runs)
         saved = (self.step_ms(False) - self.step_ms(True)) / max(len(self.spans) - 1, 1)
-        rows.append(f"ratio client-driven/forwarding per-token latency: {self.ratio:.2f}x ({saved:+.2f} ms saved per "
-                    f"server-to-server link, {len(self.spans)} hops)")
-        rows.append(f"greedy outputs identical: {'yes' if self.same_output else 'NO'}")
+        rows.append(f"ratio client-driven/forwarding per-token latency: {self.ratio:.2f}x (per run: {ratios}; "
+                    f"{saved:+.2f} ms saved per server-to-server link, {len(self.spans)} hops)")
+        rows.append(f"greedy outputs identical (forwarding, client-driven, alternating): {'yes' if self.same_output else 'NO'}")
         return "\n".join(rows)
 
     def summary(self) -> str:
@@ -229,14 +243,15 @@ class ForwardingResult:
 
 
 def bench_forwarding(name: str, path: Path, args: argparse.Namespace) -> ForwardingResult:
-    """Forwarding against client-driven hops on one swarm and client, runs interleaved (the order alternating) so
-    both modes see the same machine load."""
+    """Forwarding against client-driven hops on one swarm and client: each measured run alternates the two modes
+    token by token (starting with either in turn), so a shared machine's changing load falls on both alike."""
     config = AutoConfig.from_pretrained(path)
     spans = even_spans(config.num_hidden_layers, args.forwarding_servers)
     input_ids = prompt_ids(config.vocab_size, args.prompt_tokens)
     env = dict(item.split("=", 1) for item in args.server_env)
-    runs: dict[bool, list[Timing]] = {True: [], False: []}
-    outputs = {}
+    kwargs = dict(attention_mask=torch.ones_like(input_ids), max_new_tokens=args.new_tokens,
+                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    runs, outputs = [], []
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         swarm.start_servers(str(path), spans, extra_args=["--torch-dtype", args.dtype], env=env)
@@ -244,17 +259,17 @@ def bench_forwarding(name: str, path: Path, args: argparse.Namespace) -> Forward
         model = DistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, torch_dtype=args.dtype)
         try:
             with torch.inference_mode():
-                for forwarding in (True, False):  # warm-up
-                    model.remote_layers.forwarding = forwarding
-                    outputs[forwarding] = timed_generate(model, input_ids, args.new_tokens, None)
+                for forwarding in (True, False):  # warm-up, and each mode's output alone
+                    with model.inference_session(input_ids.shape[1] + args.new_tokens, forwarding=forwarding):
+                        outputs.append(model.generate(input_ids, **kwargs))
                 for run in range(args.runs):
-                    for forwarding in ((True, False) if run % 2 == 0 else (False, True)):
-                        model.remote_layers.forwarding = forwarding
-                        runs[forwarding].append(Timing())
-                        timed_generate(model, input_ids, args.new_tokens, runs[forwarding][-1])
+                    with model.inference_session(input_ids.shape[1] + args.new_tokens) as session:
+                        clock = AlternatingClock(session, first=run % 2 == 0)
+                        outputs.append(model.generate(input_ids, stopping_criteria=StoppingCriteriaList([clock]), **kwargs))
+                    runs.append(clock.steps)
         finally:
             model.model.layers.connection.shutdown()
-    return ForwardingResult(name, spans, runs, args.new_tokens, torch.equal(outputs[True], outputs[False]))
+    return ForwardingResult(name, spans, runs, all(torch.equal(outputs[0], output) for output in outputs))
 
 
 def parse_args() -> argparse.Namespace:

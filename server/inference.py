@@ -40,6 +40,34 @@ class OpenSession:
     state: InferenceState
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # ExpertRequest | (PushStep, tensors) | None (end)
     steps: int = 0  # steps done: the next one must carry this number
+    pushed: int = -1  # the last step a push was accepted for (one push per step may wait in the inbox)
+    link: PushLink | None = None  # the stream this session's steps are pushed on to the next server with
+
+
+class PushLink:
+    """A stream to the next server of a session's route that carries the session's pushed steps, one acceptance
+    per step. A message on an open stream costs about half a unary call (0.45 vs 0.8-1.0 ms round trip here)."""
+
+    def __init__(self, peer_id: str, session_id: str):
+        self.target = (peer_id, session_id)
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._replies = None
+
+    async def open(self, p2p, prefix: str, timeout: float) -> None:
+        async def requests():
+            while (message := await self._queue.get()) is not None:
+                yield message
+
+        stub = BlockService.get_stub(p2p, PeerID.from_base58(self.target[0]), namespace=prefix)
+        self._replies = await asyncio.wait_for(stub.rpc_push_stream(requests()), timeout)
+
+    async def push(self, request: runtime_pb2.ExpertRequest, timeout: float) -> None:
+        self._queue.put_nowait(request)
+        if await asyncio.wait_for(anext(self._replies, None), timeout) is None:
+            raise ConnectionError("the next server closed the push stream")
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
 
 
 class InferenceRpcs:
@@ -84,7 +112,7 @@ class InferenceRpcs:
             tokens = meta.batch_size * meta.max_length
             self.budget.acquire(tokens)
         self.stats.sessions_open += 1
-        reader = None
+        reader = session = None
         try:
             state = InferenceState(self.backend, meta.start, meta.end, meta.batch_size, meta.max_length,
                                    lora_pairs, lora_scaling, prompts)
@@ -109,7 +137,9 @@ class InferenceRpcs:
         finally:
             if reader is not None:
                 reader.cancel()
-            if self.sessions.get(meta.session_id) is not None and self.sessions[meta.session_id].meta is meta:
+            if session is not None and session.link is not None:
+                session.link.close()
+            if session is not None and self.sessions.get(meta.session_id) is session:
                 del self.sessions[meta.session_id]
             self.stats.sessions_open -= 1
             self.budget.release(tokens)
@@ -135,7 +165,7 @@ class InferenceRpcs:
         if meta.forward:
             # The next server and the client get the same bytes: the client's copy is that server's input history.
             hidden = pack_tensor(output, meta.forward[0].codec or None)
-            error = await self._push(meta.forward[0], meta.forward[1:], hidden, tensors[1:])
+            error = await self._push(session, meta.forward[0], meta.forward[1:], hidden, tensors[1:])
             reply = reply.model_copy(update={"forwarded": not error, "forward_error": error})
         else:
             hidden = pack_tensor(output, session.meta.reply_codec or None)
@@ -149,10 +179,10 @@ class InferenceRpcs:
             if self.p2p is not None and hop.peer_id == str(self.p2p.peer_id):
                 raise BadRequest("the forward route names this server itself")
 
-    async def _push(self, hop: ForwardHop, rest: list[ForwardHop], hidden: runtime_pb2.Tensor,
+    async def _push(self, session: OpenSession, hop: ForwardHop, rest: list[ForwardHop], hidden: runtime_pb2.Tensor,
                     extra: list[torch.Tensor]) -> str:
-        """Push a step's output into the next server's session; returns "" or why that failed (the client then sends
-        the step there itself)."""
+        """Push a step's output into the next server's session, on the session's push stream to it (opened on first
+        use); returns "" or why that failed (the client then sends the step there itself)."""
         if self.p2p is None:
             return "this server has no P2P node to push with"
         request = runtime_pb2.ExpertRequest(metadata=PushStep(step=hop.step, forward=rest, session_id=hop.session_id).encode(),
@@ -161,9 +191,16 @@ class InferenceRpcs:
         if size > MAX_UNARY_PAYLOAD_BYTES:
             return f"a push of {size} bytes exceeds the {MAX_UNARY_PAYLOAD_BYTES}-byte message limit"
         try:
-            stub = BlockService.get_stub(self.p2p, PeerID.from_base58(hop.peer_id), namespace=self.prefix)
-            await stub.rpc_push(request, timeout=self.push_timeout)
+            if session.link is None or session.link.target != (hop.peer_id, hop.session_id):  # new, or the route changed
+                if session.link is not None:
+                    session.link.close()
+                session.link = PushLink(hop.peer_id, hop.session_id)
+                await session.link.open(self.p2p, self.prefix, self.push_timeout)
+            await session.link.push(request, self.push_timeout)
         except Exception as exc:  # noqa: BLE001 - any failure means: let the client drive this hop
+            if session.link is not None:
+                session.link.close()
+                session.link = None
             error = RemoteError.from_exception(exc, hop.peer_id)
             logger.info("could not push step %d to %s: [%s] %s", hop.step, hop.peer_id[-8:], error.code, error.message[:200])
             return f"[{error.code}] {error.message}"[:1000]
@@ -182,6 +219,8 @@ class InferenceRpcs:
                 raise ServerLeaving("this server is leaving the swarm and takes no pushed steps")
             if meta.step != session.steps:
                 raise BadRequest(f"pushed step {meta.step} does not follow this session's {session.steps} steps")
+            if meta.step == session.pushed:
+                raise BadRequest(f"step {meta.step} was pushed already")
             self._check_route(meta.forward)
             if not request.tensors:
                 raise BadRequest("a push carries hidden states, position ids and an optional attention mask; got no tensors")
@@ -193,9 +232,15 @@ class InferenceRpcs:
             hidden = self.backend.check_inputs(tensors).hidden
             if hidden.shape[0] != session.state.batch_size:
                 raise BadRequest(f"session was opened for batch size {session.state.batch_size}, push has {hidden.shape[0]}")
+            session.pushed = meta.step
             session.inbox.put_nowait((meta, tensors))
         self._count("push", request.tensors)
         return runtime_pb2.ExpertResponse(metadata=InferenceReply(position=session.state.position).encode())
+
+    async def rpc_push_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
+        """rpc_push for each message of a stream; a refused push ends the stream with its error."""
+        async for request in requests:
+            yield await self.rpc_push(request, context)
 
 
 async def _read_stream(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:

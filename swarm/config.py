@@ -75,9 +75,11 @@ class ClientDefaults:
     ban_base_s: float = 15.0  # a server that failed a call stays out of routes this long, doubling per failure in a row
     ban_max_s: float = 300.0
     max_retries: int = 3  # replacement routes tried for a failed span before giving up
-    # Inference steps go server to server (each pushes its output to the next; swarm.forwarding) rather than back to
-    # the client at every hop. FORWARDING_NOTE
-    forwarding: bool = True
+    # Inference steps go server to server (each pushes its output to the next; swarm.forwarding) instead of back to the
+    # client at every hop, which saves a client round trip per hop but sends more messages in all (pushes, their
+    # acceptances, and every output still to the client for replay). Off: with all peers on one 2-core machine it
+    # measured 0.94-1.00x the speed of client-driven hops (bench/generation.py --compare forwarding, 4 servers).
+    forwarding: bool = False
     default_ms_per_block: float = 10.0  # routing cost of a block when a server reports no throughput
 
 

@@ -399,8 +399,12 @@ class BlockService(ServicerBase):
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
         raise NotImplementedError
 
-    # A step for an open inference session, pushed by the previous server of its route (swarm.forwarding.PushStep).
+    # A step for an open inference session, pushed by the previous server of its route (swarm.forwarding.PushStep),
+    # alone or as one message of a stream that carries a session's pushes (each answered when accepted).
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
+
+    async def rpc_push_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
         raise NotImplementedError
 
     # A forward (a SpanRequest message, answered with the output) and its backward (a TrainGrad message, answered

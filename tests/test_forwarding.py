@@ -4,14 +4,17 @@ hop, bad pushes are refused while the server goes on serving, and a failed push 
 
 from __future__ import annotations
 
+import itertools
 import signal
+import time
 
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
-from transformers import StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from client import aio
+from swarm.config import CLIENT
 from swarm.forwarding import ForwardHop, HopTarget, PushStep, forward_chain
 from swarm.protocol import RemoteError, pack_tensor
 from tests.conftest import exact
@@ -47,6 +50,17 @@ def test_forward_chain_names_the_hops_that_take_pushes(targets, index, step_byte
 def test_forward_chain_names_each_sessions_codec():
     hops = forward_chain([target(A), target(B, codec="int8_outlier"), target(C, codec="none")], 0, 10, 100)
     assert [hop.codec for hop in hops] == ["int8_outlier", ""]
+
+
+class StepClock(StoppingCriteria):
+    """Never stops generation; records when each token is ready."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
 def _generate(model, prompt, new_tokens: int, forwarding: bool):
@@ -160,7 +174,7 @@ def test_the_next_server_killed_mid_generation_falls_back_and_stays_identical(tw
     prompt = torch.randint(3, 320, (1, 8), generator=torch.Generator().manual_seed(15))
     kwargs = dict(max_new_tokens=40, min_new_tokens=40, **GREEDY)
     expected = reference_model.generate(prompt, **kwargs)
-    killed = []
+    killed, clock = [], StepClock()
 
     def kill(session):
         victim = str(session.streams[1].step.peer_id)
@@ -170,7 +184,7 @@ def test_the_next_server_killed_mid_generation_falls_back_and_stays_identical(tw
 
     try:
         with model.inference_session(max_length=48, forwarding=True) as session:
-            ours = model.generate(prompt, stopping_criteria=StoppingCriteriaList([AtLength(20, lambda: kill(session))]),
+            ours = model.generate(prompt, stopping_criteria=StoppingCriteriaList([AtLength(20, lambda: kill(session)), clock]),
                                   **kwargs)
     finally:
         model.remote_layers.connection.shutdown()
@@ -178,4 +192,18 @@ def test_the_next_server_killed_mid_generation_falls_back_and_stays_identical(tw
     assert len(session.recoveries) == 1 and str(session.streams[1].step.peer_id) != killed[0]
     # The replacement took its history from the client and pushes from the first server again.
     assert session.streams[1].accepts_pushes and len(session.streams[1].history) == 40
-    print(f"\nnext server SIGKILLed mid-generation: fell back and moved in {session.recoveries[0]:.2f} s")
+    steps = sorted(b - a for a, b in itertools.pairwise(clock.times))
+    print(f"\nnext server SIGKILLed mid-generation: the step took {steps[-1]:.2f} s (push failed, fell back, moved the "
+          f"span in {session.recoveries[0]:.2f} s); median step {steps[len(steps) // 2] * 1000:.1f} ms")
+
+
+def test_generate_command_turns_forwarding_on_and_off():
+    from swarm.cli import build_parser
+
+    parser = build_parser()
+    args = ["generate", "model", "hello", "--initial-peers", "/ip4/127.0.0.1/tcp/1"]
+    assert parser.parse_args(args).forwarding is CLIENT.forwarding
+    assert parser.parse_args([*args, "--forwarding"]).forwarding is True
+    assert parser.parse_args([*args, "--no-forwarding"]).forwarding is False
+    generate = parser._subparsers._group_actions[0].choices["generate"]
+    assert "--forwarding, --no-forwarding" in generate.format_help() and "server of the route" in generate.format_help()
