@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="codec for hidden states on the wire: int8_outlier, bfloat16, float16, 'none' (float32, "
                              "exact) and more (see swarm.compression)")
     add_server_choice_arguments(parser)
+    parser.add_argument("--forwarding", action=argparse.BooleanOptionalAction, default=CLIENT.forwarding,
+                        help="servers push each token's hidden states straight to the next server of the route, so they "
+                             "cross each link once; --no-forwarding returns them to this client at every hop")
     parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: folder or repo name)")
 
 
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
                                                         blocked_servers=args.blocked_servers)
     try:
         model.set_codecs(inference=args.codec)
+        model.remote_layers.forwarding = args.forwarding
         if args.adapter is not None:
             from pathlib import Path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -20,11 +21,11 @@ from client.measurements import InFlight, Pinger
 from client.routing import NoRouteError, RouteStep, ServerChoice, ban_seconds, plan_route, plan_training_route
 from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
 from swarm.dht_records import ServerInfo, ServerState, fetch_servers
+from swarm.forwarding import ForwardHop, ForwardStep
 from swarm.protocol import (
     BlockService,
     InferenceOpen,
     InferenceReply,
-    InferenceStep,
     RemoteError,
     SpanRequest,
     Traffic,
@@ -266,8 +267,14 @@ class SpanStream:
         self._replies = None
         self.position = 0
         self.step_id = 0
-        self.history: list[list[torch.Tensor]] = []  # every step's inputs, to replay on a replacement server
+        # Every step's inputs, to replay on a replacement server. The hidden states may be a packed wire tensor: the
+        # exact bytes the server took (pushed by the previous server, or relayed as that server sent them).
+        self.history: list[list[torch.Tensor | runtime_pb2.Tensor]] = []
         self.failed = False
+        # The id the previous server of the route pushes steps into this session under (swarm.forwarding); False
+        # once a push into it failed, after which the client sends this stream its steps itself.
+        self.session_id = secrets.token_hex(16)
+        self.accepts_pushes = True
 
     async def open(self) -> None:
         async def requests():
@@ -276,7 +283,8 @@ class SpanStream:
 
         meta = InferenceOpen(start=self.step.start, end=self.step.end, max_length=self.max_length, batch_size=self.batch_size,
                              lora=self.lora_names, lora_scaling=self.lora_scaling, adapter=self.adapter,
-                             deep_prompts=self.prompts is not None, reply_codec=self.reply_codec)
+                             deep_prompts=self.prompts is not None, reply_codec=self.reply_codec,
+                             session_id=self.session_id, input_codec=self.codec)
         opening = ([self.prompts] if self.prompts is not None else []) + self.lora_tensors
         try:
             self._replies = await asyncio.wait_for(
@@ -295,20 +303,34 @@ class SpanStream:
     async def _next_reply(self) -> runtime_pb2.ExpertResponse:
         return await _next_reply(self._replies, self.connection.request_timeout, self.step, "inference stream")
 
-    async def send(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        message = runtime_pb2.ExpertRequest(metadata=InferenceStep(step=self.step_id).encode(),
+    def submit(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], forward: Sequence[ForwardHop] = ()) -> None:
+        """Send a step's inputs without waiting; the server pushes its output along `forward` (later route hops)."""
+        message = runtime_pb2.ExpertRequest(metadata=ForwardStep(step=self.step_id, forward=list(forward)).encode(),
                                             tensors=_pack(tensors, [self.codec]))
         self._queue.put_nowait(message)
+        self.traffic += self.connection.count(message.tensors, ())
+
+    async def result(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor]) -> tuple[runtime_pb2.Tensor, InferenceReply]:
+        """The output of the next step, submitted here or pushed by the previous server, as the server packed it; the
+        step's `tensors` (its inputs) go into the history."""
         try:
             reply = await self._next_reply()
         except RemoteError as exc:
             self.failed = exc.server_gone  # not a refusal
             raise
+        meta = InferenceReply.decode(reply.metadata)
+        if len(reply.tensors) != 1:
+            raise RemoteError("bad_reply", f"an inference step's reply has {len(reply.tensors)} tensors, not 1", str(self.step.peer_id))
         self.history.append(list(tensors))
-        self.traffic += self.connection.count(message.tensors, reply.tensors)
-        self.position = InferenceReply.decode(reply.metadata).position
+        self.traffic += self.connection.count((), reply.tensors)
+        self.position = meta.position
         self.step_id += 1
-        return unpack_tensor(reply.tensors[0], "server output")
+        return reply.tensors[0], meta
+
+    async def send(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor]) -> torch.Tensor:
+        self.submit(tensors)
+        output, _ = await self.result(tensors)
+        return unpack_tensor(output, "server output")
 
     async def close(self) -> None:
         self._queue.put_nowait(None)

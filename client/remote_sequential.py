@@ -202,6 +202,8 @@ class RemoteSequential(nn.Module):
         # "delta" (not "none"): training streams send each sample's activations as deltas against the previous
         # epoch's (swarm.compression.delta); the references live here, created on first use.
         self.delta: ClientDelta | None = None
+        # Inference sessions push each step server to server along the route (swarm.forwarding), or not.
+        self.forwarding = CLIENT.forwarding
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -358,9 +360,12 @@ class RemoteSequential(nn.Module):
         output = _RemoteChain.apply(hidden, position_ids, attention_mask, self, expect_backward, *params)
         return output.to(hidden.dtype)
 
-    def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:
+    def inference_session(self, max_length: int, batch_size: int | None = None,
+                          forwarding: bool | None = None) -> InferenceSession:
+        """A KV-cached session; `forwarding` (default: self.forwarding) has servers push each step to the next one."""
         return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.lora, self.adapter,
-                                self.prompts, self.codecs["inference"], self.reply_codec("inference"))
+                                self.prompts, self.codecs["inference"], self.reply_codec("inference"),
+                                self.forwarding if forwarding is None else forwarding)
 
     def extra_repr(self) -> str:
         return f"blocks {self.start}:{self.end} of {self.connection.prefix!r} (remote)"

@@ -234,6 +234,7 @@ class Server:
             if self._stop_event.is_set():
                 return False
             old, self.hosted = self.hosted, new
+            new.handler.attach(self.p2p, self.prefix)
             self.active.current = new.handler
             old.handler.leaving = True
             # Offline first: a client that sees neither span of this server routes elsewhere, which is safe (the
@@ -284,6 +285,8 @@ class Server:
         if self._stop.is_set():
             self._stop_event.set()
         p2p = await self.dht.replicate_p2p()
+        self.p2p = p2p
+        self.handler.attach(p2p, self.prefix)  # inference steps are pushed on to the next server with it
         self.active = ActiveHandler(self.handler)
         await BlockService().add_p2p_handlers(p2p, wrapper=self.active, namespace=self.prefix)
         await self._publish(ServerState.ONLINE)

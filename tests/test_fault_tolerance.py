@@ -55,7 +55,9 @@ def test_generation_survives_a_server_dying_mid_session(replicated_swarm, tiny_m
     expected = reference_model.generate(prompt, **kwargs)
     killed = {}
     try:
-        with model.inference_session(max_length=PROMPT + NEW_TOKENS) as session:
+        # Client-driven hops here for SIGKILL (tests/test_forwarding.py kills a server under forwarding); SIGTERM
+        # with server-to-server forwarding, which a leaving server refuses like any step.
+        with model.inference_session(max_length=PROMPT + NEW_TOKENS, forwarding=sig == signal.SIGTERM) as session:
             def kill():
                 victim = session.streams[1].step
                 (process,) = [p for p in replicated_swarm.servers if any(str(victim.peer_id) in m for m in p.maddrs)]
