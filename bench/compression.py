@@ -61,6 +61,8 @@ TRAINING = {  # name: (activations, gradients, deltas); "int8/int4g/d8" is the d
     "int8/int4g": TrainingConfig("int8/int4g", "int8_outlier", "int4_outlier"),
     "int8/int4g/d4": TrainingConfig("int8/int4g/d4", "int8_outlier", "int4_outlier", "int4_outlier"),
     "int8/int4g/d8": TrainingConfig("int8/int4g/d8", "int8_outlier", "int4_outlier", "int8_outlier"),
+    "int8/int4g/d6": TrainingConfig("int8/int4g/d6", "int8_outlier", "int4_outlier", "int6_outlier"),
+    "int8/int4g/d5": TrainingConfig("int8/int4g/d5", "int8_outlier", "int4_outlier", "int5_outlier"),
     "int8/int4k4g/d8": TrainingConfig("int8/int4k4g/d8", "int8_outlier", "int4_outlier_k4", "int8_outlier"),
 }
 

@@ -1,8 +1,11 @@
 """Greedy generation through a local swarm against plain transformers on the same machine.
 
 For each model: tokens/s of `generate()` locally and through a LocalSwarm of N servers, steady-state
-per-token decode latency (prefill excluded), their ratio, and the overhead each server hop adds.
-Run: python bench/generation.py [--models tiny,smollm2] [--runs 5] [--server-env OMP_NUM_THREADS=1]
+per-token decode latency (prefill excluded), their ratio, and the overhead each server hop adds. Then, through a
+LocalSwarm of M servers (4 by default), the per-token latency with server-to-server forwarding (each server pushes
+its output to the next) against client-driven hops (every output comes back to the client, which sends it on), the two
+alternating token by token in the same generations, and their ratio.
+Run: python bench/generation.py [--models tiny,smollm2] [--runs 5] [--compare local,forwarding] [--server-env OMP_NUM_THREADS=1]
 
 Each side runs as it would on its own: the local baseline in a separate process with the default OpenMP
 settings (busy-waiting threads suit a process that has the machine to itself), the swarm client here with
@@ -189,6 +192,86 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> Result:
 
 
 
+class AlternatingClock(StoppingCriteria):
+    """Never stops generation; switches the session between forwarding and client-driven hops after every token and
+    files each decode step's time under the mode it ran with, so both modes see the same load, token by token."""
+
+    def __init__(self, session, first: bool):
+        self.session, self.last = session, None
+        self.session.forwarding = first
+        self.steps: dict[bool, list[float]] = {True: [], False: []}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        now = time.perf_counter()
+        if self.last is not None:  # the first call ends the prefill
+            self.steps[self.session.forwarding].append(now - self.last)
+        self.session.forwarding = not self.session.forwarding
+        self.last = now
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class ForwardingResult:
+    name: str
+    spans: list[tuple[int, int]]
+    runs: list[dict[bool, list[float]]]  # per measured run: forwarding on / off -> its decode steps' seconds
+    same_output: bool
+
+    def step_ms(self, forwarding: bool, runs: list | None = None) -> float:
+        return 1000 * statistics.median([s for run in (runs or self.runs) for s in run[forwarding]])
+
+    @property
+    def ratio(self) -> float:
+        """Per-token latency of client-driven hops over that of forwarding (above 1: forwarding is faster)."""
+        return self.step_ms(False) / self.step_ms(True)
+
+    def table(self) -> str:
+        rows = [f"{'':16}{'decode ms/tok':>14}   per-run medians (ms/tok)"]
+        for label, forwarding in (("forwarding", True), ("client-driven", False)):
+            per_run = " ".join(f"{self.step_ms(forwarding, [run]):.2f}" for run in self.runs)
+            rows.append(f"{label:16}{self.step_ms(forwarding):14.2f}   {per_run}")
+        ratios = " ".join(f"{self.step_ms(False, [run]) / self.step_ms(True, [run]):.2f}" for run in self.runs)
+        saved = (self.step_ms(False) - self.step_ms(True)) / max(len(self.spans) - 1, 1)
+        rows.append(f"ratio client-driven/forwarding per-token latency: {self.ratio:.2f}x (per run: {ratios}; "
+                    f"{saved:+.2f} ms saved per server-to-server link, {len(self.spans)} hops)")
+        rows.append(f"greedy outputs identical (forwarding, client-driven, alternating): {'yes' if self.same_output else 'NO'}")
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        return (f"{self.name} forwarding on {len(self.spans)} servers: {self.step_ms(True):.2f} ms/token vs "
+                f"{self.step_ms(False):.2f} client-driven, ratio {self.ratio:.2f}x")
+
+
+def bench_forwarding(name: str, path: Path, args: argparse.Namespace) -> ForwardingResult:
+    """Forwarding against client-driven hops on one swarm and client: each measured run alternates the two modes
+    token by token (starting with either in turn), so a shared machine's changing load falls on both alike."""
+    config = AutoConfig.from_pretrained(path)
+    spans = even_spans(config.num_hidden_layers, args.forwarding_servers)
+    input_ids = prompt_ids(config.vocab_size, args.prompt_tokens)
+    env = dict(item.split("=", 1) for item in args.server_env)
+    kwargs = dict(attention_mask=torch.ones_like(input_ids), max_new_tokens=args.new_tokens,
+                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    runs, outputs = [], []
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        swarm.start_servers(str(path), spans, extra_args=["--torch-dtype", args.dtype], env=env)
+        print(f"  swarm of {len(spans)} servers {spans} for forwarding vs client-driven hops")
+        model = DistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, torch_dtype=args.dtype)
+        try:
+            with torch.inference_mode():
+                for forwarding in (True, False):  # warm-up, and each mode's output alone
+                    with model.inference_session(input_ids.shape[1] + args.new_tokens, forwarding=forwarding):
+                        outputs.append(model.generate(input_ids, **kwargs))
+                for run in range(args.runs):
+                    with model.inference_session(input_ids.shape[1] + args.new_tokens) as session:
+                        clock = AlternatingClock(session, first=run % 2 == 0)
+                        outputs.append(model.generate(input_ids, stopping_criteria=StoppingCriteriaList([clock]), **kwargs))
+                    runs.append(clock.steps)
+        finally:
+            model.model.layers.connection.shutdown()
+    return ForwardingResult(name, spans, runs, all(torch.equal(outputs[0], output) for output in outputs))
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
@@ -196,12 +279,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (never fewer)")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="random prompt length, batch 1")
     parser.add_argument("--servers", type=int, default=3, help="servers, splitting the blocks evenly")
+    parser.add_argument("--compare", default="local,forwarding",
+                        help="comma-separated: 'local' (swarm against local transformers), 'forwarding' "
+                             "(server-to-server forwarding against client-driven hops)")
+    parser.add_argument("--forwarding-servers", type=int, default=4, help="servers of the forwarding comparison's route")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype everywhere")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment variable for the server processes, e.g. OMP_NUM_THREADS=1 (repeatable)")
     args = parser.parse_args()
     if any("=" not in item for item in args.server_env):
         parser.error("--server-env takes NAME=VALUE")
+    if set(args.compare.split(",")) - {"local", "forwarding"}:
+        parser.error("--compare takes local, forwarding or both")
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
@@ -226,10 +315,11 @@ def main() -> None:
         for name in args.models.split(","):
             path = build_tiny(Path(tmp)) if name == "tiny" else ensure_smollm2()
             print(f"\n== {name} ({args.dtype}) ==")
-            warn_if_busy()
-            result = bench_model(name, path, args)
-            print(result.table())
-            results.append(result)
+            for comparison in args.compare.split(","):
+                warn_if_busy()
+                result = bench_model(name, path, args) if comparison == "local" else bench_forwarding(name, path, args)
+                print(result.table())
+                results.append(result)
     print()
     for result in results:
         print(result.summary())

@@ -35,7 +35,7 @@ def _default_data() -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from swarm.cli import add_swarm_arguments
+    from swarm.cli import add_server_choice_arguments, add_swarm_arguments
 
     parser.add_argument("model", help="folder (or hub repo id) with the model's config, tokenizer and client-side weights")
     add_swarm_arguments(parser)
@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="from the second epoch, send each sample's hidden states as the change since its previous "
                              "pass, in this codec ('none': every epoch in full). Batches are then padded to "
                              "--max-length, so a sample looks the same every epoch")
+    add_server_choice_arguments(parser)
     parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: folder or repo name)")
 
 
@@ -238,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
           f"{total_steps} steps of {args.batch_size} ({steps_per_epoch} per epoch)", flush=True)
 
     model = DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, dht_prefix=args.dht_prefix,
-                                                        torch_dtype=args.torch_dtype)
+                                                        torch_dtype=args.torch_dtype, allowed_servers=args.allowed_servers,
+                                                        blocked_servers=args.blocked_servers)
     try:
         model.set_codecs(activations=args.activation_codec, gradients=args.gradient_codec, delta=args.delta_codec)
         pad_to = args.max_length if args.delta_codec != "none" else None

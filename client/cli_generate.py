@@ -8,7 +8,7 @@ from swarm.config import CLIENT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from swarm.cli import add_swarm_arguments
+    from swarm.cli import add_server_choice_arguments, add_swarm_arguments
 
     parser.add_argument("model", help="folder (or hub repo id) with the model's config, tokenizer and client-side weights")
     parser.add_argument("prompt", help="the text to continue, or the user message with --chat")
@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codec", default=CLIENT.inference_codec, metavar="ID",
                         help="codec for hidden states on the wire: int8_outlier, bfloat16, float16, 'none' (float32, "
                              "exact) and more (see swarm.compression)")
+    add_server_choice_arguments(parser)
+    parser.add_argument("--forwarding", action=argparse.BooleanOptionalAction, default=CLIENT.forwarding,
+                        help="servers push each token's hidden states straight to the next server of the route, so they "
+                             "cross each link once; --no-forwarding returns them to this client at every hop")
     parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: folder or repo name)")
 
 
@@ -39,9 +43,11 @@ def run(args: argparse.Namespace) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, dht_prefix=args.dht_prefix,
-                                                        torch_dtype=args.torch_dtype)
+                                                        torch_dtype=args.torch_dtype, allowed_servers=args.allowed_servers,
+                                                        blocked_servers=args.blocked_servers)
     try:
         model.set_codecs(inference=args.codec)
+        model.remote_layers.forwarding = args.forwarding
         if args.adapter is not None:
             from pathlib import Path
 

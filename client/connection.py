@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import secrets
+import threading
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
 import hivemind
 import torch
-from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError
+from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from client import aio
-from client.routing import RouteStep, ban_seconds, plan_route
+from client.measurements import InFlight, Pinger
+from client.routing import NoRouteError, RouteStep, ServerChoice, ban_seconds, plan_route, plan_training_route
 from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
-from swarm.dht_records import ServerInfo, fetch_servers
+from swarm.dht_records import ServerInfo, ServerState, fetch_servers
+from swarm.forwarding import ForwardHop, ForwardStep
 from swarm.protocol import (
     BlockService,
     InferenceOpen,
     InferenceReply,
-    InferenceStep,
     RemoteError,
     SpanRequest,
     Traffic,
@@ -40,12 +44,18 @@ TRANSPORT_ERRORS = (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, Conne
 
 
 class SwarmConnection:
-    """Joins the DHT as a client (it accepts no incoming connections) and talks to servers."""
+    """Joins the DHT as a client (it accepts no incoming connections) and talks to servers.
+
+    `allowed_servers` (only these; None: any) and `blocked_servers` (never these) are peer ids; servers left out
+    by them are never contacted, not even pinged.
+    """
 
     def __init__(self, initial_peers: Sequence[str], prefix: str, num_blocks: int,
-                 request_timeout: float = CLIENT.request_timeout, servers_max_age: float = 5.0):
+                 request_timeout: float = CLIENT.request_timeout, servers_max_age: float = 5.0,
+                 allowed_servers: Iterable | None = None, blocked_servers: Iterable = ()):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddress printed by `swarm dht` or `swarm server`")
+        self.choice = ServerChoice.of(allowed_servers, blocked_servers, check=_check_peer_id)
         self.prefix, self.num_blocks = prefix, num_blocks
         self.request_timeout = request_timeout
         self.servers_max_age = servers_max_age
@@ -53,19 +63,35 @@ class SwarmConnection:
         self.p2p = aio.run(self.dht.replicate_p2p())
         self._servers: list[ServerInfo] = []
         self._servers_time = 0.0
+        self._servers_lock = threading.Lock()  # the caller's thread and the client loop may both refresh
         self.traffic = Traffic()  # every tensor this client sent and received, raw and on the wire
         self.hidden_traffic = Traffic()  # the part of it that is hidden states and their gradients (hidden_slots)
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
         # (server, digest) of LoRA tensors a server has accepted from us: later requests name them by digest.
         self._lora_uploads: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.in_flight = InFlight()  # training requests awaiting a reply, by server (training routes spread by it)
+        self.rng = random.Random()  # draws of training routes (replace it with a seeded one to repeat them)
+        self.pinger = Pinger(self._ping)
+        self.pinger.start()
 
     # ------------------------------------------------------------------------------------ discovery
 
     def servers(self, refresh: bool = False) -> list[ServerInfo]:
-        if refresh or time.monotonic() - self._servers_time > self.servers_max_age:
-            self._servers = fetch_servers(self.dht, self.prefix, self.num_blocks)
-            self._servers_time = time.monotonic()
-        return self._servers
+        with self._servers_lock:
+            if refresh or time.monotonic() - self._servers_time > self.servers_max_age:
+                self._servers = fetch_servers(self.dht, self.prefix, self.num_blocks)
+                self._servers_time = time.monotonic()
+                self.pinger.watch(s.peer_id for s in self._servers
+                                  if s.record.state == ServerState.ONLINE and self.choice.refusal(str(s.peer_id)) is None)
+            return self._servers
+
+    @property
+    def pings(self) -> dict[str, float]:
+        """Measured round trips in ms by peer id string (inf: its last ping failed); servers not pinged yet are absent."""
+        return self.pinger.rtt_ms
+
+    async def _ping(self, peer_id) -> None:
+        await self.stub(peer_id).rpc_info(runtime_pb2.ExpertUID(), timeout=self.pinger.timeout)
 
     def ban(self, peer_id) -> float:
         """Keep a server that failed a call out of routes for a while (longer after each failure in a row)."""
@@ -75,17 +101,51 @@ class SwarmConnection:
         logger.info("server %s failed; leaving it out of routes for %.0f s", peer_id, seconds)
         return seconds
 
+    def failed(self, peer_id, error: BaseException) -> None:
+        """A server failed a call. Gone (no answer): banned for a while. Leaving or moved to other blocks (it said
+        so, and its DHT record says so too): the view of the swarm is refreshed instead, so its new blocks stay
+        usable."""
+        if isinstance(error, RemoteError) and error.code in ("server_leaving", "blocks_not_served"):
+            logger.info("server %s is leaving or moved (%s); refreshing the view of the swarm", peer_id, error.code)
+            self.servers(refresh=True)
+        else:
+            self.ban(peer_id)
+
     def banned(self) -> set:
         now = time.monotonic()
         return {peer for peer, (until, _) in self._bans.items() if until > now}
 
-    def plan(self, start: int = 0, end: int | None = None, adapter: str | None = None) -> list[RouteStep]:
+    def plan(self, start: int = 0, end: int | None = None, adapter: str | None = None, *,
+             session_tokens: int = 0) -> list[RouteStep]:
+        """The least-latency route (client.routing.plan_route) over the measured pings; `session_tokens`
+        (batch x max_length) leaves out servers that announce less free KV cache."""
         end = self.num_blocks if end is None else end
-        banned = self.banned()
+        rules = dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice)
         try:
-            return plan_route(self.servers(), start, end, banned=banned, adapter=adapter)
-        except RuntimeError:  # the swarm may have changed
-            return plan_route(self.servers(refresh=True), start, end, banned=banned, adapter=adapter)
+            return plan_route(self.servers(), start, end, session_tokens=session_tokens, **rules)
+        except NoRouteError:  # the swarm may have changed
+            servers = self.servers(refresh=True)
+        try:
+            return plan_route(servers, start, end, session_tokens=session_tokens, **rules)
+        except NoRouteError as exc:
+            if exc.reasons != {"cache"}:
+                raise
+            # Announced free cache is up to an update period old: the servers decide (they refuse clearly if full).
+            logger.debug("%s; trying the route regardless", exc)
+            return plan_route(servers, start, end, **rules)
+
+    def plan_training(self, start: int = 0, end: int | None = None, adapter: str | None = None,
+                      planned: Mapping[str, int] | None = None) -> list[RouteStep]:
+        """A training route drawn by throughput (client.routing.plan_training_route), counting the requests this
+        client has in flight and `planned` ones (by peer id) as load."""
+        end = self.num_blocks if end is None else end
+        load = Counter(self.in_flight.counts())
+        load.update(planned or {})
+        rules = dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice)
+        try:
+            return plan_training_route(self.servers(), start, end, self.rng, load, **rules)
+        except NoRouteError:
+            return plan_training_route(self.servers(refresh=True), start, end, self.rng, load, **rules)
 
     def stub(self, peer_id):
         return BlockService.get_stub(self.p2p, peer_id, namespace=self.prefix)
@@ -184,6 +244,7 @@ class SwarmConnection:
         return await self._upload_once(step, digest, bool(lora_names), send)
 
     def shutdown(self) -> None:
+        self.pinger.stop()
         try:
             aio.run(self.p2p.shutdown(), timeout=5)
         except Exception:  # noqa: BLE001 - best effort on the way out
@@ -206,8 +267,14 @@ class SpanStream:
         self._replies = None
         self.position = 0
         self.step_id = 0
-        self.history: list[list[torch.Tensor]] = []  # every step's inputs, to replay on a replacement server
+        # Every step's inputs, to replay on a replacement server. The hidden states may be a packed wire tensor: the
+        # exact bytes the server took (pushed by the previous server, or relayed as that server sent them).
+        self.history: list[list[torch.Tensor | runtime_pb2.Tensor]] = []
         self.failed = False
+        # The id the previous server of the route pushes steps into this session under (swarm.forwarding); False
+        # once a push into it failed, after which the client sends this stream its steps itself.
+        self.session_id = secrets.token_hex(16)
+        self.accepts_pushes = True
 
     async def open(self) -> None:
         async def requests():
@@ -216,7 +283,8 @@ class SpanStream:
 
         meta = InferenceOpen(start=self.step.start, end=self.step.end, max_length=self.max_length, batch_size=self.batch_size,
                              lora=self.lora_names, lora_scaling=self.lora_scaling, adapter=self.adapter,
-                             deep_prompts=self.prompts is not None, reply_codec=self.reply_codec)
+                             deep_prompts=self.prompts is not None, reply_codec=self.reply_codec,
+                             session_id=self.session_id, input_codec=self.codec)
         opening = ([self.prompts] if self.prompts is not None else []) + self.lora_tensors
         try:
             self._replies = await asyncio.wait_for(
@@ -236,20 +304,34 @@ class SpanStream:
     async def _next_reply(self) -> runtime_pb2.ExpertResponse:
         return await _next_reply(self._replies, self.connection.request_timeout, self.step, "inference stream")
 
-    async def send(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        message = runtime_pb2.ExpertRequest(metadata=InferenceStep(step=self.step_id).encode(),
+    def submit(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], forward: Sequence[ForwardHop] = ()) -> None:
+        """Send a step's inputs without waiting; the server pushes its output along `forward` (later route hops)."""
+        message = runtime_pb2.ExpertRequest(metadata=ForwardStep(step=self.step_id, forward=list(forward)).encode(),
                                             tensors=_pack(tensors, [self.codec]))
         self._queue.put_nowait(message)
+        self.traffic += self.connection.count(message.tensors, ())
+
+    async def result(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor]) -> tuple[runtime_pb2.Tensor, InferenceReply]:
+        """The output of the next step, submitted here or pushed by the previous server, as the server packed it; the
+        step's `tensors` (its inputs) go into the history."""
         try:
             reply = await self._next_reply()
         except RemoteError as exc:
             self.failed = exc.server_gone  # not a refusal
             raise
+        meta = InferenceReply.decode(reply.metadata)
+        if len(reply.tensors) != 1:
+            raise RemoteError("bad_reply", f"an inference step's reply has {len(reply.tensors)} tensors, not 1", str(self.step.peer_id))
         self.history.append(list(tensors))
-        self.traffic += self.connection.count(message.tensors, reply.tensors)
-        self.position = InferenceReply.decode(reply.metadata).position
+        self.traffic += self.connection.count((), reply.tensors)
+        self.position = meta.position
         self.step_id += 1
-        return unpack_tensor(reply.tensors[0], "server output")
+        return reply.tensors[0], meta
+
+    async def send(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor]) -> torch.Tensor:
+        self.submit(tensors)
+        output, _ = await self.result(tensors)
+        return unpack_tensor(output, "server output")
 
     async def close(self) -> None:
         self._queue.put_nowait(None)
@@ -359,6 +441,13 @@ async def _next_reply(replies, timeout: float, step: RouteStep, what: str) -> ru
     if reply is None:
         raise RemoteError("transport", f"server closed the {what}", str(step.peer_id))
     return reply
+
+
+def _check_peer_id(text: str) -> None:
+    """A peer id is a base58 multihash (a code, the digest's length, the digest), e.g. "Qm..." or "12D3Koo..."."""
+    raw = PeerID.from_base58(text).to_bytes()
+    if len(raw) < 3 or raw[1] != len(raw) - 2:
+        raise ValueError(f"{text!r} is not a multihash")
 
 
 def _pack(tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], codecs: Sequence[str | None]) -> list[runtime_pb2.Tensor]:

@@ -6,12 +6,15 @@ import logging
 import time
 
 import torch
+from hivemind.proto import runtime_pb2
 
 from client import aio
 from client.connection import SpanStream, SwarmConnection
 from client.routing import NoRouteError
-from swarm.config import CLIENT
-from swarm.protocol import RemoteError, Traffic
+from swarm.compression import wire
+from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
+from swarm.forwarding import HopTarget, forward_chain
+from swarm.protocol import RemoteError, Traffic, unpack_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +28,11 @@ class InferenceSession:
 
     def __init__(self, connection: SwarmConnection, max_length: int, start: int = 0, end: int | None = None,
                  batch_size: int | None = None, lora=None, adapter: str | None = None, prompts=None, codec: str = "none",
-                 reply_codec: str | None = None):
+                 reply_codec: str | None = None, forwarding: bool = CLIENT.forwarding):
         self.connection, self.max_length = connection, max_length
+        # Each server pushes its output straight to the next one (swarm.forwarding) instead of returning it here to be
+        # sent on; any failure falls back to the client sending that hop's step itself.
+        self.forwarding = forwarding
         self.prompts = prompts  # a client.prompts.RemotePrompts: deep prompts go to each server when its stream opens
         self.codec = codec  # for hidden states sent (see swarm.compression)
         self.reply_codec = codec if reply_codec is None else reply_codec  # for the servers' outputs
@@ -61,7 +67,8 @@ class InferenceSession:
         """
         passed_over: set[str | None] = set()
         while True:
-            streams = [self._stream(step, batch_size) for step in self.connection.plan(start, end, self.adapter)]
+            streams = [self._stream(step, batch_size) for step in self.connection.plan(
+                start, end, self.adapter, session_tokens=batch_size * self.max_length)]
             try:
                 for stream in streams:
                     await stream.open()
@@ -69,7 +76,7 @@ class InferenceSession:
             except BaseException as exc:
                 for stream in streams:
                     if stream.failed:
-                        self.connection.ban(stream.step.peer_id)
+                        self.connection.failed(stream.step.peer_id, exc)
                     await stream.close()
                 if not isinstance(exc, RemoteError) or not exc.server_gone or exc.peer in passed_over:
                     raise
@@ -90,28 +97,46 @@ class InferenceSession:
     async def _step(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if not self.streams:
             await self._open(tensors[0].shape[0])
-        hidden, index = tensors[0], 0
+        step_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        inputs: list = list(tensors)  # of the stream at `index`; its hidden states may be a server's packed output
+        index, pushed, chain_end = 0, False, 0  # streams index+1..chain_end were named in a forwarded step
         while index < len(self.streams):
-            inputs = [hidden, *tensors[1:]]
+            stream = self.streams[index]
             try:
-                hidden = await self.streams[index].send(inputs)
-                index += 1
+                if not pushed:  # the client sends this hop itself, naming the later hops that take pushes
+                    forward = forward_chain(self._targets(), index, step_bytes, MAX_UNARY_PAYLOAD_BYTES) if self.forwarding else []
+                    stream.submit(inputs, forward)
+                    chain_end = index + len(forward)
+                output, reply = await stream.result(inputs)
             except RemoteError as exc:
                 if not exc.server_gone:  # a refusal (bad input, a full cache) is the server's answer
                     raise
-                hidden, count = await self._recover(index, inputs, exc)
-                index += count
-        return hidden
+                output, count = await self._recover(index, inputs, exc)
+                index, pushed = index + count, False
+                inputs = [_input_for(output, self.streams[index] if index < len(self.streams) else None), *tensors[1:]]
+                continue
+            pushed = index < chain_end and reply.forwarded
+            if index < chain_end and not reply.forwarded:
+                following = self.streams[index + 1]
+                following.accepts_pushes = False  # the client sends it its steps from now on
+                logger.info("server %s could not push to %s (%s); sending that hop from the client instead",
+                            str(stream.step.peer_id)[-6:], str(following.step.peer_id)[-6:], reply.forward_error[:200])
+            index += 1
+            inputs = [_input_for(output, self.streams[index] if index < len(self.streams) else None), *tensors[1:]]
+        return inputs[0]  # decoded: no stream follows
 
-    async def _recover(self, index: int, inputs: list[torch.Tensor], error: RemoteError) -> tuple[torch.Tensor, int]:
+    def _targets(self) -> list[HopTarget]:
+        return [HopTarget(str(s.step.peer_id), s.session_id, s.step_id, s.codec, s.accepts_pushes) for s in self.streams]
+
+    async def _recover(self, index: int, inputs: list, error: RemoteError) -> tuple[runtime_pb2.Tensor, int]:
         """Replace the failed stream `index` by a route of other servers for its blocks: open sessions there, replay
         every input that stream took (one message each, as first sent, so the new KV caches hold exactly the same
-        values), then send `inputs`. Returns the output and how many streams took its place."""
+        values), then send `inputs`. Returns the packed output and how many streams took its place."""
         failed = self.streams[index]
         start, end, history = failed.step.start, failed.step.end, failed.history
         tried = [f"{str(failed.step.peer_id)[-8:]} ({error.message[:120]})"]
         began = time.perf_counter()
-        self.connection.ban(failed.step.peer_id)
+        self.connection.failed(failed.step.peer_id, error)
         await failed.close()
         for _ in range(CLIENT.max_retries):
             try:
@@ -125,12 +150,14 @@ class InferenceSession:
             try:
                 for past in [*history, inputs]:
                     hidden = past[0]
-                    for stream in streams:
-                        hidden = await stream.send([hidden, *past[1:]])
+                    for i, stream in enumerate(streams):
+                        step = [_input_for(hidden, stream) if i else hidden, *past[1:]]
+                        stream.submit(step)
+                        hidden, _ = await stream.result(step)
             except RemoteError as exc:
                 culprit = next((s for s in streams if s.failed), streams[0])
                 tried.append(f"{str(culprit.step.peer_id)[-8:]} ({exc.message[:120]})")
-                self.connection.ban(culprit.step.peer_id)
+                self.connection.failed(culprit.step.peer_id, exc)
                 for stream in streams:
                     await stream.close()
                 continue
@@ -188,3 +215,13 @@ class InferenceSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _input_for(output: runtime_pb2.Tensor, stream: SpanStream | None) -> runtime_pb2.Tensor | torch.Tensor:
+    """A server's packed output as the input of `stream`: the same bytes where that stream takes the codec they came
+    in (so every hop's input is encoded once, with forwarding or without), else decoded (to encode again, or as the
+    route's result when no stream follows)."""
+    codec = output.dtype[len(wire.PREFIX):] if wire.is_payload_dtype(output.dtype) else "none"
+    if stream is not None and codec == (stream.codec or "none"):
+        return output
+    return unpack_tensor(output, "server output")

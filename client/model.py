@@ -111,7 +111,9 @@ class DistributedModelForCausalLM:
 
     @staticmethod
     def from_pretrained(model: str, initial_peers: Sequence[str], *, dht_prefix: str | None = None,
-                        torch_dtype: str | torch.dtype = "float32", request_timeout: float = CLIENT.request_timeout):
+                        torch_dtype: str | torch.dtype = "float32", request_timeout: float = CLIENT.request_timeout,
+                        allowed_servers: Sequence[str] | None = None, blocked_servers: Sequence[str] = ()):
+        """`allowed_servers` (use only these; None: any) and `blocked_servers` (never these) are server peer ids."""
         checkpoint = Checkpoint(model)
         config = checkpoint.config
         family = family_for(config)
@@ -127,7 +129,8 @@ class DistributedModelForCausalLM:
             lm = cls(empty)
         local_base = getattr(lm, family.base_model_attr)
         connection = SwarmConnection(initial_peers, dht_prefix or default_dht_prefix(model), config.num_hidden_layers,
-                                     request_timeout=request_timeout)
+                                     request_timeout=request_timeout, allowed_servers=allowed_servers,
+                                     blocked_servers=blocked_servers)
         base = DistributedBaseModel(config, family, local_base.embed_tokens, local_base.norm, RemoteSequential(connection))
         setattr(lm, family.base_model_attr, base)
         lm.config = config
@@ -253,13 +256,18 @@ class DistributedCausalLMMixin:
         self.remote_layers.lora.save_pretrained(directory, base_model_name_or_path=self.name_or_path)
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int = CLIENT.max_length, batch_size: int | None = None):
-        """Open KV-cached streams through the swarm; `generate()` calls inside continue one another."""
+    def inference_session(self, max_length: int = CLIENT.max_length, batch_size: int | None = None,
+                          forwarding: bool | None = None):
+        """Open KV-cached streams through the swarm; `generate()` calls inside continue one another.
+
+        `forwarding`: servers push each step straight to the next server of the route (default:
+        `model.remote_layers.forwarding`, from swarm.config.CLIENT) or, when False, return it to the client each hop.
+        """
         if self._active_session is not None:
             raise RuntimeError("an inference session is already open on this model")
         prompts = self.remote_layers.prompts
         virtual = prompts.num_virtual_tokens if prompts is not None else 0  # prompt tokens come on top of max_length
-        session = self.remote_layers.inference_session(max_length + virtual, batch_size)
+        session = self.remote_layers.inference_session(max_length + virtual, batch_size, forwarding)
         self._active_session = session
         try:
             with session:

@@ -7,6 +7,7 @@ import functools
 import logging
 import math
 import weakref
+from collections import Counter
 
 import torch
 from torch import nn
@@ -76,23 +77,23 @@ class _RemoteChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask, chain: RemoteSequential,
                 expect_backward: bool, *params):
-        route = chain.connection.plan(chain.start, chain.end, chain.adapter)
         slices = split_batch(hidden.shape[0], hidden.shape[1], chain.max_chunk_tokens)
+        routes = chain.plan_chunks(len(slices))  # per chunk: the servers that ran it (a failed one is replaced)
         base_seed = chain.draw_dropout_seed()
-        # The adapter's digest per step, once per call: its backward then uses the tensors its forward used.
-        digests = {step.start: chain.lora.digest(step.start, step.end) for step in route} if chain.lora is not None else {}
+        # The adapter's digest per span, once per call: its backward then uses the tensors its forward used.
+        spans = {(step.start, step.end) for route in routes for step in route}
+        digests = {span: chain.lora.digest(*span) for span in spans} if chain.lora is not None else {}
         # With a backward to come, each step's forward opens a training stream whose backward reuses its activations.
         streams = _OpenStreams() if chain.keep_activations and expect_backward else None
-        routes = [list(route) for _ in slices]  # per chunk: the servers that ran it (a failed one is replaced)
 
         async def run_chunk(index: int, where: slice):
             h, step_inputs = hidden[where], []
             # Delta coding names each sample by its input row (see swarm.compression.delta).
             keys = row_keys(h, position_ids[where], _part(attention_mask, where)) if streams is not None and chain.delta_coder() else None
-            for position, step in enumerate(route):
+            for position, step in enumerate(list(routes[index])):
                 step_inputs.append(h)
                 inputs = _span_tensors(h, position_ids[where], _part(attention_mask, where))
-                seed, digest = base_seed + index, digests.get(step.start)
+                seed, digest = base_seed + index, digests.get((step.start, step.end))
 
                 async def forward(step: RouteStep, inputs=inputs, seed=seed, digest=digest, h=h):
                     if streams is not None and chain.fits_one_message(h, step):
@@ -131,13 +132,14 @@ class _RemoteChain(torch.autograd.Function):
             stream = open_streams.pop((index, step.start), None)
             if stream is not None:
                 try:
-                    return await stream.backward(grad)
+                    with chain.connection.in_flight.request(step.peer_id):
+                        return await stream.backward(grad)
                 except RemoteError as exc:  # the server lost it: recompute from the inputs kept here
                     logger.info("training stream to %s failed in backward (%s); recomputing", step.peer_id, exc)
 
             async def backward(step: RouteStep):
                 return await chain.acall("backward", step, inputs, grad, seed=ctx.base_seed + index,
-                                         digest=ctx.digests.get(step.start))
+                                         digest=ctx.digests.get((step.start, step.end)))
 
             return (await chain.on_replica(step, backward))[1]
 
@@ -188,6 +190,7 @@ class RemoteSequential(nn.Module):
         self.lora = None  # a client.lora.RemoteLora once an adapter is attached
         self.adapter: str | None = None  # or the name of an adapter that servers host
         self.prompts = None  # a client.prompts.RemotePrompts for prompt tuning
+        self.last_routes: list[list[RouteStep]] = []  # the routes the last forward ran, per chunk (failed servers replaced)
         self.max_chunk_tokens = CLIENT.max_chunk_tokens  # larger batches are split into concurrent requests
         # Training forwards keep their activations on the server until the backward (one request per step), rather
         # than having the backward recompute them; False always recomputes.
@@ -199,6 +202,8 @@ class RemoteSequential(nn.Module):
         # "delta" (not "none"): training streams send each sample's activations as deltas against the previous
         # epoch's (swarm.compression.delta); the references live here, created on first use.
         self.delta: ClientDelta | None = None
+        # Inference sessions push each step server to server along the route (swarm.forwarding), or not.
+        self.forwarding = CLIENT.forwarding
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -206,6 +211,18 @@ class RemoteSequential(nn.Module):
     def reply_codec(self, role: str) -> str:
         """The codec servers answer a role's hidden states in: codecs[role + "_reply"] if set, else the role's own."""
         return self.codecs.get(f"{role}_reply") or self.codecs[role]
+
+    def plan_chunks(self, chunks: int) -> list[list[RouteStep]]:
+        """A training route per chunk of a batch, drawn by throughput so that concurrent chunks (and calls) spread
+        over the replicas of each span; each chunk counts the ones planned before it as load."""
+        planned: Counter[str] = Counter()
+        routes = []
+        for _ in range(chunks):
+            route = self.connection.plan_training(self.start, self.end, self.adapter, planned)
+            planned.update(str(step.peer_id) for step in route)
+            routes.append(route)
+        self.last_routes = routes
+        return routes
 
     def draw_dropout_seed(self) -> int:
         """A seed for the servers' LoRA dropout masks (from torch's RNG), or 0 when no dropout applies."""
@@ -253,12 +270,13 @@ class RemoteSequential(nn.Module):
         tried = []
         for attempt in range(CLIENT.max_retries + 1):
             try:
-                return step, await call(step)
+                with self.connection.in_flight.request(step.peer_id):  # load that later training routes avoid
+                    return step, await call(step)
             except RemoteError as exc:
                 if not exc.server_gone:
                     raise
                 tried.append(f"{str(step.peer_id)[-8:]} ({exc.message[:100]})")
-                self.connection.ban(step.peer_id)
+                self.connection.failed(step.peer_id, exc)
                 if attempt == CLIENT.max_retries:
                     break
                 try:
@@ -342,9 +360,12 @@ class RemoteSequential(nn.Module):
         output = _RemoteChain.apply(hidden, position_ids, attention_mask, self, expect_backward, *params)
         return output.to(hidden.dtype)
 
-    def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:
+    def inference_session(self, max_length: int, batch_size: int | None = None,
+                          forwarding: bool | None = None) -> InferenceSession:
+        """A KV-cached session; `forwarding` (default: self.forwarding) has servers push each step to the next one."""
         return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.lora, self.adapter,
-                                self.prompts, self.codecs["inference"], self.reply_codec("inference"))
+                                self.prompts, self.codecs["inference"], self.reply_codec("inference"),
+                                self.forwarding if forwarding is None else forwarding)
 
     def extra_repr(self) -> str:
         return f"blocks {self.start}:{self.end} of {self.connection.prefix!r} (remote)"

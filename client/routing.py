@@ -1,12 +1,17 @@
-"""Route planning: a chain of servers that covers every block, as a pure function of a swarm snapshot."""
+"""Route planning as pure functions of a swarm snapshot: the servers' records, the round trips this client measured,
+its bans and its allowed/blocked lists. Inference minimizes expected latency; training spreads over replicas."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import math
+import random
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from swarm.config import CLIENT
 from swarm.dht_records import ServerInfo, ServerState
+
+UNREACHABLE = math.inf  # the round trip recorded for a server whose last ping failed
 
 
 @dataclass(frozen=True)
@@ -17,7 +22,46 @@ class RouteStep:
 
 
 class NoRouteError(RuntimeError):
-    pass
+    """No chain of usable servers covers the blocks. `reasons`: why the servers of the first uncovered block were
+    left out (codes: blocked, not_allowed, offline, joining, banned, adapter, cache); empty when none hosts it."""
+
+    def __init__(self, message: str, block: int = 0, reasons: frozenset[str] = frozenset()):
+        super().__init__(message)
+        self.block, self.reasons = block, reasons
+
+
+@dataclass(frozen=True)
+class ServerChoice:
+    """Which servers a client may use at all, by peer id string: only `allowed` ones (None: any), never `blocked`."""
+
+    allowed: frozenset[str] | None = None
+    blocked: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, allowed: Iterable | None = None, blocked: Iterable = (), check=None) -> ServerChoice:
+        """From lists of peer ids (strings or PeerIDs). `check(text)` raises ValueError for a malformed id (e.g.
+        PeerID.from_base58); an empty `allowed` list would exclude every server, so it is refused too."""
+        if isinstance(allowed, str) or isinstance(blocked, str):
+            raise ValueError("allowed_servers and blocked_servers are lists of peer ids, not a single string")
+        choice = cls(None if allowed is None else frozenset(map(str, allowed)), frozenset(map(str, blocked)))
+        if choice.allowed is not None and not choice.allowed:
+            raise ValueError("allowed_servers is empty: give at least one peer id, or None to allow every server")
+        for name, peers in (("allowed_servers", choice.allowed or ()), ("blocked_servers", choice.blocked)):
+            for peer in sorted(peers):
+                try:
+                    if check is not None:
+                        check(peer)
+                except ValueError:
+                    raise ValueError(f"{name}: {peer!r} is not a peer id (as `swarm status` shows them)") from None
+        return choice
+
+    def refusal(self, peer: str) -> tuple[str, str] | None:
+        """(code, text) when this choice excludes the peer, else None."""
+        if peer in self.blocked:
+            return "blocked", "in blocked_servers"
+        if self.allowed is not None and peer not in self.allowed:
+            return "not_allowed", "not in allowed_servers"
+        return None
 
 
 def ban_seconds(strikes: int, base: float = CLIENT.ban_base_s, cap: float = CLIENT.ban_max_s) -> float:
@@ -28,6 +72,87 @@ def ban_seconds(strikes: int, base: float = CLIENT.ban_base_s, cap: float = CLIE
     return min(cap, base * 2.0 ** (strikes - 1))
 
 
+def smooth_rtt(previous: float | None, sample: float | None, alpha: float = CLIENT.ping_smoothing) -> float:
+    """A server's round trip after a new ping (`sample` in ms, None when it failed): an exponential moving average,
+    so one slow answer on a busy machine does not flip routes; a failure makes it UNREACHABLE until it answers."""
+    if sample is None:
+        return UNREACHABLE
+    if previous is None or math.isinf(previous):
+        return sample
+    return alpha * sample + (1.0 - alpha) * previous
+
+
+def exclusion(server: ServerInfo, banned: Collection[str] = (), choice: ServerChoice = ServerChoice(),
+              adapter: str | None = None, session_tokens: int = 0) -> tuple[str, str] | None:
+    """(code, text) saying why a server may not be on a route, or None when it may."""
+    peer = str(server.peer_id)
+    refused = choice.refusal(peer)
+    if refused is not None:
+        return refused
+    record = server.record
+    if record.state != ServerState.ONLINE:
+        return record.state.value, record.state.value
+    if peer in banned:
+        return "banned", "banned after a failure"
+    if adapter is not None and adapter not in record.adapters:
+        return "adapter", f"does not host adapter {adapter!r}"
+    if session_tokens > record.cache_tokens_left:
+        return "cache", f"{record.cache_tokens_left} cache tokens free, {session_tokens} needed"
+    return None
+
+
+def _short(peer: object) -> str:
+    text = str(peer)
+    return text if len(text) <= 10 else "..." + text[-8:]
+
+
+def _no_route(servers: Sequence[ServerInfo], block: int, start: int, end: int, usable: int, adapter: str | None,
+              why: Mapping[str, tuple[str, str]]) -> NoRouteError:
+    """The error for a block that no usable server hosts, naming why each of its servers was left out."""
+    hosts = [s for s in servers if s.record.start <= block < s.record.end]
+    reasons = frozenset(why[str(s.peer_id)][0] for s in hosts if str(s.peer_id) in why)
+    details = ", ".join(f"{_short(s.peer_id)} ({why[str(s.peer_id)][1]})" for s in hosts if str(s.peer_id) in why)
+    needed = f"blocks {start}:{end} needed; {usable} usable server(s) of {len(servers)} known"
+    if reasons <= {"offline", "joining", "adapter"}:  # the swarm lacks it, rather than this client's choices
+        with_adapter = f" with adapter {adapter!r}" if adapter is not None else ""
+        left_out = f"; its servers: {details}" if details else ""
+        message = (f"no online server{with_adapter} hosts block {block} ({needed}{left_out}). "
+                   "Start a server for it or wait for one to join")
+    else:
+        advice = []
+        if reasons & {"blocked", "not_allowed"}:
+            advice.append("allow one of them (allowed_servers / blocked_servers)")
+        if "banned" in reasons:
+            advice.append("retry once its ban ends")
+        if "cache" in reasons:
+            advice.append("use a smaller max_length or batch, or wait for sessions to end")
+        advice_text = "; or ".join(advice)
+        message = (f"block {block} is served only by servers left out of routes here ({needed}): {details}. "
+                   f"{advice_text[:1].upper()}{advice_text[1:]}, or wait for another server to join")
+    return NoRouteError(message, block, reasons)
+
+
+def _usable(servers: Sequence[ServerInfo], **rules) -> tuple[list[ServerInfo], dict[str, tuple[str, str]]]:
+    usable, why = [], {}
+    for server in servers:
+        reason = exclusion(server, **rules)
+        if reason is None:
+            usable.append(server)
+        else:
+            why[str(server.peer_id)] = reason
+    return usable, why
+
+
+def hop_cost_ms(peer: str, rtt_ms: Mapping[str, float], hop_ms: float = CLIENT.hop_overhead_ms,
+                unreachable_ms: float = CLIENT.unreachable_rtt_ms) -> float:
+    """The network part of one hop: the measured round trip, `hop_ms` before one is measured, `unreachable_ms` for a
+    server whose last ping failed (so it is used only where nothing else serves its blocks)."""
+    rtt = rtt_ms.get(peer)
+    if rtt is None:
+        return hop_ms
+    return unreachable_ms if math.isinf(rtt) else rtt
+
+
 def plan_route(
     servers: Sequence[ServerInfo],
     start: int,
@@ -36,14 +161,21 @@ def plan_route(
     hop_ms: float = CLIENT.hop_overhead_ms,
     default_ms_per_block: float = CLIENT.default_ms_per_block,
     adapter: str | None = None,
+    *,
+    rtt_ms: Mapping[str, float] | None = None,
+    choice: ServerChoice = ServerChoice(),
+    session_tokens: int = 0,
 ) -> list[RouteStep]:
-    """The cheapest chain covering blocks [start, end): each hop costs `hop_ms` plus its blocks' compute time.
+    """The chain covering blocks [start, end) with the least expected latency per token.
 
-    A server may be entered in the middle of its span and left before its end. Ties prefer fewer hops.
-    With `adapter`, only servers that host that named adapter are used.
+    Each hop costs the client's round trip to that server (`rtt_ms` by peer id; `hop_ms` when not measured, a large
+    penalty when unreachable) plus its blocks times the server's ms_per_block. A server may be entered in the middle
+    of its span and left before its end. Ties prefer fewer hops. With `adapter`, only servers that host that named
+    adapter are used; with `session_tokens` (batch x max_length of an inference session), only servers that announce
+    that much free KV cache. `choice` applies the client's allowed/blocked lists.
     """
-    usable = [s for s in servers if s.record.state == ServerState.ONLINE and str(s.peer_id) not in banned
-              and (adapter is None or adapter in s.record.adapters)]
+    rtt_ms = rtt_ms or {}
+    usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter, session_tokens=session_tokens)
     best: dict[int, tuple[float, int, int | None, ServerInfo | None]] = {start: (0.0, 0, None, None)}
     for i in range(start, end):
         if i not in best:
@@ -53,20 +185,76 @@ def plan_route(
             if not server.record.start <= i < server.record.end:
                 continue
             ms_per_block = server.record.ms_per_block or default_ms_per_block
+            network = hop_cost_ms(str(server.peer_id), rtt_ms, hop_ms)
             for j in range(i + 1, min(server.record.end, end) + 1):
-                candidate = (cost_i + hop_ms + (j - i) * ms_per_block, hops_i + 1, i, server)
+                candidate = (cost_i + network + (j - i) * ms_per_block, hops_i + 1, i, server)
                 if j not in best or candidate[:2] < best[j][:2]:
                     best[j] = candidate
     if end not in best:
-        covered = max(best)
-        with_adapter = f" with adapter {adapter!r}" if adapter is not None else ""
-        raise NoRouteError(
-            f"no online server{with_adapter} hosts block {covered} (blocks {start}:{end} needed; "
-            f"{len(usable)} usable server(s) of {len(servers)} known). Start a server for it or wait for one to join"
-        )
+        raise _no_route(servers, max(best), start, end, len(usable), adapter, why)
     steps, j = [], end
     while j != start:
         _, _, i, server = best[j]
         steps.append(RouteStep(server.peer_id, i, j))
         j = i
     return steps[::-1]
+
+
+def block_throughput(server: ServerInfo) -> float | None:
+    """Tokens per second through one of a server's blocks (its forward_tokens_per_s is for the whole span)."""
+    record = server.record
+    return record.forward_tokens_per_s * (record.end - record.start) if record.forward_tokens_per_s else None
+
+
+def training_weight(server: ServerInfo, in_flight: int, default_block_tps: float) -> float:
+    """How much training work to send a server: its throughput per block (`default_block_tps` when it reports
+    none), divided by 1 + the requests this client already has in flight there."""
+    return (block_throughput(server) or default_block_tps) / (1 + max(in_flight, 0))
+
+
+def plan_training_route(
+    servers: Sequence[ServerInfo],
+    start: int,
+    end: int,
+    draw: random.Random,
+    in_flight: Mapping[str, int] | None = None,
+    banned: Collection[str] = (),
+    adapter: str | None = None,
+    *,
+    rtt_ms: Mapping[str, float] | None = None,
+    choice: ServerChoice = ServerChoice(),
+) -> list[RouteStep]:
+    """A chain covering [start, end) for one training request, spread over replicas by throughput.
+
+    From the first uncovered block, the next server is drawn among the usable ones hosting it with probability
+    proportional to training_weight (throughput, less the load `in_flight` says this client has there); it runs
+    to the end of its span or `end`. Servers whose last ping failed are drawn only if no other hosts the block.
+    Servers that report no throughput count as the average of those that do. Deterministic given `draw`'s state.
+    """
+    rtt_ms, in_flight = rtt_ms or {}, in_flight or {}
+    usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter)
+    steps, i = [], start
+    while i < end:
+        hosts = [s for s in usable if s.record.start <= i < s.record.end]
+        if not hosts:
+            raise _no_route(servers, i, start, end, len(usable), adapter, why)
+        reachable = [s for s in hosts if not math.isinf(rtt_ms.get(str(s.peer_id), 0.0))]
+        hosts = reachable or hosts
+        known = [tps for tps in map(block_throughput, hosts) if tps]
+        default = sum(known) / len(known) if known else 1.0
+        weights = [training_weight(s, in_flight.get(str(s.peer_id), 0), default) for s in hosts]
+        chosen = hosts[_pick(weights, draw.random())]
+        j = min(chosen.record.end, end)
+        steps.append(RouteStep(chosen.peer_id, i, j))
+        i = j
+    return steps
+
+
+def _pick(weights: Sequence[float], u: float) -> int:
+    """The index that a uniform draw `u` in [0, 1) selects with probability proportional to its weight."""
+    target, total = u * sum(weights), 0.0
+    for index, weight in enumerate(weights):
+        total += weight
+        if target < total:
+            return index
+    return len(weights) - 1

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm import lora
+from swarm import compression, lora
 from swarm.config import SERVER
 from swarm.models.span import BlockSpan
-from swarm.protocol import BadRequest, BlocksNotServed, MaxLengthExceeded
+from swarm.protocol import BadRequest, BlocksNotServed, MaxLengthExceeded, unpack_tensor
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,17 @@ class Adaptation:
 
 
 NONE = Adaptation()
+
+
+def unpack_request(protos, first: int = 0) -> list[torch.Tensor]:
+    """A request's tensors, checked (see swarm.protocol.unpack_tensor); `first` numbers them in error messages."""
+    return [unpack_tensor(t, f"tensor {first + i}") for i, t in enumerate(protos)]
+
+
+def check_codec(codec: str) -> None:
+    """A codec the client asked for must be one this server knows (see swarm.compression)."""
+    if codec and codec not in compression.available():
+        raise BadRequest(f"unknown codec {codec!r:.70}; this server supports {compression.available()}")
 
 
 class SpanBackend:

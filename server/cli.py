@@ -63,7 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta-state-ttl", type=float, default=SERVER.delta_state_ttl,
                         help="seconds an unused reference of delta-coded training activations is kept")
     parser.add_argument("--shutdown-timeout", type=float, default=SERVER.shutdown_timeout,
-                        help="seconds to let open sessions finish on SIGTERM")
+                        help="seconds to let open sessions finish on SIGTERM (and on the old blocks after a move)")
+    parser.add_argument("--rebalance-period", type=float, default=SERVER.rebalance_period,
+                        help="with --num-blocks: seconds between checks of the swarm's coverage (randomized by "
+                             f"+-{SERVER.rebalance_jitter * 100:.0f}%%); the server moves to blocks that have no server or are "
+                             "much less served than others, if its own blocks stay covered. 0 disables")
+    parser.add_argument("--balance-margin", type=float, default=SERVER.balance_margin,
+                        help="move to even out coverage only if the least-served block would get more than 1 + this "
+                             "times as many servers (blocks with no server always get one)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout, adapters=dict(args.adapters), max_lora_mb=args.max_lora_mb,
         lora_cache_mb=args.lora_cache_mb, lora_cache_ttl=args.lora_cache_ttl, train_activation_mb=args.train_activation_mb,
         delta_state_mb=args.delta_state_mb, delta_state_ttl=args.delta_state_ttl,
+        rebalance_period=args.rebalance_period, balance_margin=args.balance_margin,
     ))
     server.run()
     return 0

@@ -17,19 +17,16 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.proto import runtime_pb2
 
-from server.backend import Adaptation, InferenceState, SpanBackend
+from server.backend import Adaptation, SpanBackend, check_codec, unpack_request
 from server.cache_budget import ActivationBudget, CacheBudget
 from server.delta_state import ServerDelta
+from server.inference import InferenceRpcs
 from server.lora_cache import LoraCache
-from swarm import compression, lora
+from swarm import lora
 from swarm.config import SERVER
 from swarm.protocol import (
     BadRequest,
-    InferenceOpen,
-    InferenceReply,
-    InferenceStep,
     LoraNotCached,
-    ServerLeaving,
     SpanReply,
     SpanRequest,
     SwarmError,
@@ -58,14 +55,14 @@ class TrafficStats:
     compute_s: dict[str, float] = field(default_factory=dict)  # seconds on the compute thread, by request kind
 
 
-class BlockHandler:
-    """Implements the methods of swarm.protocol.BlockService for one span."""
+class BlockHandler(InferenceRpcs):
+    """Implements the methods of swarm.protocol.BlockService for one span (inference sessions: server.inference)."""
 
     def __init__(self, backend: SpanBackend, budget: CacheBudget, info: Callable[[], dict],
                  session_timeout: float = SERVER.request_timeout, max_lora_mb: float = SERVER.max_lora_mb,
                  lora_cache_mb: float = SERVER.lora_cache_mb, lora_cache_ttl: float = SERVER.lora_cache_ttl,
                  train_activation_mb: float = SERVER.train_activation_mb, delta_state_mb: float = SERVER.delta_state_mb,
-                 delta_state_ttl: float = SERVER.delta_state_ttl):
+                 delta_state_ttl: float = SERVER.delta_state_ttl, push_timeout: float = SERVER.push_timeout):
         self.backend, self.budget, self.info = backend, budget, info
         self.session_timeout = session_timeout
         self.max_lora_bytes = int(max_lora_mb * 2**20)
@@ -80,6 +77,7 @@ class BlockHandler:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.stats = TrafficStats()
         self.leaving = False  # set on shutdown: open inference sessions are told to move on their next step
+        self._init_inference(push_timeout)
 
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, fn, *args)
@@ -154,7 +152,7 @@ class BlockHandler:
     async def _span_call(self, kind: str, metadata: bytes, protos, peer: str) -> list[runtime_pb2.Tensor]:
         """Forward: [output]. Backward: [grad w.r.t. input, each LoRA tensor in request order, deep prompts if sent]."""
         meta = SpanRequest.decode(metadata)
-        inputs, grad_output, adapt, reference = self._prepare(kind, meta, _unpack(protos), peer)
+        inputs, grad_output, adapt, reference = self._prepare(kind, meta, unpack_request(protos), peer)
         if kind == "forward":
             output = await self._compute(self.backend.forward, inputs, meta.start, meta.end, adapt)
             return _pack_reply([output.to(reference[0].dtype)], meta.reply_codec)
@@ -242,13 +240,13 @@ class BlockHandler:
             meta = SpanRequest.decode(first.metadata)
             protos, commit = first.tensors, None
             if meta.delta is None:
-                tensors = _unpack(protos)
+                tensors = unpack_request(protos)
             else:  # hidden states as full rows and deltas against earlier epochs' references
                 check_codec(meta.delta.codec)
                 if len(protos) < 2:
                     raise BadRequest("a delta-coded request starts with two tensors: the full rows and the deltas")
                 hidden, commit = self.delta.decode_input(meta.delta, protos[0], protos[1], peer, meta.start, meta.end)
-                tensors = [hidden, *_unpack(protos[2:], first=2)]
+                tensors = [hidden, *unpack_request(protos[2:], first=2)]
             inputs, _, adapt, reference = self._prepare("forward", meta, tensors, peer)
             if commit is not None:
                 commit()
@@ -288,83 +286,13 @@ class BlockHandler:
             kept = None  # noqa: F841 - drop the graph before giving its memory back to the budget
             self.activations.release(nbytes)
 
-    # ------------------------------------------------------------------------------------ inference
-
-    async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
-        first = await anext(requests, None)
-        if first is None:
-            return
-        with self._guarded("inference session"):
-            if self.leaving:
-                raise ServerLeaving("this server is leaving the swarm and takes no new sessions")
-            meta = InferenceOpen.decode(first.metadata)
-            self.backend.check_span(meta.start, meta.end)
-            check_codec(meta.reply_codec)
-            if meta.batch_size > self.backend.limits.max_batch_size:
-                raise BadRequest(f"batch size {meta.batch_size} exceeds this server's limit of {self.backend.limits.max_batch_size}")
-            if meta.max_length > self.backend.max_position:
-                raise BadRequest(f"max_length {meta.max_length} exceeds the model's {self.backend.max_position} positions")
-            lora_tensors = [unpack_tensor(t, f"opening tensor {i}") for i, t in enumerate(first.tensors)]
-            prompts = None
-            if meta.deep_prompts:
-                if not lora_tensors:
-                    raise BadRequest("deep_prompts is set but the opening message carries no prompts tensor")
-                prompts = self.backend.check_prompts(lora_tensors.pop(0), meta.start, meta.end, meta.batch_size)
-            lora_pairs, lora_scaling = self.backend.resolve_lora(meta.start, meta.end, meta.adapter, meta.lora, lora_tensors,
-                                                                 meta.lora_scaling)
-            tokens = meta.batch_size * meta.max_length
-            self.budget.acquire(tokens)
-        self.stats.sessions_open += 1
-        try:
-            state = InferenceState(self.backend, meta.start, meta.end, meta.batch_size, meta.max_length,
-                                   lora_pairs, lora_scaling, prompts)
-            yield runtime_pb2.ExpertResponse(metadata=InferenceReply(cache_tokens_left=self.budget.free).encode())
-            while True:
-                try:
-                    request = await asyncio.wait_for(anext(requests, None), timeout=self.session_timeout)
-                except asyncio.TimeoutError:
-                    raise BadRequest(f"session was idle for over {self.session_timeout:.0f} s and was closed") from None
-                if request is None:
-                    break
-                if self.leaving:
-                    raise ServerLeaving(f"this server is leaving the swarm; continue the session elsewhere "
-                                        f"(it held {state.position} tokens)")
-                output = await self._guard("inference", self._inference_step(state, request))
-                response = runtime_pb2.ExpertResponse(
-                    tensors=_pack_reply([output], meta.reply_codec),
-                    metadata=InferenceReply(position=state.position, cache_tokens_left=self.budget.free).encode(),
-                )
-                self._count("inference", request.tensors, response.tensors)
-                yield response
-        finally:
-            self.stats.sessions_open -= 1
-            self.budget.release(tokens)
-
-    async def _inference_step(self, state: InferenceState, request: runtime_pb2.ExpertRequest) -> torch.Tensor:
-        InferenceStep.decode(request.metadata)
-        tensors = _unpack(request.tensors)
-        inputs = self.backend.check_inputs(tensors)
-        output = await self._compute(state.step, inputs)
-        return output.to(tensors[0].dtype)
-
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _unpack(protos, first: int = 0) -> list[torch.Tensor]:
-    """A request's tensors, checked (see swarm.protocol.unpack_tensor); `first` numbers them in error messages."""
-    return [unpack_tensor(t, f"tensor {first + i}") for i, t in enumerate(protos)]
 
 
 def _as_references(grads, reference: list[torch.Tensor]) -> list[torch.Tensor]:
     """Gradients in the dtypes of the tensors they belong to (zeros where autograd found no path)."""
     return [(g if g is not None else torch.zeros_like(r)).to(r.dtype) for g, r in zip(grads, reference, strict=True)]
-
-
-def check_codec(codec: str) -> None:
-    """A codec the client asked for must be one this server knows (see swarm.compression)."""
-    if codec and codec not in compression.available():
-        raise BadRequest(f"unknown codec {codec!r:.70}; this server supports {compression.available()}")
 
 
 def _pack_reply(tensors: list[torch.Tensor], codec: str) -> list[runtime_pb2.Tensor]:

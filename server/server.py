@@ -17,6 +17,7 @@ from server.backend import Limits, SpanBackend
 from server.block_selection import choose_span
 from server.cache_budget import CacheBudget
 from server.handler import BlockHandler
+from server.rebalance import ActiveHandler, Rebalancer, drain
 from swarm import __version__, compression
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
 from swarm.config import SERVER
@@ -54,6 +55,19 @@ class ServerOptions:
     train_activation_mb: float = SERVER.train_activation_mb
     delta_state_mb: float = SERVER.delta_state_mb
     delta_state_ttl: float = SERVER.delta_state_ttl
+    rebalance_period: float = SERVER.rebalance_period  # with num_blocks only; 0 disables
+    balance_margin: float = SERVER.balance_margin
+
+
+@dataclass
+class Hosted:
+    """The span a server serves, its handler and measured speed: replaced as one when the server moves."""
+
+    start: int
+    end: int
+    handler: BlockHandler
+    ms_per_block: float
+    forward_tps: float
 
 
 def measure_speed(span: BlockSpan, dtype: torch.dtype) -> tuple[float, float]:
@@ -82,6 +96,9 @@ class Server:
             raise ValueError("give exactly one of --blocks A:B or --num-blocks N")
         if not options.new_swarm and not options.initial_peers:
             raise ValueError("give --initial-peers MADDR... to join a swarm, or --new-swarm to start one")
+        if options.rebalance_period < 0 or options.balance_margin < 0:
+            raise ValueError(f"--rebalance-period ({options.rebalance_period}) and --balance-margin "
+                             f"({options.balance_margin}) must be >= 0")
         self.options = options
         self.checkpoint = Checkpoint(options.model)
         self.config = self.checkpoint.config
@@ -94,6 +111,26 @@ class Server:
         self._stop_event: asyncio.Event | None = None
         self.dht: hivemind.DHT | None = None
         self.ready = threading.Event()
+        self.hosted: Hosted | None = None
+        self.active: ActiveHandler | None = None  # what the RPC layer calls: the current span's handler
+        # One DHT call at a time from the event loop: announcements must land in order (the record that expires last
+        # wins), and hivemind's DHT pipe is not meant for concurrent senders.
+        self.dht_lock: asyncio.Lock | None = None
+        # Only a server that chose its blocks itself moves; one given --blocks stays where its operator put it.
+        self.rebalances = options.blocks is None and options.rebalance_period > 0
+
+    # The current span. Code that needs several of its parts at once reads `hosted` once: a move replaces it whole.
+    @property
+    def start(self) -> int:
+        return self.hosted.start
+
+    @property
+    def end(self) -> int:
+        return self.hosted.end
+
+    @property
+    def handler(self) -> BlockHandler | None:
+        return self.hosted.handler if self.hosted is not None else None
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -120,22 +157,24 @@ class Server:
                  if s.record.state != ServerState.OFFLINE and s.peer_id != self.dht.peer_id]
         return choose_span(self.num_model_blocks, min(o.num_blocks, self.num_model_blocks), spans)
 
-    def _record(self, state: ServerState) -> ServerRecord:
-        stats = self.handler.stats if getattr(self, "handler", None) is not None else None
+    def _record(self, state: ServerState, hosted: Hosted | None = None) -> ServerRecord:
+        hosted = self.hosted if hosted is None else hosted
+        stats = hosted.handler.stats
         return ServerRecord(
             state=state,
-            start=self.start,
-            end=self.end,
+            start=hosted.start,
+            end=hosted.end,
             public_name=self.options.public_name,
             version=__version__,
             torch_dtype=str(self.dtype).replace("torch.", ""),
-            ms_per_block=round(self.ms_per_block, 3),
-            forward_tokens_per_s=round(self.forward_tps, 1),
+            ms_per_block=round(hosted.ms_per_block, 3),
+            forward_tokens_per_s=round(hosted.forward_tps, 1),
             cache_tokens_left=self.budget.free,
             adapters=tuple(sorted(self.options.adapters)),
             codecs=tuple(compression.available()),
-            bytes_raw=stats.raw_in + stats.raw_out if stats else 0,
-            bytes_wire=stats.bytes_in + stats.bytes_out if stats else 0,
+            bytes_raw=stats.raw_in + stats.raw_out,
+            bytes_wire=stats.bytes_in + stats.bytes_out,
+            rebalances=self.rebalances,
         )
 
     def info(self) -> dict:
@@ -157,10 +196,61 @@ class Server:
             "delta": self.handler.delta.info(),
         }
 
-    def _announce(self, state: ServerState, expiration: float | None = None, timeout: float = 10.0) -> None:
+    def _announce(self, state: ServerState, expiration: float | None = None, timeout: float = 10.0,
+                  hosted: Hosted | None = None) -> None:
         ttl = expiration if expiration is not None else self.options.update_period * SERVER.expiration_factor
-        if not announce_span(self.dht, self.prefix, self.num_model_blocks, self._record(state), ttl, timeout):
+        if not announce_span(self.dht, self.prefix, self.num_model_blocks, self._record(state, hosted), ttl, timeout):
             logger.warning("announcing %s to the DHT timed out after %.0f s; will retry", state.value, timeout)
+
+    async def _publish(self, state: ServerState, timeout: float = 10.0, hosted: Hosted | None = None) -> None:
+        """Announce from the event loop; one at a time, since the DHT keeps the record that expires last."""
+        async with self.dht_lock:
+            await asyncio.to_thread(self._announce, state, None, timeout, hosted)
+
+    def load(self, start: int, end: int) -> Hosted:
+        """Read blocks start:end from the checkpoint and build their handler (blocking: call it off the event loop)."""
+        o = self.options
+        logger.info("loading blocks %d:%d of %s (%s)", start, end, o.model, self.dtype)
+        keys = tuple(self.family.block_keys_prefix(i) for i in range(start, end))
+        tensors = self.checkpoint.load(lambda k: k.startswith(keys), self.dtype)
+        span = BlockSpan.from_state_dict(self.family, self.config, start, end, tensors, self.dtype)
+        del tensors
+        ms_per_block, forward_tps = measure_speed(span, self.dtype)
+        backend = SpanBackend(span, self.dtype, Limits(o.max_batch_size, o.max_chunk_tokens))
+        for name, path in o.adapters.items():
+            backend.host_adapter(name, read_peft_adapter(path, range(start, end)))
+            logger.info("hosting adapter %r from %s", name, path)
+        # The KV-cache budget is the server's, shared by the spans it serves while it moves.
+        handler = BlockHandler(backend, self.budget, self.info, max_lora_mb=o.max_lora_mb,
+                               lora_cache_mb=o.lora_cache_mb, lora_cache_ttl=o.lora_cache_ttl,
+                               train_activation_mb=o.train_activation_mb, delta_state_mb=o.delta_state_mb,
+                               delta_state_ttl=o.delta_state_ttl)
+        return Hosted(start, end, handler, ms_per_block, forward_tps)
+
+    async def switch(self, new: Hosted) -> bool:
+        """Serve `new` instead of the current span: new requests go to it, the old span is announced offline (its
+        open sessions are told to move on their next step), then the new one online. False if the server is leaving."""
+        async with self.dht_lock:
+            if self._stop_event.is_set():
+                return False
+            old, self.hosted = self.hosted, new
+            new.handler.attach(self.p2p, self.prefix)
+            self.active.current = new.handler
+            old.handler.leaving = True
+            # Offline first: a client that sees neither span of this server routes elsewhere, which is safe (the
+            # old blocks have other servers); the offline record expires after the online one it replaces.
+            await asyncio.to_thread(self._announce, ServerState.OFFLINE, None, 10.0, old)
+            await asyncio.to_thread(self._announce, ServerState.ONLINE)
+        return True
+
+    async def retire(self, old: Hosted) -> None:
+        """Let a replaced span's sessions and requests finish (bounded, as on SIGTERM), then free it."""
+        open_sessions = old.handler.stats.sessions_open
+        if not await drain(old.handler, self.options.shutdown_timeout):
+            logger.info("blocks %d:%d: %d session(s) still open after %.0f s (they are refused on their next step)",
+                        old.start, old.end, old.handler.stats.sessions_open, self.options.shutdown_timeout)
+        old.handler.shutdown()
+        logger.info("blocks %d:%d retired (%d session(s) were open at the move)", old.start, old.end, open_sessions)
 
     # ------------------------------------------------------------------------------------ run
 
@@ -172,22 +262,8 @@ class Server:
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
         self.dht = self._start_dht()
         try:
-            self.start, self.end = self._choose_blocks()
-            logger.info("loading blocks %d:%d of %s (%s)", self.start, self.end, o.model, self.dtype)
-            keys = tuple(self.family.block_keys_prefix(i) for i in range(self.start, self.end))
-            tensors = self.checkpoint.load(lambda k: k.startswith(keys), self.dtype)
-            span = BlockSpan.from_state_dict(self.family, self.config, self.start, self.end, tensors, self.dtype)
-            del tensors
-            self.ms_per_block, self.forward_tps = measure_speed(span, self.dtype)
             self.budget = CacheBudget(o.cache_tokens)
-            backend = SpanBackend(span, self.dtype, Limits(o.max_batch_size, o.max_chunk_tokens))
-            for name, path in o.adapters.items():
-                backend.host_adapter(name, read_peft_adapter(path, range(self.start, self.end)))
-                logger.info("hosting adapter %r from %s", name, path)
-            self.handler = BlockHandler(backend, self.budget, self.info, max_lora_mb=o.max_lora_mb,
-                                        lora_cache_mb=o.lora_cache_mb, lora_cache_ttl=o.lora_cache_ttl,
-                                        train_activation_mb=o.train_activation_mb, delta_state_mb=o.delta_state_mb,
-                                        delta_state_ttl=o.delta_state_ttl)
+            self.hosted = self.load(*self._choose_blocks())
             try:
                 import uvloop
 
@@ -202,34 +278,45 @@ class Server:
     async def _serve(self, install_signal_handlers: bool) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
+        self.dht_lock = asyncio.Lock()
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stop_event.set)
         if self._stop.is_set():
             self._stop_event.set()
         p2p = await self.dht.replicate_p2p()
-        await BlockService().add_p2p_handlers(p2p, wrapper=self.handler, namespace=self.prefix)
-        await asyncio.to_thread(self._announce, ServerState.ONLINE)
+        self.p2p = p2p
+        self.handler.attach(p2p, self.prefix)  # inference steps are pushed on to the next server with it
+        self.active = ActiveHandler(self.handler)
+        await BlockService().add_p2p_handlers(p2p, wrapper=self.active, namespace=self.prefix)
+        await self._publish(ServerState.ONLINE)
         maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
         logger.info(
             "serving blocks %d:%d of %s as %s (%.2f ms/block per decode step, %.0f tokens/s forward)",
-            self.start, self.end, self.prefix, p2p.peer_id, self.ms_per_block, self.forward_tps,
+            self.start, self.end, self.prefix, p2p.peer_id, self.hosted.ms_per_block, self.hosted.forward_tps,
         )
         print(f"Server ready: blocks {self.start}:{self.end} of {self.prefix}", flush=True)
         for maddr in maddrs:
             print(f"Join with: --initial-peers {maddr}", flush=True)
         self.ready.set()
+        rebalancing = None
+        if self.rebalances:
+            rebalancer = Rebalancer(self, self.options.rebalance_period, SERVER.rebalance_jitter, self.options.balance_margin)
+            rebalancing = asyncio.create_task(rebalancer.run(self._stop_event))
         while not self._stop_event.is_set():
             try:
                 await asyncio.wait_for(self._stop_event.wait(), timeout=self.options.update_period)
             except asyncio.TimeoutError:
-                await asyncio.to_thread(self._announce, ServerState.ONLINE)
+                await self._publish(ServerState.ONLINE)
                 stats = self.handler.stats
                 logger.info("traffic so far: %d requests, %.1f MB in / %.1f MB out on the wire (%.1f / %.1f MB raw)",
                             stats.requests, stats.bytes_in / 1e6, stats.bytes_out / 1e6, stats.raw_in / 1e6, stats.raw_out / 1e6)
+        if rebalancing is not None:
+            rebalancing.cancel()
+            await asyncio.gather(rebalancing, return_exceptions=True)
         logger.info("leaving: announcing offline and draining %d open session(s)", self.handler.stats.sessions_open)
         # The DHT keeps the entry that expires last, so the offline record must outlive the online one.
-        await asyncio.to_thread(self._announce, ServerState.OFFLINE, None, 3.0)
+        await self._publish(ServerState.OFFLINE, timeout=3.0)
         self.handler.leaving = True  # sessions that send another step are told to move (they replay elsewhere)
         logger.info("offline: open sessions move on their next step; waiting up to %.0f s for them",
                     self.options.shutdown_timeout)

@@ -42,6 +42,9 @@ class ServerDefaults:
     max_chunk_tokens: int = 8192  # tokens (batch * length) in one forward/backward/inference step
     request_timeout: float = 300.0  # seconds a client may keep an inference session idle
     shutdown_timeout: float = 10.0  # seconds to let in-flight work finish on SIGTERM
+    # Seconds to push an inference step to the next server of a client's route before telling the client to send it
+    # there itself (pushes are small and the next server only queues them, so a healthy push takes milliseconds).
+    push_timeout: float = 5.0
     torch_dtype: str = "auto"
     max_lora_mb: float = 64.0  # LoRA tensors one request may carry
     lora_cache_mb: float = 256.0  # uploaded LoRA tensors kept for reuse by digest, over all clients
@@ -49,6 +52,13 @@ class ServerDefaults:
     train_activation_mb: float = 2048.0  # activations training streams may keep between forward and backward
     delta_state_mb: float = 1024.0  # references of delta-coded training activations, over all clients
     delta_state_ttl: float = 3600.0  # seconds an unused reference is kept (an epoch must come back within it)
+    # Rebalancing (servers started with --num-blocks): how often each checks the swarm's coverage (0: never). Each
+    # wait is this times a random factor within 1 +- rebalance_jitter, so two servers rarely check (and move) at once.
+    rebalance_period: float = 60.0
+    rebalance_jitter: float = 0.25
+    # Move to even out coverage only when the least-served block would get more than 1 + this times its servers
+    # (a move reloads weights and moves sessions; blocks with no server at all are always worth a move).
+    balance_margin: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -68,10 +78,20 @@ class ClientDefaults:
     delta_codec: str = "int8_outlier"
     delta_state_mb: float = 2048.0  # the client's references (two per sample and span; least recently used go first)
     keep_activations: bool = True  # training: one request per span for forward + backward (no recompute)
-    hop_overhead_ms: float = 2.0  # routing cost of one extra hop before pings are measured
+    hop_overhead_ms: float = 2.0  # routing cost of a hop to a server whose round trip is not measured yet
+    # Round trips to every known server, measured in the background by timing a small rpc_info call.
+    ping_period_s: float = 15.0  # seconds between rounds (a newly seen server is pinged at once)
+    ping_timeout_s: float = 5.0  # a ping that takes longer marks the server unreachable until it answers again
+    ping_smoothing: float = 0.3  # weight of a new ping in the moving average, so one slow answer does not flip routes
+    unreachable_rtt_ms: float = 10_000.0  # routing cost of a hop to an unreachable server: used only if nothing else
     ban_base_s: float = 15.0  # a server that failed a call stays out of routes this long, doubling per failure in a row
     ban_max_s: float = 300.0
     max_retries: int = 3  # replacement routes tried for a failed span before giving up
+    # Inference steps go server to server (each pushes its output to the next; swarm.forwarding) instead of back to the
+    # client at every hop, which saves a client round trip per hop but sends more messages in all (pushes, their
+    # acceptances, and every output still to the client for replay). Off: with all peers on one 2-core machine it
+    # measured 0.94-1.00x the speed of client-driven hops (bench/generation.py --compare forwarding, 4 servers).
+    forwarding: bool = False
     default_ms_per_block: float = 10.0  # routing cost of a block when a server reports no throughput
 
 

@@ -46,6 +46,7 @@ class ServerRecord:
     adapters: tuple[str, ...] = ()
     bytes_raw: int = 0  # tensors this server received and sent since it started, uncompressed
     bytes_wire: int = 0  # the same on the wire
+    rebalances: bool = False  # it moves to other blocks when the swarm needs them (see server.block_selection)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -66,6 +67,7 @@ class ServerRecord:
             for name in ("codecs", "adapters"):
                 if name in values:
                     values[name] = tuple(str(x) for x in values[name])
+            values["rebalances"] = values.get("rebalances") is True
             record = cls(start=start, end=end, **values)
         except (KeyError, ValueError, TypeError):
             return None
@@ -145,7 +147,11 @@ def fetch_servers(dht: DHT, prefix: str, num_blocks: int) -> list[ServerInfo]:
             record = ServerRecord.from_dict(value)
             if record is None or record.end > num_blocks or not isinstance(subkey, str):
                 continue
-            servers.setdefault(subkey, record)
+            known = servers.get(subkey)
+            # A server that moved to other blocks leaves offline records under the ones it left until they expire:
+            # its record under the blocks it hosts now is the one that counts.
+            if known is None or (known.state == ServerState.OFFLINE and record.state != ServerState.OFFLINE):
+                servers[subkey] = record
     result = []
     for subkey, record in servers.items():
         try:

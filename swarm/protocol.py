@@ -82,7 +82,8 @@ class RemoteError(RuntimeError):
     """An error a server reported, as seen by the client."""
 
     # The server is gone or going: the call may be retried elsewhere. Other codes are the server's answers.
-    SERVER_GONE = frozenset({"transport", "server_leaving"})
+    # blocks_not_served: it moved to other blocks since the caller's view of the swarm was taken (rebalancing).
+    SERVER_GONE = frozenset({"transport", "server_leaving", "blocks_not_served"})
 
     def __init__(self, code: str, message: str, peer: str | None = None):
         where = f" (server {peer})" if peer else ""
@@ -193,6 +194,10 @@ class InferenceOpen(_Meta):
     adapter: str = Field(default="", max_length=256)
     deep_prompts: bool = False  # the opening message then carries them first, before the LoRA tensors
     reply_codec: str = Field(default="", max_length=64)  # codec for each step's output hidden states; "" = none
+    # Forwarding (swarm.forwarding): the id the previous server of the route pushes steps into this session under
+    # ("" = none are accepted), and the codec those pushed hidden states must come in.
+    session_id: str = Field(default="", pattern=r"^([0-9a-f]{32})?$")
+    input_codec: str = Field(default="", max_length=64)
 
 
 class InferenceStep(_Meta):
@@ -213,6 +218,8 @@ class SpanReply(_Meta):
 class InferenceReply(_Meta):
     position: int = 0  # tokens in the session's cache after this step
     cache_tokens_left: int = 0
+    forwarded: bool = False  # the step named later servers and its output was pushed to the next one
+    forward_error: str = Field(default="", max_length=1024)  # why it could not be pushed
 
 
 def _short(exc: BaseException) -> str:
@@ -391,6 +398,14 @@ class BlockService(ServicerBase):
         raise NotImplementedError
 
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
+        raise NotImplementedError
+
+    # A step for an open inference session, pushed by the previous server of its route (swarm.forwarding.PushStep),
+    # alone or as one message of a stream that carries a session's pushes (each answered when accepted).
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
+
+    async def rpc_push_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
         raise NotImplementedError
 
     # A forward (a SpanRequest message, answered with the output) and its backward (a TrainGrad message, answered

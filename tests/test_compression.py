@@ -17,9 +17,9 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from swarm.compression import (
     CodecError,
     Hadamard,
-    Int4Outlier,
     Int8Outlier,
     Int8StaticOutlier,
+    LowBitOutlier,
     Payload,
     available,
     get,
@@ -61,8 +61,9 @@ def codec(codec_id: str):
 
 
 # measured on hidden_states(): max token error / wire ratio vs float32
-#   none 0 / 1.00, float16 3.7e-4 / 2.00, bfloat16 3.6e-3 / 2.00, int8_outlier 6.1e-4 / 3.70,
-#   int8_static_outlier 8.7e-4 / 3.93, int4_outlier 9.2e-3 / 6.06, int4_outlier_k4 4.2e-2 / 6.75,
+#   none 0 / 1.00, float16 3.7e-4 / 2.00, bfloat16 3.6e-3 / 2.00, int8_outlier 5.8e-4 / 3.70,
+#   int8_static_outlier 8.6e-4 / 3.93, int4_outlier 9.3e-3 / 6.36, int4_outlier_k4 4.2e-2 / 7.13,
+#   int5_outlier 4.3e-3 / 5.31, int6_outlier 2.1e-3 / 4.55,
 #   hadamard_int8 3.2e-3 / 3.92
 BOUNDS = {  # codec id: (max token error, min compression ratio)
     "none": (0.0, 0.999),
@@ -70,8 +71,10 @@ BOUNDS = {  # codec id: (max token error, min compression ratio)
     "bfloat16": (U8, 1.99),
     "int8_outlier": (2e-3, 3.6),
     "int8_static_outlier": (2e-3, 3.9),
-    "int4_outlier": (2e-2, 5.8),
-    "int4_outlier_k4": (6e-2, 6.7),  # 4 exact channels, fewer than these tensors' 6 outlier channels
+    "int4_outlier": (2e-2, 6.2),
+    "int4_outlier_k4": (6e-2, 7.0),  # 4 exact channels, fewer than these tensors' 6 outlier channels
+    "int5_outlier": (1e-2, 5.2),
+    "int6_outlier": (5e-3, 4.5),
     "hadamard_int8": (1e-2, 3.9),
 }
 
@@ -171,10 +174,24 @@ def test_quantizers_keep_precision_at_gradient_and_huge_scales(codec_id, scale):
     payload = codec(codec_id).encode(x)
     y = codec(codec_id).decode(payload)
     assert token_error(x, y).max() <= BOUNDS[codec_id][0]
-    if codec_id != "hadamard_int8":  # outliers beyond float16's range or precision travel as float32
-        assert payload.tensors[2 if codec_id == "int8_static_outlier" else 3].dtype == torch.float32
+    if codec_id != "hadamard_int8":  # outliers travel as float16 multiples of their token's scale, at any magnitude
+        assert payload.tensors[2 if codec_id == "int8_static_outlier" else 3].dtype == torch.float16
     if codec_id in ("int8_outlier", "int8_static_outlier", "hadamard_int8") and scale != 1e30:
         assert payload.tensors[1].dtype == torch.float32  # token scales below float16's normal range
+
+
+@pytest.mark.parametrize("codec_id", ["int8_outlier", "int4_outlier", "int8_static_outlier"])
+def test_outliers_float16_cannot_hold_travel_as_float32(codec_id):
+    x = hidden_states(3)[0]  # [tokens, channels]
+    x[0] *= 1e-3
+    x[0, 507] = 1e6  # 1e9 times the token's other values: no float16 multiple holds it
+    x[1] = 0.0
+    x[1, 507] = 5.0  # nothing but outliers: no scale to be a multiple of
+    payload = codec(codec_id).encode(x)
+    assert payload.tensors[2 if codec_id == "int8_static_outlier" else 3].dtype == torch.float32
+    y = codec(codec_id).decode(payload)
+    assert y[0, 507] == 1e6 and y[1, 507] == 5.0 and not y[1].ne(0).sum() > 1
+    assert token_error(x, y).max() <= BOUNDS[codec_id][0]
 
 
 def test_encode_rejects_what_it_cannot_send():
@@ -219,14 +236,14 @@ def test_registry(monkeypatch):
         register(Int8Outlier(k=4))
     with pytest.raises(CodecError, match="must be 1-64"):
         register(Int8Outlier(id="Bad Id"))
-    custom = register(Int4Outlier(k=4, group=64, id="test_int4_k4"))
+    custom = register(LowBitOutlier(4, k=4, group=64, id="test_int4_k4"))
     assert get("test_int4_k4") is custom and register(custom) is custom
     assert "test_int4_k4" in available()
 
 
 # ------------------------------------------------------------------------------------------------ fuzzing
 
-FUZZ_CODECS = [*(get(i) for i in available()), Int8StaticOutlier([0, 5]), Hadamard(Int4Outlier(k=2), seed=7)]
+FUZZ_CODECS = [*(get(i) for i in available()), Int8StaticOutlier([0, 5]), Hadamard(LowBitOutlier(4, k=2), seed=7)]
 FUZZ_SHAPES = [(2, 3, 40), (5, 64), (0, 8), (7,), (1, 1)]
 
 
@@ -371,10 +388,12 @@ def test_deep_payload_checks():
         decode(vals=torch.full_like(vals, math.inf))
     with pytest.raises(CodecError, match="'group_codes' has shape"):
         decode(codes=codes[:, :-1])
-    # the most extreme accepted payload still decodes to finite values
-    extreme = decode(q=torch.full_like(q, -128), scale=torch.full((len(scale),), torch.finfo(torch.float32).max / 128),
-                     codes=torch.zeros_like(codes))
+    # the most extreme accepted payload still decodes to finite values; outlier multiples that would overflow are refused
+    huge = torch.full((len(scale),), torch.finfo(torch.float32).max / 128)
+    extreme = decode(q=torch.full_like(q, -128), scale=huge, codes=torch.zeros_like(codes), vals=torch.ones_like(vals))
     assert torch.isfinite(extreme).all()
+    with pytest.raises(CodecError, match="outlier values fall outside float32"):
+        decode(scale=huge)
 
 
 def _element_bound(codec_id: str, x: torch.Tensor) -> torch.Tensor:
@@ -387,11 +406,12 @@ def _element_bound(codec_id: str, x: torch.Tensor) -> torch.Tensor:
         return ax * U16 + 2.0**-25
     if codec_id == "bfloat16":
         return ax * U8 + 1e-38
-    slack = 1 + 2e-3  # float32 scale arithmetic, float16 token scales rounded up, the float16 group ratios of int4
+    slack = 1 + 2e-3  # float32 scale arithmetic, float16 token scales rounded up, group codes round steps up
     if codec_id in ("int8_outlier", "int8_static_outlier"):  # half a step of the token's int8 scale; outliers fp16
         return amax / 254 * slack + ax * U16 + 1e-37
-    if codec_id in ("int4_outlier", "int4_outlier_k4"):
-        return amax / 14 * slack + ax * U16 + 1e-37
+    if codec_id in ("int4_outlier", "int4_outlier_k4", "int5_outlier", "int6_outlier"):  # half a step of 2^(bits-1) - 1
+        bits = 4 if codec_id == "int4_outlier_k4" else int(codec_id[3])
+        return amax / (2 * ((1 << (bits - 1)) - 1)) * slack + ax * U16 + 1e-37
     raise AssertionError(codec_id)
 
 

@@ -7,6 +7,7 @@ import pytest
 from client.routing import NoRouteError, ban_seconds, plan_route
 from server.block_selection import choose_span, coverage
 from swarm.dht_records import ServerInfo, ServerRecord, ServerState
+from swarm.protocol import RemoteError
 
 
 def server(name: str, start: int, end: int, ms: float | None = 1.0, state=ServerState.ONLINE) -> ServerInfo:
@@ -99,3 +100,25 @@ def test_split_batch_respects_the_token_limit(batch, length, limit, expected):
     from client.remote_sequential import split_batch
 
     assert [(s.start, s.stop) for s in split_batch(batch, length, limit)] == expected
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (RemoteError("transport", "connection reset"), ("ban", "peer")),
+    (RemoteError("server_leaving", "shutting down"), ("refresh", True)),  # it said so: its record is offline
+    (RemoteError("blocks_not_served", "moved to 3:6"), ("refresh", True)),  # its new blocks stay usable
+    (TimeoutError(), ("ban", "peer")),
+])
+def test_a_failed_server_is_banned_unless_it_left_or_moved(error, expected):
+    from client.connection import SwarmConnection
+
+    calls = []
+
+    class Connection:
+        def servers(self, refresh=False):
+            calls.append(("refresh", refresh))
+
+        def ban(self, peer_id):
+            calls.append(("ban", peer_id))
+
+    SwarmConnection.failed(Connection(), "peer", error)
+    assert calls == [expected]

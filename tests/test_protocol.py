@@ -87,4 +87,5 @@ def test_streaming_rpcs_are_declared_as_streams():
     BlockService._collect_rpc_handlers()
     kinds = {h.method_name: (h.stream_input, h.stream_output) for h in BlockService._rpc_handlers}
     assert kinds["rpc_inference"] == kinds["rpc_forward_stream"] == kinds["rpc_backward_stream"] == (True, True)
-    assert kinds["rpc_forward"] == kinds["rpc_backward"] == (False, False)
+    assert kinds["rpc_push_stream"] == (True, True)
+    assert kinds["rpc_forward"] == kinds["rpc_backward"] == kinds["rpc_push"] == (False, False)

@@ -6,6 +6,8 @@ all of them, however many, and still open or recover through a live one (found b
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ import client.inference_session as inference_session
 from client.inference_session import InferenceSession
 from client.routing import NoRouteError, RouteStep
 from swarm.config import CLIENT
-from swarm.protocol import RemoteError
+from swarm.protocol import RemoteError, pack_tensor, unpack_tensor
 
 
 class FakeSwarm:
@@ -24,7 +26,7 @@ class FakeSwarm:
     def __init__(self, servers: list[str], dead: set[str]):
         self.order, self.dead, self.bans = servers, dead, []
 
-    def plan(self, start: int, end: int, adapter=None) -> list[RouteStep]:
+    def plan(self, start: int, end: int, adapter=None, **_) -> list[RouteStep]:
         for peer in self.order:
             if peer not in self.bans:
                 return [RouteStep(peer, start, end)]
@@ -34,6 +36,9 @@ class FakeSwarm:
         self.bans.append(str(peer_id))
         return 15.0
 
+    def failed(self, peer_id, error) -> None:  # every failure here is a dead server: banned
+        self.ban(peer_id)
+
 
 class FakeStream:
     """A SpanStream whose server adds 1 to the hidden states, or refuses once it is in FakeSwarm.dead."""
@@ -42,6 +47,7 @@ class FakeStream:
         self.swarm, self.step, self.batch_size = swarm, step, batch_size
         self.history: list = []
         self.failed = False
+        self.codec, self.session_id, self.step_id, self.accepts_pushes = "none", "", 0, False
 
     def _check(self) -> None:
         if self.step.peer_id in self.swarm.dead:
@@ -51,10 +57,14 @@ class FakeStream:
     async def open(self) -> None:
         self._check()
 
-    async def send(self, tensors):
+    def submit(self, tensors, forward=()) -> None:
+        self._check()
+
+    async def result(self, tensors):
         self._check()
         self.history.append(tensors)
-        return tensors[0] + 1
+        hidden = tensors[0] if isinstance(tensors[0], torch.Tensor) else unpack_tensor(tensors[0], "input")
+        return pack_tensor(hidden + 1), SimpleNamespace(forwarded=False, forward_error="")
 
     async def close(self) -> None:
         pass

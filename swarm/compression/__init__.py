@@ -7,8 +7,8 @@ tensor, raising `CodecError` on any malformed payload.
 from swarm.compression.base import Codec, CodecError, Payload, PayloadSize
 from swarm.compression.codecs import CastCodec, NoneCodec
 from swarm.compression.hadamard import Hadamard
-from swarm.compression.int4 import Int4Outlier
 from swarm.compression.int8 import Int8Outlier, Int8StaticOutlier
+from swarm.compression.lowbit import LowBitOutlier
 from swarm.compression.registry import available, get, register
 from swarm.compression.wire import payload_size
 
@@ -17,9 +17,9 @@ __all__ = [
     "Codec",
     "CodecError",
     "Hadamard",
-    "Int4Outlier",
     "Int8Outlier",
     "Int8StaticOutlier",
+    "LowBitOutlier",
     "NoneCodec",
     "Payload",
     "PayloadSize",

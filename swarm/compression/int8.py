@@ -22,19 +22,21 @@ from swarm.compression.base import (
 from swarm.compression.outliers import (
     FP16_MIN_NORMAL,
     check_params,
+    group_codes,
+    group_steps,
     index_shapes,
     keep_mask,
+    outliers_for_wire,
+    outliers_from_wire,
     pack_indices,
     quantize,
     read_outliers,
     read_params,
     row_absmax,
     top_outliers,
-    value_dtype,
 )
 
 QMAX = 127
-STEPS = 16  # group scale codes: a group's scale is the token's times 2^(-code / STEPS), code 0..255
 GROUPS = (0, 32, 64, 128, 256)  # 0: one scale per token
 
 
@@ -57,10 +59,6 @@ def _wire_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.float()
 
 
-def _ratios(device: torch.device) -> torch.Tensor:
-    return torch.exp2(-torch.arange(256, dtype=torch.float32, device=device) / STEPS)
-
-
 def _group_count(width: int, group: int) -> int:
     return -(-width // group) if group else 0
 
@@ -69,7 +67,7 @@ class Int8Outlier(Codec):
     """Int8 with the k largest-|x| channels of each token sent exactly, and a scale per group of channels.
 
     Each row (one token's hidden vector) loses its k largest-|x| channels, which travel as float16 (float32
-    when float16 cannot hold them, see `value_dtype`) with their channel indices packed in 10 bits for 576
+    when float16 cannot hold them, see `outliers_for_wire`) with their channel indices packed in 10 bits for 576
     channels (see `pack_indices`). The other cols - k channels are cut into groups of `group` channels; each
     group's scale is the token's scale (max |x| / 127 over those channels, float16 or float32, see `_wire_scale`)
     times 2^(-code / 16) for a uint8 code per group, so a quiet group gets finer steps than the token's loudest
@@ -102,15 +100,15 @@ class Int8Outlier(Codec):
             group_max = padded.abs().amax(dim=2)
             scale = _wire_scale(row_absmax(group_max) / QMAX)
             token_max = scale.float() * QMAX
-            ratio = group_max / torch.where(token_max > 0, token_max, 1.0)[:, None]
-            codes = torch.floor(-torch.log2(ratio.clamp_min(2.0**-64)) * STEPS).clamp_(0, 255).to(torch.uint8)
-            steps = scale.float()[:, None] * _ratios(x.device)[codes.long()]
+            codes = group_codes(group_max, token_max)
+            steps = group_steps(scale, codes)
             q = quantize(padded, steps[:, :, None], QMAX).view(n, groups * group)[:, :width].to(torch.int8)
         else:
             scale = _wire_scale(row_absmax(rest) / QMAX)
             q = quantize(rest, scale.float()[:, None], QMAX).to(torch.int8)
             codes = x.new_zeros((n, 0), dtype=torch.uint8)
-        return [q, scale, codes, vals.to(value_dtype(vals)), *pack_indices(idx, cols)], {"k": k, "group": group}
+        vals = outliers_for_wire(vals, scale.float() * QMAX)
+        return [q, scale, codes, vals, *pack_indices(idx, cols)], {"k": k, "group": group}
 
     def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
         n, cols = layout.rows, layout.cols
@@ -125,22 +123,22 @@ class Int8Outlier(Codec):
             return torch.empty((0, cols), dtype=torch.float32, device=q.device)
         width = cols - k
         if group:
-            steps = scale.float()[:, None] * _ratios(q.device)[codes.long()]
-            steps = steps.repeat_interleave(group, dim=1)[:, :width]
+            steps = group_steps(scale, codes).repeat_interleave(group, dim=1)[:, :width]
         else:
             steps = scale.float()[:, None]
         rest = q.float() * steps
         if k == 0:
             return rest
         out = torch.empty((n, cols), dtype=torch.float32, device=q.device)
-        return out.masked_scatter_(keep_mask(idx, cols), rest).scatter_(1, idx, vals.float())
+        vals = outliers_from_wire(vals, scale.float() * QMAX)
+        return out.masked_scatter_(keep_mask(idx, cols), rest).scatter_(1, idx, vals)
 
 
 class Int8StaticOutlier(Codec):
     """Per-token int8 with a fixed set of outlier channels, chosen once per model (e.g. SmolLM2's channel 507).
 
-    The channels given at construction travel as float16 (float32 when float16 cannot hold them) without
-    indices; the others are int8 with a float32 per-token scale computed over them only. Encoder and decoder
+    The channels given at construction travel as float16 multiples of the token's largest other value (float32
+    when float16 cannot hold them, see `outliers_for_wire`) without indices; the others are int8 with a float32 per-token scale computed over them only. Encoder and decoder
     must be built with the same channels: the metadata carries a fingerprint of the set and a mismatch is
     rejected. Inputs need more channels than the largest index.
     """
@@ -182,7 +180,7 @@ class Int8StaticOutlier(Codec):
         out_idx, keep_idx = self._indices(x.shape[1], x.device)
         vals = x.index_select(1, out_idx)
         q, scale = _quantize_rows(x.index_select(1, keep_idx))
-        return [q, scale, vals.to(value_dtype(vals))], {"channels": self.fingerprint}
+        return [q, scale, outliers_for_wire(vals, scale * QMAX)], {"channels": self.fingerprint}
 
     def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
         n, cols = layout.rows, layout.cols
@@ -196,4 +194,5 @@ class Int8StaticOutlier(Codec):
             return torch.empty((0, cols), dtype=torch.float32, device=q.device)
         out_idx, keep_idx = self._indices(cols, q.device)
         out = torch.empty((n, cols), dtype=torch.float32, device=q.device)
-        return out.index_copy_(1, keep_idx, q.float() * scale[:, None]).index_copy_(1, out_idx, vals.float())
+        vals = outliers_from_wire(vals, scale.float() * QMAX)
+        return out.index_copy_(1, keep_idx, q.float() * scale[:, None]).index_copy_(1, out_idx, vals)

@@ -26,6 +26,25 @@ def index_shapes(rows: int, k: int, cols: int) -> list[tuple[int, int]]:
     return [(rows, k), (rows, -(-k * high_bits(cols) // 8))]
 
 
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Values [rows, m] below 2**bits (bits 1, 2, 4 or 8) packed 8 // bits per uint8, lowest bits first:
+    uint8 [rows, ceil(m * bits / 8)]."""
+    rows, m = values.shape
+    per = 8 // bits
+    width = -(-m // per)
+    grouped = torch.nn.functional.pad(values.long(), (0, width * per - m)).view(rows, width, per)
+    shifts = torch.arange(per, device=values.device) * bits
+    return (grouped << shifts).sum(dim=2).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
+    """Inverse of pack_bits: int64 [rows, m]."""
+    rows, width = packed.shape
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device) * bits
+    return ((packed.long()[:, :, None] >> shifts) & ((1 << bits) - 1)).reshape(rows, width * per)[:, :m]
+
+
 def pack_indices(idx: torch.Tensor, cols: int) -> list[torch.Tensor]:
     """Channel indices [rows, k] (< cols) as a uint8 low byte each plus their high bits packed 8 // bits per byte.
 
@@ -33,15 +52,9 @@ def pack_indices(idx: torch.Tensor, cols: int) -> list[torch.Tensor]:
     """
     bits = high_bits(cols)
     low = (idx & 255).to(torch.uint8)
-    rows, k = idx.shape
     if bits == 0:
-        return [low, idx.new_zeros((rows, 0), dtype=torch.uint8)]
-    per = 8 // bits
-    high = idx >> 8
-    width = -(-k // per)
-    high = torch.nn.functional.pad(high, (0, width * per - k)).view(rows, width, per)
-    shifts = torch.arange(per, device=idx.device) * bits
-    return [low, (high << shifts).sum(dim=2).to(torch.uint8)]
+        return [low, idx.new_zeros((idx.shape[0], 0), dtype=torch.uint8)]
+    return [low, pack_bits(idx >> 8, bits)]
 
 
 def unpack_indices(low: torch.Tensor, high: torch.Tensor, cols: int) -> torch.Tensor:
@@ -50,26 +63,48 @@ def unpack_indices(low: torch.Tensor, high: torch.Tensor, cols: int) -> torch.Te
     idx = low.long()
     if bits == 0 or idx.numel() == 0:
         return idx
-    rows, k = low.shape
-    per = 8 // bits
-    shifts = torch.arange(per, device=low.device) * bits
-    parts = (high.long()[:, :, None] >> shifts) & ((1 << bits) - 1)
-    return idx | (parts.reshape(rows, high.shape[1] * per)[:, :k] << 8)
+    return idx | (unpack_bits(high, bits, low.shape[1]) << 8)
 
 
-def value_dtype(values: torch.Tensor) -> torch.dtype:
-    """float16 when it holds every outlier to float16 precision, else float32.
-
-    float16 fits when no value exceeds 65504 and every token's largest outlier is 0 or a normal float16
-    (>= 2^-14): smaller values would be subnormal and lose precision relative to the token. Gradients are
-    often that small, so their outliers then travel as float32 (2 more bytes each).
+def outliers_for_wire(vals: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Outlier values [rows, k] as they travel: float16 multiples of their token's `unit` (the largest |x| of its
+    other channels, as the receiver computes it from the wire), which keeps float16's relative precision at any
+    magnitude (gradients are often far below float16's normal range); float32 values as they are when a multiple
+    would not fit float16 or a token with outliers has unit 0.
     """
-    if values.numel() == 0:
-        return torch.float16
-    mag = values.abs()
-    top = mag.amax(dim=1)
-    fits = bool(top.max() <= FP16_MAX) and bool(((top == 0) | (top >= FP16_MIN_NORMAL)).all())
-    return torch.float16 if fits else torch.float32
+    if vals.numel() == 0:
+        return vals.to(torch.float16)
+    s = unit.float()[:, None]
+    ratio = vals.float() / torch.where(s > 0, s, 1.0)
+    top = ratio.abs().amax(dim=1)
+    fits = bool(top.max() <= FP16_MAX) and bool(((top == 0) | ((top >= FP16_MIN_NORMAL) & (s[:, 0] > 0))).all())
+    return ratio.to(torch.float16) if fits else vals.float()
+
+
+def outliers_from_wire(vals: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Inverse of outliers_for_wire (float32); CodecError if a float16 multiple times its unit overflows."""
+    if vals.dtype != torch.float16:
+        return vals.float()
+    out = vals.float() * unit.float()[:, None]
+    if not bool(torch.isfinite(out).all()):
+        raise CodecError("payload outlier values fall outside float32 once scaled by their token's unit")
+    return out
+
+
+STEPS = 16  # group scale codes: a group's scale is its token's times 2^(-code / STEPS), code 0..255
+
+
+def group_codes(group_max: torch.Tensor, token_max: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [rows, groups]: each group's max |x| relative to its token's, as -log2 steps of 1/STEPS rounded
+    down, so a group's scale is never below what its largest value needs (no clipping)."""
+    ratio = group_max / torch.where(token_max > 0, token_max, 1.0)[:, None]
+    return torch.floor(-torch.log2(ratio.clamp_min(2.0**-64)) * STEPS).clamp_(0, 255).to(torch.uint8)
+
+
+def group_steps(token_scale: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Each group's quantization step [rows, groups]: its token's step times 2^(-code / STEPS)."""
+    ratios = torch.exp2(-torch.arange(256, dtype=torch.float32, device=codes.device) / STEPS)
+    return token_scale.float()[:, None] * ratios[codes.long()]
 
 
 def top_outliers(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

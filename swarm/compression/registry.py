@@ -39,11 +39,11 @@ def available() -> list[str]:
 def _register_builtins() -> None:
     from swarm.compression.codecs import NoneCodec, bfloat16, float16
     from swarm.compression.hadamard import Hadamard
-    from swarm.compression.int4 import Int4Outlier
     from swarm.compression.int8 import Int8Outlier
+    from swarm.compression.lowbit import LowBitOutlier
 
-    for codec in (NoneCodec(), float16(), bfloat16(), Int8Outlier(), Int4Outlier(),
-                  Int4Outlier(k=4, id="int4_outlier_k4"),  # for gradients: fewer exact channels, 10% fewer bytes
+    for codec in (NoneCodec(), float16(), bfloat16(), Int8Outlier(), LowBitOutlier(4), LowBitOutlier(5), LowBitOutlier(6),
+                  LowBitOutlier(4, k=4, id="int4_outlier_k4"),  # for gradients: fewer exact channels, 10% fewer bytes
                   Hadamard(Int8Outlier(k=0, id="int8"), id="hadamard_int8")):
         register(codec)
 
