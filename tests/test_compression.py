@@ -174,13 +174,15 @@ def test_quantizers_keep_precision_at_gradient_and_huge_scales(codec_id, scale):
     payload = codec(codec_id).encode(x)
     y = codec(codec_id).decode(payload)
     assert token_error(x, y).max() <= BOUNDS[codec_id][0]
-    if codec_id != "hadamard_int8":  # outliers travel as float16 multiples of their token's scale, at any magnitude
-        assert payload.tensors[2 if codec_id == "int8_static_outlier" else 3].dtype == torch.float16
+    if codec_id == "int4_outlier":  # outliers travel as float16 multiples of their token's scale, at any magnitude
+        assert payload.tensors[3].dtype == torch.float16
+    elif codec_id != "hadamard_int8":  # int8's outliers beyond float16's range or precision travel as float32
+        assert payload.tensors[2 if codec_id == "int8_static_outlier" else 3].dtype == torch.float32
     if codec_id in ("int8_outlier", "int8_static_outlier", "hadamard_int8") and scale != 1e30:
         assert payload.tensors[1].dtype == torch.float32  # token scales below float16's normal range
 
 
-@pytest.mark.parametrize("codec_id", ["int8_outlier", "int4_outlier", "int8_static_outlier"])
+@pytest.mark.parametrize("codec_id", ["int4_outlier", "int6_outlier"])
 def test_outliers_float16_cannot_hold_travel_as_float32(codec_id):
     x = hidden_states(3)[0]  # [tokens, channels]
     x[0] *= 1e-3
@@ -188,7 +190,7 @@ def test_outliers_float16_cannot_hold_travel_as_float32(codec_id):
     x[1] = 0.0
     x[1, 507] = 5.0  # nothing but outliers: no scale to be a multiple of
     payload = codec(codec_id).encode(x)
-    assert payload.tensors[2 if codec_id == "int8_static_outlier" else 3].dtype == torch.float32
+    assert payload.tensors[-3].dtype == torch.float32  # values, then the two index tensors
     y = codec(codec_id).decode(payload)
     assert y[0, 507] == 1e6 and y[1, 507] == 5.0 and not y[1].ne(0).sum() > 1
     assert token_error(x, y).max() <= BOUNDS[codec_id][0]
@@ -388,12 +390,16 @@ def test_deep_payload_checks():
         decode(vals=torch.full_like(vals, math.inf))
     with pytest.raises(CodecError, match="'group_codes' has shape"):
         decode(codes=codes[:, :-1])
-    # the most extreme accepted payload still decodes to finite values; outlier multiples that would overflow are refused
-    huge = torch.full((len(scale),), torch.finfo(torch.float32).max / 128)
-    extreme = decode(q=torch.full_like(q, -128), scale=huge, codes=torch.zeros_like(codes), vals=torch.ones_like(vals))
+    # the most extreme accepted payload still decodes to finite values
+    extreme = decode(q=torch.full_like(q, -128), scale=torch.full((len(scale),), torch.finfo(torch.float32).max / 128),
+                     codes=torch.zeros_like(codes))
     assert torch.isfinite(extreme).all()
+    # low-bit codecs' outliers are multiples of the token's scale: a product beyond float32 is refused
+    low = get("int4_outlier").encode(x)
+    tensors = list(low.tensors)
+    tensors[1] = torch.full_like(tensors[1], torch.finfo(torch.float32).max / 8)
     with pytest.raises(CodecError, match="outlier values fall outside float32"):
-        decode(scale=huge)
+        get("int4_outlier").decode(Payload("int4_outlier", tensors, low.meta))
 
 
 def _element_bound(codec_id: str, x: torch.Tensor) -> torch.Tensor:

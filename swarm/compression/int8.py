@@ -26,14 +26,13 @@ from swarm.compression.outliers import (
     group_steps,
     index_shapes,
     keep_mask,
-    outliers_for_wire,
-    outliers_from_wire,
     pack_indices,
     quantize,
     read_outliers,
     read_params,
     row_absmax,
     top_outliers,
+    value_dtype,
 )
 
 QMAX = 127
@@ -67,7 +66,7 @@ class Int8Outlier(Codec):
     """Int8 with the k largest-|x| channels of each token sent exactly, and a scale per group of channels.
 
     Each row (one token's hidden vector) loses its k largest-|x| channels, which travel as float16 (float32
-    when float16 cannot hold them, see `outliers_for_wire`) with their channel indices packed in 10 bits for 576
+    when float16 cannot hold them, see `value_dtype`; hidden states' outliers fit float16) with their channel indices packed in 10 bits for 576
     channels (see `pack_indices`). The other cols - k channels are cut into groups of `group` channels; each
     group's scale is the token's scale (max |x| / 127 over those channels, float16 or float32, see `_wire_scale`)
     times 2^(-code / 16) for a uint8 code per group, so a quiet group gets finer steps than the token's loudest
@@ -107,8 +106,7 @@ class Int8Outlier(Codec):
             scale = _wire_scale(row_absmax(rest) / QMAX)
             q = quantize(rest, scale.float()[:, None], QMAX).to(torch.int8)
             codes = x.new_zeros((n, 0), dtype=torch.uint8)
-        vals = outliers_for_wire(vals, scale.float() * QMAX)
-        return [q, scale, codes, vals, *pack_indices(idx, cols)], {"k": k, "group": group}
+        return [q, scale, codes, vals.to(value_dtype(vals)), *pack_indices(idx, cols)], {"k": k, "group": group}
 
     def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
         n, cols = layout.rows, layout.cols
@@ -130,15 +128,14 @@ class Int8Outlier(Codec):
         if k == 0:
             return rest
         out = torch.empty((n, cols), dtype=torch.float32, device=q.device)
-        vals = outliers_from_wire(vals, scale.float() * QMAX)
-        return out.masked_scatter_(keep_mask(idx, cols), rest).scatter_(1, idx, vals)
+        return out.masked_scatter_(keep_mask(idx, cols), rest).scatter_(1, idx, vals.float())
 
 
 class Int8StaticOutlier(Codec):
     """Per-token int8 with a fixed set of outlier channels, chosen once per model (e.g. SmolLM2's channel 507).
 
-    The channels given at construction travel as float16 multiples of the token's largest other value (float32
-    when float16 cannot hold them, see `outliers_for_wire`) without indices; the others are int8 with a float32 per-token scale computed over them only. Encoder and decoder
+    The channels given at construction travel as float16 (float32 when float16 cannot hold them, see
+    `value_dtype`) without indices; the others are int8 with a float32 per-token scale computed over them only. Encoder and decoder
     must be built with the same channels: the metadata carries a fingerprint of the set and a mismatch is
     rejected. Inputs need more channels than the largest index.
     """
@@ -180,7 +177,7 @@ class Int8StaticOutlier(Codec):
         out_idx, keep_idx = self._indices(x.shape[1], x.device)
         vals = x.index_select(1, out_idx)
         q, scale = _quantize_rows(x.index_select(1, keep_idx))
-        return [q, scale, outliers_for_wire(vals, scale * QMAX)], {"channels": self.fingerprint}
+        return [q, scale, vals.to(value_dtype(vals))], {"channels": self.fingerprint}
 
     def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
         n, cols = layout.rows, layout.cols
@@ -194,5 +191,4 @@ class Int8StaticOutlier(Codec):
             return torch.empty((0, cols), dtype=torch.float32, device=q.device)
         out_idx, keep_idx = self._indices(cols, q.device)
         out = torch.empty((n, cols), dtype=torch.float32, device=q.device)
-        vals = outliers_from_wire(vals, scale.float() * QMAX)
-        return out.index_copy_(1, keep_idx, q.float() * scale[:, None]).index_copy_(1, out_idx, vals)
+        return out.index_copy_(1, keep_idx, q.float() * scale[:, None]).index_copy_(1, out_idx, vals.float())

@@ -66,6 +66,19 @@ def unpack_indices(low: torch.Tensor, high: torch.Tensor, cols: int) -> torch.Te
     return idx | (unpack_bits(high, bits, low.shape[1]) << 8)
 
 
+def value_dtype(values: torch.Tensor) -> torch.dtype:
+    """float16 when it holds every outlier to float16 precision, else float32 (int8's outliers: hidden states).
+
+    float16 fits when no value exceeds 65504 and every token's largest outlier is 0 or a normal float16
+    (>= 2^-14): smaller values would be subnormal and lose precision relative to the token.
+    """
+    if values.numel() == 0:
+        return torch.float16
+    top = values.abs().amax(dim=1)
+    fits = bool(top.max() <= FP16_MAX) and bool(((top == 0) | (top >= FP16_MIN_NORMAL)).all())
+    return torch.float16 if fits else torch.float32
+
+
 def outliers_for_wire(vals: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     """Outlier values [rows, k] as they travel: float16 multiples of their token's `unit` (the largest |x| of its
     other channels, as the receiver computes it from the wire), which keeps float16's relative precision at any
