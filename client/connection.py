@@ -105,7 +105,7 @@ class SwarmConnection:
         """A server failed a call. Gone (no answer): banned for a while. Leaving or moved to other blocks (it said
         so, and its DHT record says so too): the view of the swarm is refreshed instead, so its new blocks stay
         usable."""
-        if isinstance(error, RemoteError) and error.code in ("server_leaving", "blocks_not_served"):
+        if isinstance(error, RemoteError) and error.server_moved:
             logger.info("server %s is leaving or moved (%s); refreshing the view of the swarm", peer_id, error.code)
             self.servers(refresh=True)
         else:
@@ -115,12 +115,16 @@ class SwarmConnection:
         now = time.monotonic()
         return {peer for peer, (until, _) in self._bans.items() if until > now}
 
+    def _rules(self, adapter: str | None) -> dict:
+        """What both planners leave out or weigh: bans, the adapter, measured round trips, allowed/blocked servers."""
+        return dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice)
+
     def plan(self, start: int = 0, end: int | None = None, adapter: str | None = None, *,
              session_tokens: int = 0) -> list[RouteStep]:
         """The least-latency route (client.routing.plan_route) over the measured pings; `session_tokens`
         (batch x max_length) leaves out servers that announce less free KV cache."""
         end = self.num_blocks if end is None else end
-        rules = dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice)
+        rules = self._rules(adapter)
         try:
             return plan_route(self.servers(), start, end, session_tokens=session_tokens, **rules)
         except NoRouteError:  # the swarm may have changed
@@ -141,7 +145,7 @@ class SwarmConnection:
         end = self.num_blocks if end is None else end
         load = Counter(self.in_flight.counts())
         load.update(planned or {})
-        rules = dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice)
+        rules = self._rules(adapter)
         try:
             return plan_training_route(self.servers(), start, end, self.rng, load, **rules)
         except NoRouteError:

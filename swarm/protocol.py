@@ -84,6 +84,8 @@ class RemoteError(RuntimeError):
     # The server is gone or going: the call may be retried elsewhere. Other codes are the server's answers.
     # blocks_not_served: it moved to other blocks since the caller's view of the swarm was taken (rebalancing).
     SERVER_GONE = frozenset({"transport", "server_leaving", "blocks_not_served"})
+    # Of those, the ones a live server said itself: its DHT record says so too, so it need not be banned.
+    SERVER_MOVED = frozenset({"server_leaving", "blocks_not_served"})
 
     def __init__(self, code: str, message: str, peer: str | None = None):
         where = f" (server {peer})" if peer else ""
@@ -93,6 +95,11 @@ class RemoteError(RuntimeError):
     @property
     def server_gone(self) -> bool:
         return self.code in self.SERVER_GONE
+
+    @property
+    def server_moved(self) -> bool:
+        """The server is alive and said it is leaving or no longer serves these blocks."""
+        return self.code in self.SERVER_MOVED
 
     @classmethod
     def from_exception(cls, exc: BaseException, peer: str | None = None) -> RemoteError:

@@ -85,13 +85,10 @@ def outliers_for_wire(vals: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     magnitude (gradients are often far below float16's normal range); float32 values as they are when a multiple
     would not fit float16 or a token with outliers has unit 0.
     """
-    if vals.numel() == 0:
-        return vals.to(torch.float16)
     s = unit.float()[:, None]
     ratio = vals.float() / torch.where(s > 0, s, 1.0)
-    top = ratio.abs().amax(dim=1)
-    fits = bool(top.max() <= FP16_MAX) and bool(((top == 0) | ((top >= FP16_MIN_NORMAL) & (s[:, 0] > 0))).all())
-    return ratio.to(torch.float16) if fits else vals.float()
+    has_unit = bool(((vals.abs().amax(dim=1) == 0) | (s[:, 0] > 0)).all()) if vals.numel() else True
+    return ratio.to(torch.float16) if has_unit and value_dtype(ratio) == torch.float16 else vals.float()
 
 
 def outliers_from_wire(vals: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
