@@ -19,6 +19,7 @@ from hivemind.proto import runtime_pb2
 from client import aio
 from client.measurements import InFlight, Pinger
 from client.routing import NoRouteError, RouteStep, ServerChoice, ban_seconds, plan_route, plan_training_route
+from swarm.compression import wire
 from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
 from swarm.dht_records import ServerInfo, ServerState, fetch_servers
 from swarm.forwarding import ForwardHop, ForwardStep
@@ -382,15 +383,19 @@ class TrainStream:
         self.connection.count(packed, reply.tensors)
         return decode_reply(reply) if decode_reply is not None else unpack_tensor(reply.tensors[0], "server output")
 
-    async def backward(self, grad_output: torch.Tensor) -> list[torch.Tensor]:
-        message = runtime_pb2.ExpertRequest(metadata=TrainGrad().encode(), tensors=[pack_tensor(grad_output, self.grad_codec)])
+    async def backward(self, grad_output: torch.Tensor | runtime_pb2.Tensor) -> list[runtime_pb2.Tensor]:
+        """Send the output gradient (a packed slot goes as it is, see `relayed`); the reply's tensors, still packed:
+        the input's gradient (if the forward asked for it), then the LoRA and deep-prompt gradients."""
+        if isinstance(grad_output, runtime_pb2.Tensor):
+            grad_output = relayed(grad_output, self.grad_codec, "server gradient")
+        message = runtime_pb2.ExpertRequest(metadata=TrainGrad().encode(), tensors=_pack([grad_output], [self.grad_codec]))
         self._queue.put_nowait(message)
         try:
             reply = await self._next_reply()
         finally:
             self.abandon()
         self.connection.count(message.tensors, reply.tensors)
-        return [unpack_tensor(t, "server gradient") for t in reply.tensors]
+        return list(reply.tensors)
 
     def abandon(self) -> None:
         """End the request (call on the client's loop); the server frees the activations it kept."""
@@ -452,6 +457,16 @@ def _check_peer_id(text: str) -> None:
     raw = PeerID.from_base58(text).to_bytes()
     if len(raw) < 3 or raw[1] != len(raw) - 2:
         raise ValueError(f"{text!r} is not a multihash")
+
+
+def relayed(packed: runtime_pb2.Tensor, codec: str | None, what: str = "server output") -> runtime_pb2.Tensor | torch.Tensor:
+    """A server's packed hidden states (or their gradient) as the input of a request that takes `codec`: the same
+    bytes where they came in that codec, so that every hop's tensor is encoded once (encoding a decoded tensor again
+    adds error: 2.5% relative for int5_outlier on real gradients); else decoded, to be encoded again."""
+    came_in = packed.dtype[len(wire.PREFIX):] if wire.is_payload_dtype(packed.dtype) else "none"
+    if came_in == (codec or "none"):
+        return packed
+    return unpack_tensor(packed, what)
 
 
 def _pack(tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], codecs: Sequence[str | None]) -> list[runtime_pb2.Tensor]:

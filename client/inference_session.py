@@ -9,9 +9,8 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from client import aio
-from client.connection import SpanStream, SwarmConnection
+from client.connection import SpanStream, SwarmConnection, relayed
 from client.routing import NoRouteError
-from swarm.compression import wire
 from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
 from swarm.forwarding import HopTarget, forward_chain
 from swarm.protocol import RemoteError, Traffic, unpack_tensor
@@ -218,10 +217,6 @@ class InferenceSession:
 
 
 def _input_for(output: runtime_pb2.Tensor, stream: SpanStream | None) -> runtime_pb2.Tensor | torch.Tensor:
-    """A server's packed output as the input of `stream`: the same bytes where that stream takes the codec they came
-    in (so every hop's input is encoded once, with forwarding or without), else decoded (to encode again, or as the
-    route's result when no stream follows)."""
-    codec = output.dtype[len(wire.PREFIX):] if wire.is_payload_dtype(output.dtype) else "none"
-    if stream is not None and codec == (stream.codec or "none"):
-        return output
-    return unpack_tensor(output, "server output")
+    """A server's packed output as the input of `stream` (see `relayed`: the same bytes with forwarding or without),
+    or decoded as the route's result when no stream follows."""
+    return relayed(output, stream.codec) if stream is not None else unpack_tensor(output, "server output")

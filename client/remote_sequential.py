@@ -10,6 +10,7 @@ import weakref
 from collections import Counter
 
 import torch
+from hivemind.proto import runtime_pb2
 from torch import nn
 
 from client import aio
@@ -19,7 +20,7 @@ from client.inference_session import InferenceSession
 from client.routing import NoRouteError, RouteStep
 from swarm.compression.delta import row_keys
 from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
-from swarm.protocol import RemoteError
+from swarm.protocol import RemoteError, unpack_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class _RemoteChain(torch.autograd.Function):
         digests = {span: chain.lora.digest(*span) for span in spans} if chain.lora is not None else {}
         # With a backward to come, each step's forward opens a training stream whose backward reuses its activations.
         streams = _OpenStreams() if chain.keep_activations and expect_backward else None
+        # The chain's input needs no gradient (the output of a frozen embedding): the first step's backward skips it.
+        input_grad = ctx.needs_input_grad[0]
 
         async def run_chunk(index: int, where: slice):
             h, step_inputs = hidden[where], []
@@ -94,11 +97,12 @@ class _RemoteChain(torch.autograd.Function):
                 step_inputs.append(h)
                 inputs = _span_tensors(h, position_ids[where], _part(attention_mask, where))
                 seed, digest = base_seed + index, digests.get((step.start, step.end))
+                wants_grad = input_grad or position > 0
 
-                async def forward(step: RouteStep, inputs=inputs, seed=seed, digest=digest, h=h):
+                async def forward(step: RouteStep, inputs=inputs, seed=seed, digest=digest, h=h, wants_grad=wants_grad):
                     if streams is not None and chain.fits_one_message(h, step):
                         try:
-                            stream, output = await chain.atrain_forward(step, inputs, seed, digest, keys)
+                            stream, output = await chain.atrain_forward(step, inputs, seed, digest, keys, wants_grad)
                             streams.items[(index, step.start)] = stream
                             return output
                         except RemoteError as exc:  # e.g. the server's activation memory is full: recompute instead
@@ -116,6 +120,7 @@ class _RemoteChain(torch.autograd.Function):
                 _abandon(streams.items)
             raise
         ctx.chain, ctx.routes, ctx.slices, ctx.base_seed, ctx.digests = chain, routes, slices, base_seed, digests
+        ctx.input_grad = input_grad
         ctx.streams = streams
         ctx.chunk_inputs = [inputs for inputs, _ in results]
         ctx.position_ids, ctx.attention_mask = position_ids, attention_mask
@@ -128,31 +133,41 @@ class _RemoteChain(torch.autograd.Function):
         position_ids, attention_mask = ctx.position_ids, ctx.attention_mask
         open_streams = ctx.streams.items if ctx.streams is not None else {}
 
-        async def step_backward(index: int, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor):
+        async def step_backward(index: int, step: RouteStep, inputs: list[torch.Tensor], grad, input_grad: bool) -> list:
+            """[the input's gradient (a packed slot, to relay to the previous step, or a tensor), if `input_grad`;
+            the LoRA and deep-prompt gradients]"""
             stream = open_streams.pop((index, step.start), None)
             if stream is not None:
                 try:
                     with chain.connection.in_flight.request(step.peer_id):
-                        return await stream.backward(grad)
+                        packed = await stream.backward(grad)
+                    params = [unpack_tensor(t, "server gradient") for t in packed[1 if input_grad else 0:]]
+                    return ([packed[0]] if input_grad else []) + params
                 except RemoteError as exc:  # the server lost it: recompute from the inputs kept here
                     logger.info("training stream to %s failed in backward (%s); recomputing", step.peer_id, exc)
+            grad = unpack_tensor(grad, "server gradient") if isinstance(grad, runtime_pb2.Tensor) else grad
 
             async def backward(step: RouteStep):
                 return await chain.acall("backward", step, inputs, grad, seed=ctx.base_seed + index,
-                                         digest=ctx.digests.get((step.start, step.end)))
+                                         digest=ctx.digests.get((step.start, step.end)), input_grad=input_grad)
 
             return (await chain.on_replica(step, backward))[1]
 
         async def run_chunk(index: int, where: slice, step_inputs: list[torch.Tensor]):
-            grad, lora_grads, prompt_grads = grad_output[where], {}, {}
-            for step, hidden in zip(reversed(ctx.routes[index]), reversed(step_inputs), strict=True):
+            grad, lora_grads, prompt_grads = grad_output[where].contiguous(), {}, {}
+            steps = list(zip(reversed(ctx.routes[index]), reversed(step_inputs), strict=True))
+            for position, (step, hidden) in enumerate(steps):
                 inputs = _span_tensors(hidden, position_ids[where], _part(attention_mask, where))
-                grad, *rest = await step_backward(index, step, inputs, grad.contiguous())
+                wants_grad = ctx.input_grad or position < len(steps) - 1
+                grads = await step_backward(index, step, inputs, grad, wants_grad)
+                grad = grads.pop(0) if wants_grad else None
                 if prompts is not None and prompts.deep is not None:
-                    prompt_grads[step.start] = (step.end, rest.pop()[:, 0])
+                    prompt_grads[step.start] = (step.end, grads.pop()[:, 0])
                 if lora is not None:
                     names, _ = lora.for_blocks(step.start, step.end)
-                    lora_grads.update(zip(names, rest, strict=True))
+                    lora_grads.update(zip(names, grads, strict=True))
+            if isinstance(grad, runtime_pb2.Tensor):
+                grad = unpack_tensor(grad, "server gradient")
             return grad, lora_grads, prompt_grads
 
         chunks = zip(ctx.slices, ctx.chunk_inputs, strict=True)
@@ -160,7 +175,7 @@ class _RemoteChain(torch.autograd.Function):
             results = aio.run(_gather(run_chunk(i, w, inputs) for i, (w, inputs) in enumerate(chunks)))
         finally:
             _abandon(open_streams)
-        grad_input = torch.cat([grad for grad, _, _ in results], dim=0)
+        grad_input = torch.cat([grad for grad, _, _ in results], dim=0) if ctx.input_grad else None
         lora_grads: list[torch.Tensor | None] = [None] * (len(lora.names) if lora is not None else 0)
         for _, chunk_grads, _ in results:
             for name, value in chunk_grads.items():
@@ -230,14 +245,16 @@ class RemoteSequential(nn.Module):
             return 0
         return int(torch.randint(0, 1 << 62, ()))
 
-    def _request(self, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor | None, seed: int):
-        """(tensors, their codecs, SpanRequest fields, (LoRA names, tensors) or None) of one request for a route step."""
+    def _request(self, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor | None, seed: int,
+                 input_grad: bool = True):
+        """(tensors, their codecs, SpanRequest fields, (LoRA names, tensors) or None) of one request for a route step;
+        `input_grad`: whether its backward (now or on its training stream) returns the input's gradient."""
         activations, gradients = self.codecs["activations"], self.codecs["gradients"]
         tensors = [t.detach() for t in inputs]
         codecs = [activations] + [None] * (len(tensors) - 1)  # positions, mask and prompts travel as they are
         # grad_reply_codec is for a training stream's backward reply (a plain forward ignores it).
         fields: dict = {"reply_codec": self.reply_codec("activations" if grad is None else "gradients"),
-                        "grad_reply_codec": self.reply_codec("gradients")}
+                        "grad_reply_codec": self.reply_codec("gradients"), "input_grad": input_grad}
         deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start) if self.prompts is not None else None
         if deep is not None:
             tensors.append(deep)
@@ -255,9 +272,9 @@ class RemoteSequential(nn.Module):
         return tensors, codecs, fields, (names, [p.detach() for p in params])
 
     async def acall(self, kind: str, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor | None = None,
-                    seed: int = 0, digest: str | None = None) -> list[torch.Tensor]:
+                    seed: int = 0, digest: str | None = None, input_grad: bool = True) -> list[torch.Tensor]:
         """One forward or backward request for a route step, with this chain's adapter and deep prompts (if any)."""
-        tensors, codecs, fields, lora = self._request(step, inputs, grad, seed)
+        tensors, codecs, fields, lora = self._request(step, inputs, grad, seed, input_grad)
         if lora is None:
             return await self.connection.span_call(kind, step, tensors, codecs=codecs, **fields)
         digest = digest or self.lora.digest(step.start, step.end)
@@ -302,13 +319,14 @@ class RemoteSequential(nn.Module):
         return self.delta
 
     async def atrain_forward(self, step: RouteStep, inputs: list[torch.Tensor], seed: int = 0, digest: str | None = None,
-                             keys: list[str] | None = None):
+                             keys: list[str] | None = None, input_grad: bool = True):
         """A forward that opens a training stream: returns (the stream, for the backward; the output).
 
         With `keys` (one per batch row) and a delta codec, the hidden states go as deltas against the references
-        both ends hold; if the server lacks them, the rows are sent again in full.
+        both ends hold; if the server lacks them, the rows are sent again in full. Without `input_grad`, the
+        backward returns no gradient for the input.
         """
-        tensors, codecs, fields, lora = self._request(step, inputs, None, seed)
+        tensors, codecs, fields, lora = self._request(step, inputs, None, seed, input_grad)
         grad_codec = self.codecs["gradients"]
         if lora is not None:
             lora = (*lora, self.lora.scaling, digest or self.lora.digest(step.start, step.end))

@@ -147,23 +147,30 @@ class SpanBackend:
         return self._run(inputs, start, end, adapt, adapt.lora_tensors, adapt.prompts)
 
     def backward(self, inputs: SpanInputs, grad_output: torch.Tensor, start: int, end: int,
-                 adapt: Adaptation = NONE) -> list[torch.Tensor | None]:
-        """Gradients w.r.t. the span's input, each LoRA tensor and the deep prompts (if any), in that order.
+                 adapt: Adaptation = NONE, input_grad: bool = True) -> list[torch.Tensor | None]:
+        """Gradients w.r.t. the span's input (unless `input_grad` is False), each LoRA tensor and the deep prompts
+        (if any), in that order.
 
         The forward is recomputed (servers keep no activations between requests), with the same dropout masks
         as the forward request.
         """
         self.check_hidden(grad_output, "output gradient")
-        return self.backward_kept(self.forward_for_backward(inputs, start, end, adapt), grad_output)
+        return self.backward_kept(self.forward_for_backward(inputs, start, end, adapt, input_grad), grad_output)
 
-    def forward_for_backward(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation = NONE) -> KeptForward:
-        """The forward with its autograd graph, for a backward later in the same request."""
+    def forward_for_backward(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation = NONE,
+                             input_grad: bool = True) -> KeptForward:
+        """The forward with its autograd graph, for a backward later in the same request; without `input_grad`,
+        only the LoRA tensors and deep prompts are differentiated (BadRequest if there are none)."""
+        if not input_grad and not adapt.lora_tensors and adapt.prompts is None:
+            raise BadRequest("input_grad is false and the request has no LoRA tensors or deep prompts: "
+                             "its backward would have no gradient to return")
         with torch.enable_grad():
-            hidden = inputs.hidden.detach().requires_grad_(True)
+            hidden = inputs.hidden.detach().requires_grad_(input_grad)
             leaves = [t.detach().to(self.dtype).requires_grad_(True) for t in adapt.lora_tensors]
             prompts = adapt.prompts.detach().requires_grad_(True) if adapt.prompts is not None else None
             output = self._run(SpanInputs(hidden, inputs.position_ids, inputs.attention_mask), start, end, adapt, leaves, prompts)
-        return KeptForward(output, [hidden, *leaves] + ([prompts] if prompts is not None else []))
+        wrt = ([hidden] if input_grad else []) + leaves + ([prompts] if prompts is not None else [])
+        return KeptForward(output, wrt)
 
     def backward_kept(self, kept: KeptForward, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
         """The backward of a kept forward; `grad_output` has passed check_hidden (finite, floating point)."""
@@ -183,7 +190,7 @@ class SpanBackend:
 @dataclass
 class KeptForward:
     output: torch.Tensor
-    wrt: list[torch.Tensor]  # the input, the LoRA tensors and the deep prompts, as leaves of the graph
+    wrt: list[torch.Tensor]  # the input (if its gradient is wanted), the LoRA tensors and the deep prompts: the graph's leaves
 
 
 class InferenceState:

@@ -150,14 +150,15 @@ class BlockHandler(InferenceRpcs):
         return inputs, grad_output, adapt, reference
 
     async def _span_call(self, kind: str, metadata: bytes, protos, peer: str) -> list[runtime_pb2.Tensor]:
-        """Forward: [output]. Backward: [grad w.r.t. input, each LoRA tensor in request order, deep prompts if sent]."""
+        """Forward: [output]. Backward: [grad w.r.t. input (if meta.input_grad), each LoRA tensor in request order,
+        deep prompts if sent]."""
         meta = SpanRequest.decode(metadata)
         inputs, grad_output, adapt, reference = self._prepare(kind, meta, unpack_request(protos), peer)
         if kind == "forward":
             output = await self._compute(self.backend.forward, inputs, meta.start, meta.end, adapt)
             return _pack_reply([output.to(reference[0].dtype)], meta.reply_codec)
-        grads = await self._compute(self.backend.backward, inputs, grad_output, meta.start, meta.end, adapt)
-        return _pack_reply(_as_references(grads, reference), meta.reply_codec)
+        grads = await self._compute(self.backend.backward, inputs, grad_output, meta.start, meta.end, adapt, meta.input_grad)
+        return _pack_grads(grads, reference, meta.reply_codec, meta.input_grad)
 
     def _lora_tensors(self, meta: SpanRequest, tensors: list[torch.Tensor], peer: str):
         """Split the request's tensors into inputs and LoRA tensors, or find the LoRA tensors it names by digest."""
@@ -254,7 +255,8 @@ class BlockHandler(InferenceRpcs):
             self.activations.acquire(nbytes)
         kept = None
         try:
-            kept = await self._guard("train", self._compute(self.backend.forward_for_backward, inputs, meta.start, meta.end, adapt))
+            kept = await self._guard("train", self._compute(self.backend.forward_for_backward, inputs, meta.start, meta.end,
+                                                            adapt, meta.input_grad))
             output = kept.output.detach().to(reference[0].dtype)
             if meta.delta is not None:
                 modes, tensors = self.delta.encode_output(meta.delta, output, meta.reply_codec, peer, meta.start, meta.end)
@@ -276,10 +278,10 @@ class BlockHandler(InferenceRpcs):
                     raise BadRequest(f"a gradient message carries one tensor, got {len(message.tensors)}")
                 grad_output = unpack_tensor(message.tensors[0], "output gradient")
                 self.backend.check_hidden(grad_output, "output gradient")
-                return _as_references(await self._compute(self.backend.backward_kept, kept, grad_output), reference)
+                grads = await self._compute(self.backend.backward_kept, kept, grad_output)
+                return _pack_grads(grads, reference, meta.grad_reply_codec, meta.input_grad)
 
-            grads = await self._guard("train", backward())
-            response = runtime_pb2.ExpertResponse(tensors=_pack_reply(grads, meta.grad_reply_codec), metadata=SpanReply().encode())
+            response = runtime_pb2.ExpertResponse(tensors=await self._guard("train", backward()), metadata=SpanReply().encode())
             self._count("train_backward", message.tensors, response.tensors)
             yield response
         finally:
@@ -290,9 +292,13 @@ class BlockHandler(InferenceRpcs):
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _as_references(grads, reference: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Gradients in the dtypes of the tensors they belong to (zeros where autograd found no path)."""
-    return [(g if g is not None else torch.zeros_like(r)).to(r.dtype) for g, r in zip(grads, reference, strict=True)]
+def _pack_grads(grads, reference: list[torch.Tensor], codec: str, input_grad: bool) -> list[runtime_pb2.Tensor]:
+    """A backward's reply: each gradient in the dtype of the tensor it belongs to (zeros where autograd found no
+    path), the input's (if `input_grad`) with `codec`. `reference` lists the input, the LoRA tensors, the prompts."""
+    if not input_grad:
+        reference, codec = reference[1:], ""
+    grads = [(g if g is not None else torch.zeros_like(r)).to(r.dtype) for g, r in zip(grads, reference, strict=True)]
+    return _pack_reply(grads, codec)
 
 
 def _pack_reply(tensors: list[torch.Tensor], codec: str) -> list[runtime_pb2.Tensor]:

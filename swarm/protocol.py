@@ -185,6 +185,9 @@ class SpanRequest(_Meta):
     # Codec for the hidden-state tensor of the reply (the output, or the gradient w.r.t. the input); "" = none.
     reply_codec: str = Field(default="", max_length=64)
     grad_reply_codec: str = Field(default="", max_length=64)  # rpc_train only: codec of the backward's input gradient
+    # Backward: whether the reply starts with the gradient w.r.t. the input hidden states. A client whose input
+    # needs none (the first span, after a frozen embedding) saves that tensor on the wire.
+    input_grad: bool = True
     delta: DeltaInfo | None = None  # rpc_train only: delta-coded hidden states (the output answered likewise)
 
 

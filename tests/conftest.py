@@ -87,6 +87,38 @@ def dist_model(tiny_swarm, tiny_model_path):
     model.model.layers.connection.shutdown()
 
 
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], lora_dropout=0.0)
+
+
+@pytest.fixture
+def lora_model(dist_model):
+    """dist_model with a LoRA adapter (LORA) whose A and B are both random, so every gradient is non-trivial;
+    afterwards the adapter is removed and the model's codecs and keep_activations are as before."""
+    from peft import LoraConfig
+
+    layers = dist_model.remote_layers
+    codecs, keep = dict(layers.codecs), layers.keep_activations
+    lora = dist_model.add_lora_adapter(LoraConfig(**LORA))
+    with torch.no_grad():
+        for param in lora.params:
+            param.normal_(0, 0.3)
+    yield dist_model, lora
+    layers.lora, layers.keep_activations = None, keep
+    layers.codecs.clear()
+    layers.codecs.update(codecs)
+
+
+def local_peft(tiny_model_path, lora) -> torch.nn.Module:
+    """The same adapter on a local peft model of the tiny Llama: the reference for the swarm's LoRA."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    base = LlamaForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(**LORA))
+    result = set_peft_model_state_dict(peft_model, lora.peft_state_dict())
+    assert not [k for k in result.unexpected_keys if "lora" in k]
+    return peft_model
+
+
 def run_concurrently(tasks, timeout: float = 120.0) -> list:
     """Run each zero-argument callable in its own thread, all released at once; their results in order.
 

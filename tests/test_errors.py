@@ -156,3 +156,16 @@ def test_bad_output_gradients(dist_model, concurrent_session, grad, message):
     with pytest.raises(RemoteError, match=re.escape(message)):
         aio.run(dist_model.model.layers.connection.span_call(
             "backward", step, [torch.randn(1, 3, 64), torch.arange(3)[None], grad]))
+
+
+def test_a_backward_with_nothing_to_differentiate_is_refused(dist_model, concurrent_session):
+    """input_grad=False without LoRA tensors or deep prompts leaves no gradient to return: refused, on both paths."""
+    from client.connection import TrainStream
+
+    connection = dist_model.model.layers.connection
+    step = _first_server(dist_model)
+    inputs = [torch.randn(1, 4, 64), torch.arange(4)[None]]
+    with pytest.raises(RemoteError, match="input_grad is false and the request has no LoRA tensors or deep prompts"):
+        aio.run(connection.span_call("backward", step, [*inputs, torch.randn(1, 4, 64)], input_grad=False))
+    with pytest.raises(RemoteError, match="input_grad is false and the request has no LoRA tensors or deep prompts"):
+        aio.run(TrainStream(connection, step).forward(inputs, [], 1.0, input_grad=False))

@@ -10,27 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from transformers import LlamaForCausalLM
 
-from tests.conftest import exact, run_concurrently
-
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], lora_dropout=0.0)
-
-
-@pytest.fixture
-def lora_model(dist_model):
-    lora = dist_model.add_lora_adapter(LoraConfig(**LORA))
-    with torch.no_grad():  # random B as well, so every gradient is non-trivial
-        for param in lora.params:
-            param.normal_(0, 0.3)
-    yield dist_model, lora
-    dist_model.remote_layers.lora = None
-
-
-def local_peft(tiny_model_path, lora) -> torch.nn.Module:
-    base = LlamaForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(**LORA))
-    result = set_peft_model_state_dict(peft_model, lora.peft_state_dict())
-    assert not [k for k in result.unexpected_keys if "lora" in k]
-    return peft_model
+from tests.conftest import LORA, exact, local_peft, run_concurrently
 
 
 @pytest.mark.parametrize("keep_activations", [True, False], ids=["training-stream", "recompute"])
@@ -55,7 +35,6 @@ def test_lora_and_input_gradients_match_peft(lora_model, tiny_model_path, keep_a
     for key, param in ours_by_key.items():
         assert reference_grads[key].abs().max() > 0, key
         torch.testing.assert_close(param.grad, reference_grads[key], atol=1e-6, rtol=1e-5, msg=key)
-    model.remote_layers.keep_activations = True
 
 
 def test_saved_adapter_loads_with_peft(lora_model, tiny_model_path, tmp_path):
@@ -164,8 +143,9 @@ def test_sessions_with_and_without_adapter_do_not_mix(lora_model):
     adapted, plain = InferenceSession(layers.connection, 8, lora=lora), InferenceSession(layers.connection, 8)
     with adapted, plain:
         outputs = [(adapted.step(hidden[:, i : i + 1]), plain.step(hidden[:, i : i + 1])) for i in range(8)]
-    torch.testing.assert_close(torch.cat([a for a, _ in outputs], 1), with_adapter, atol=1e-4, rtol=0)
-    torch.testing.assert_close(torch.cat([b for _, b in outputs], 1), without, atol=1e-4, rtol=0)
+    # Cached one-token steps sum in another order than one forward over 8 tokens: float noise, relative to values ~17.
+    torch.testing.assert_close(torch.cat([a for a, _ in outputs], 1), with_adapter, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([b for _, b in outputs], 1), without, atol=1e-4, rtol=1e-5)
 
 
 def test_two_clients_train_different_adapters_at_once(tiny_swarm, tiny_model_path):
