@@ -24,7 +24,8 @@ gradients over the whole run, the ratio to the uncompressed run, the held-out lo
 between the 10-step moving averages of the training loss. enc/dec ms/MB there are the activation codec's.
 
 Run: python bench/compression.py [--codecs none,int8_outlier] [--positions 2000] [--prompts 20] [--new-tokens 32]
-                                 [--train-epochs 4] [--train-samples 64] [--held-out 32] [--training CONFIGS | --no-training]
+                                 [--train-epochs 4] [--train-samples 64] [--held-out 32] [--train-seed 0]
+                                 [--training CONFIGS | --no-training]
 """
 
 # ruff: noqa: E402  (the OpenMP waiting settings must be set before torch is imported)
@@ -55,15 +56,13 @@ from swarm.launch import LocalSwarm, even_spans
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CODECS = "none,float16,bfloat16,int8_outlier,hadamard_int8,int4_outlier"
-TRAINING = {  # name: (activations, gradients, deltas); "int8/int4g/d8" is the default (swarm.config.CLIENT)
+TRAINING = {  # name: (activations, gradients, deltas); "int8/int5g/d6" is the default (swarm.config.CLIENT)
     "none": TrainingConfig("none", "none", "none"),
     "int8": TrainingConfig("int8", "int8_outlier", "int8_outlier"),
-    "int8/int4g": TrainingConfig("int8/int4g", "int8_outlier", "int4_outlier"),
-    "int8/int4g/d4": TrainingConfig("int8/int4g/d4", "int8_outlier", "int4_outlier", "int4_outlier"),
-    "int8/int4g/d8": TrainingConfig("int8/int4g/d8", "int8_outlier", "int4_outlier", "int8_outlier"),
+    "int8/int5g": TrainingConfig("int8/int5g", "int8_outlier", "int5_outlier"),
+    "int8/int5g/d6": TrainingConfig("int8/int5g/d6", "int8_outlier", "int5_outlier", "int6_outlier"),
+    "int8/int5g/d5": TrainingConfig("int8/int5g/d5", "int8_outlier", "int5_outlier", "int5_outlier"),
     "int8/int4g/d6": TrainingConfig("int8/int4g/d6", "int8_outlier", "int4_outlier", "int6_outlier"),
-    "int8/int4g/d5": TrainingConfig("int8/int4g/d5", "int8_outlier", "int4_outlier", "int5_outlier"),
-    "int8/int4k4g/d8": TrainingConfig("int8/int4k4g/d8", "int8_outlier", "int4_outlier_k4", "int8_outlier"),
 }
 
 
@@ -146,17 +145,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20, help="timed encode/decode rounds per codec")
     parser.add_argument("--text", type=Path, default=HERE / "heldout_en.txt", help="English text for perplexity")
     parser.add_argument("--training", default=",".join(TRAINING),
-                        help=f"training codec sets to run ('none' always runs first as the reference): {', '.join(TRAINING)}")
+                        help="training codec sets to run ('none' always runs first as the reference): one of "
+                        f"{', '.join(TRAINING)}, or ACTIVATIONS/GRADIENTS/DELTAS codec ids (e.g. bfloat16/bfloat16/none)")
     parser.add_argument("--no-training", action="store_true", help="skip the fine-tuning half")
     parser.add_argument("--losses", type=Path, help="write every training step's loss per codec set to this JSON file")
     parser.add_argument("--no-inference", action="store_true", help="skip the inference half")
     parser.add_argument("--train-epochs", type=int, default=4, help="epochs of LoRA fine-tuning per codec set")
     parser.add_argument("--train-samples", type=int, default=64, help="training pairs")
     parser.add_argument("--held-out", type=int, default=32, help="pairs held out to measure the trained adapter")
+    parser.add_argument("--train-seed", type=int, default=0, help="seed of the adapter's initial values and of the "
+                        "epochs' order (the same for every codec set, the reference included)")
     args = parser.parse_args()
     training = [t for t in args.training.split(",") if t]
-    if set(training) - set(TRAINING):
-        parser.error(f"unknown training sets {sorted(set(training) - set(TRAINING))}; choose from {list(TRAINING)}")
+    for name in (t for t in training if t not in TRAINING):
+        parts = name.split("/")
+        if len(parts) != 3 or set(parts) - set(compression.available()):
+            parser.error(f"unknown training set {name!r}: name one of {list(TRAINING)} or give three codec ids "
+                         f"ACTIVATIONS/GRADIENTS/DELTAS from {compression.available()}")
+        TRAINING[name] = TrainingConfig(name, *parts)
     args.training = [] if args.no_training else ["none"] + [t for t in dict.fromkeys(training) if t != "none"]
     codecs = [c for c in args.codecs.split(",") if c]
     unknown = set(codecs) - set(compression.available())
@@ -174,7 +180,7 @@ def training_rows(model, tokenizer, args, capture) -> list[dict]:
         config = TRAINING[name]
         print(f"training {name} (activations {config.activations}, gradients {config.gradients}, deltas {config.delta}):",
               flush=True)
-        result = train(model, config, train_data, held_out, args.train_epochs)
+        result = train(model, config, train_data, held_out, args.train_epochs, args.train_seed)
         ref = ref or result
         losses[name] = {"steps": result.losses, "held_out": result.held_out}
         if args.losses:

@@ -3,7 +3,8 @@ training codecs, against the uncompressed run with the same seed, data and order
 
 Setup: LoRA r=8 (alpha 16) on q,k,v,o, AdamW lr 5e-4, gradient norm clipped at 1, batch 4; the first N training
 pairs of client/data/instructions.jsonl (chat template, loss on the answer), each padded to a fixed 128 tokens so
-a sample looks the same every epoch; E epochs, shuffled with one seed; the next H pairs held out. Measured:
+a sample looks the same every epoch; E epochs, shuffled with one seed (which also draws the adapter's initial
+values; every codec set of a run uses the same); the next H pairs held out. Measured:
 
 - bytes: every byte of hidden states and their gradients the client sent and received over the run (activations
   forward, gradients backward, every hop; first-epoch full sends and fallbacks included), per token per hop;
@@ -85,15 +86,15 @@ def held_out_loss(model, data) -> float:
     return total / max(count, 1)
 
 
-def train(model, config: TrainingConfig, train_data, held_out, epochs: int) -> TrainingResult:
+def train(model, config: TrainingConfig, train_data, held_out, epochs: int, seed: int = 0) -> TrainingResult:
     layers = model.remote_layers
     layers.delta = None  # no references from an earlier configuration
     model.set_codecs(activations=config.activations, gradients=config.gradients, delta=config.delta)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     lora = model.add_lora_adapter(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     optimizer = torch.optim.AdamW(lora.params, lr=LR)
     ids, mask, labels = train_data
-    order_rng = random.Random(0)
+    order_rng = random.Random(seed)
     losses: list[float] = []
     hops = len(layers.connection.plan())
     before = layers.connection.hidden_traffic
