@@ -154,11 +154,11 @@ class _RemoteChain(torch.autograd.Function):
             return (await chain.on_replica(step, backward))[1]
 
         async def run_chunk(index: int, where: slice, step_inputs: list[torch.Tensor]):
-            grad, lora_grads, prompt_grads = grad_output[where].contiguous(), {}, {}
-            steps = list(zip(reversed(ctx.routes[index]), reversed(step_inputs), strict=True))
-            for position, (step, hidden) in enumerate(steps):
+            grad, lora_grads, prompt_grads = grad_output[where], {}, {}
+            steps = list(enumerate(zip(ctx.routes[index], step_inputs, strict=True)))
+            for position, (step, hidden) in reversed(steps):  # the last span first
                 inputs = _span_tensors(hidden, position_ids[where], _part(attention_mask, where))
-                wants_grad = ctx.input_grad or position < len(steps) - 1
+                wants_grad = ctx.input_grad or position > 0  # as in the forward
                 grads = await step_backward(index, step, inputs, grad, wants_grad)
                 grad = grads.pop(0) if wants_grad else None
                 if prompts is not None and prompts.deep is not None:

@@ -224,8 +224,7 @@ class InferenceRpcs:
             self._check_route(meta.forward)
             if not request.tensors:
                 raise BadRequest("a push carries hidden states, position ids and an optional attention mask; got no tensors")
-            slot, expected = request.tensors[0].dtype, session.meta.input_codec or "none"
-            codec = slot[len(wire.PREFIX):] if wire.is_payload_dtype(slot) else "none"
+            codec, expected = wire.slot_codec(request.tensors[0].dtype), session.meta.input_codec or "none"
             if codec != expected:
                 raise BadRequest(f"pushed hidden states are in codec {codec!r:.70}; this session takes {expected!r}")
             tensors = unpack_request(request.tensors)

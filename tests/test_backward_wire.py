@@ -14,11 +14,12 @@ from swarm.compression import wire
 from tests.conftest import local_peft
 
 
-def _received_hidden_bytes(model, run) -> int:
+def _received_hidden_bytes(model, run):
+    """(hidden-state bytes the client received on the wire during `run()`, what it returned)"""
     connection = model.remote_layers.connection
     before = replace(connection.hidden_traffic)
-    run()
-    return connection.hidden_traffic.received_wire - before.received_wire
+    result = run()
+    return connection.hidden_traffic.received_wire - before.received_wire, result
 
 
 @pytest.mark.parametrize("keep_activations", [True, False], ids=["training-stream", "recompute"])
@@ -36,10 +37,9 @@ def test_the_first_span_returns_no_gradient_for_an_input_that_needs_none(lora_mo
         model(inputs_embeds=hidden, labels=input_ids).loss.backward()
         return hidden
 
-    with_input_grad = _received_hidden_bytes(model, lambda: step(True))
-    frozen = {}
-    without = _received_hidden_bytes(model, lambda: frozen.setdefault("hidden", step(False)))
-    assert frozen["hidden"].grad is None
+    with_input_grad, _ = _received_hidden_bytes(model, lambda: step(True))
+    without, frozen = _received_hidden_bytes(model, lambda: step(False))
+    assert frozen.grad is None
     assert with_input_grad - without == 2 * 9 * 64 * 4  # exactly one float32 gradient of the first span's input
 
     # The adapter's gradients are those of local peft all the same (the first span's LoRA tensors included).
@@ -69,10 +69,10 @@ def _recording_backward(monkeypatch) -> list[tuple[int, object, runtime_pb2.Tens
 
 
 def _codec(slot: runtime_pb2.Tensor) -> str:
-    return slot.dtype[len(wire.PREFIX):] if wire.is_payload_dtype(slot.dtype) else "none"
+    return wire.slot_codec(slot.dtype)
 
 
-def test_input_gradients_go_to_the_previous_hop_as_the_bytes_they_came_in(lora_model, reference_model, monkeypatch):
+def test_input_gradients_go_to_the_previous_hop_as_the_bytes_they_came_in(lora_model, monkeypatch):
     model, _ = lora_model
     model.set_codecs(gradients="int5_outlier")
     calls = _recording_backward(monkeypatch)
@@ -89,17 +89,9 @@ def test_input_gradients_go_to_the_previous_hop_as_the_bytes_they_came_in(lora_m
 
     # Encoded once per hop, the input's gradient stays close to the exact one.
     exact_in = hidden.detach().clone().requires_grad_(True)
-    reference_model.zero_grad(set_to_none=True)
-    model.remote_layers.lora, lora = None, model.remote_layers.lora
-    try:
-        model.set_codecs(gradients="none")
-        model(inputs_embeds=exact_in, labels=input_ids).loss.backward()
-        compressed_in = hidden.detach().clone().requires_grad_(True)
-        model.set_codecs(gradients="int5_outlier")
-        model(inputs_embeds=compressed_in, labels=input_ids).loss.backward()
-    finally:
-        model.remote_layers.lora = lora
-    assert (compressed_in.grad - exact_in.grad).norm() / exact_in.grad.norm() < 0.1
+    model.set_codecs(gradients="none")
+    model(inputs_embeds=exact_in, labels=input_ids).loss.backward()
+    assert (hidden.grad - exact_in.grad).norm() / exact_in.grad.norm() < 0.1
 
 
 def test_relayed_passes_a_slot_on_only_in_the_codec_it_is_wanted_in():

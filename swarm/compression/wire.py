@@ -46,6 +46,11 @@ def is_payload_dtype(dtype: str) -> bool:
     return dtype.startswith(PREFIX)
 
 
+def slot_codec(dtype: str) -> str:
+    """The codec a slot's dtype field names: its payload's codec id, or "none" for a plain tensor."""
+    return dtype[len(PREFIX):] if is_payload_dtype(dtype) else "none"
+
+
 def _header(payload: Payload, codec: Codec | None) -> bytes:
     """The length-prefixed header of a payload's slot (see the module docstring)."""
     codec = codec or registry.get(payload.codec)
