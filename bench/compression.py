@@ -56,7 +56,7 @@ from swarm.launch import LocalSwarm, even_spans
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CODECS = "none,float16,bfloat16,int8_outlier,hadamard_int8,int4_outlier"
-TRAINING = {  # name: (activations, gradients, deltas); "int8/int5g/d6" is the default (swarm.config.CLIENT)
+TRAINING = {  # name: (activations, gradients, deltas); "int8/int5g/d6" is the default (client.config.CLIENT)
     "none": TrainingConfig("none", "none", "none"),
     "int8": TrainingConfig("int8", "int8_outlier", "int8_outlier"),
     "int8/int5g": TrainingConfig("int8/int5g", "int8_outlier", "int5_outlier"),

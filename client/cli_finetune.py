@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from swarm.config import CLIENT
+from client.config import CLIENT
 
 IGNORE = -100
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from swarm.config import CLIENT
+from client.config import CLIENT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,43 +5,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import secrets
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import hivemind
 import torch
-from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from client import aio
+from client.config import CLIENT
 from client.measurements import InFlight, Pinger
 from client.routing import NoRouteError, RouteStep, ServerChoice, ban_seconds, plan_route, plan_training_route
-from swarm.compression import wire
-from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
+from client.streams import TRANSPORT_ERRORS, TrainStream, pack_inputs
+from swarm.config import MAX_UNARY_PAYLOAD_BYTES
 from swarm.dht_records import ServerInfo, ServerState, fetch_servers
-from swarm.forwarding import ForwardHop, ForwardStep
-from swarm.protocol import (
-    BlockService,
-    InferenceOpen,
-    InferenceReply,
-    RemoteError,
-    SpanRequest,
-    Traffic,
-    TrainGrad,
-    hidden_slots,
-    join_message,
-    pack_tensor,
-    split_message,
-    unpack_tensor,
-)
+from swarm.errors import RemoteError
+from swarm.protocol import SpanRequest
+from swarm.service import BlockService
+from swarm.streaming import join_message, split_message
+from swarm.tensors import Traffic, hidden_slots, unpack_tensor
 
 logger = logging.getLogger(__name__)
-
-# What a call raises when the server cannot be reached or the link breaks (turned into RemoteError "transport").
-TRANSPORT_ERRORS = (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError)
 
 
 class SwarmConnection:
@@ -209,7 +196,7 @@ class SwarmConnection:
         meta = SpanRequest(start=step.start, end=step.end, lora=list(lora_names), lora_scaling=lora_scaling, **fields)
         stub = self.stub(step.peer_id)
         try:
-            packed = _pack(tensors, codecs)
+            packed = pack_inputs(tensors, codecs)
             if sum(len(p.buffer) for p in packed) <= MAX_UNARY_PAYLOAD_BYTES:
                 method = stub.rpc_forward if kind == "forward" else stub.rpc_backward
                 request = runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed)
@@ -257,219 +244,8 @@ class SwarmConnection:
         self.dht.shutdown()
 
 
-class SpanStream:
-    """An open inference stream with one server: a KV cache there, one message per step."""
-
-    def __init__(self, connection: SwarmConnection, step: RouteStep, batch_size: int, max_length: int,
-                 lora_names: Sequence[str] = (), lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0,
-                 adapter: str = "", prompts: torch.Tensor | None = None, codec: str = "none", reply_codec: str | None = None):
-        self.connection, self.step, self.adapter, self.prompts, self.codec = connection, step, adapter, prompts, codec
-        self.reply_codec = codec if reply_codec is None else reply_codec
-        self.traffic = Traffic()  # this stream's steps, raw and on the wire
-        self.lora_names, self.lora_tensors, self.lora_scaling = list(lora_names), list(lora_tensors), lora_scaling
-        self.batch_size, self.max_length = batch_size, max_length
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._replies = None
-        self.position = 0
-        self.step_id = 0
-        # Every step's inputs, to replay on a replacement server. The hidden states may be a packed wire tensor: the
-        # exact bytes the server took (pushed by the previous server, or relayed as that server sent them).
-        self.history: list[list[torch.Tensor | runtime_pb2.Tensor]] = []
-        self.failed = False
-        # The id the previous server of the route pushes steps into this session under (swarm.forwarding); False
-        # once a push into it failed, after which the client sends this stream its steps itself.
-        self.session_id = secrets.token_hex(16)
-        self.accepts_pushes = True
-
-    async def open(self) -> None:
-        async def requests():
-            while (message := await self._queue.get()) is not None:
-                yield message
-
-        meta = InferenceOpen(start=self.step.start, end=self.step.end, max_length=self.max_length, batch_size=self.batch_size,
-                             lora=self.lora_names, lora_scaling=self.lora_scaling, adapter=self.adapter,
-                             deep_prompts=self.prompts is not None, reply_codec=self.reply_codec,
-                             session_id=self.session_id, input_codec=self.codec)
-        opening = ([self.prompts] if self.prompts is not None else []) + self.lora_tensors
-        try:
-            self._replies = await asyncio.wait_for(
-                open_stream(self.connection.p2p, self.connection.prefix, self.step.peer_id, "rpc_inference", requests()),
-                CLIENT.connect_timeout)
-            self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=[pack_tensor(t) for t in opening]))
-            await self._next_reply()
-        except TRANSPORT_ERRORS as exc:
-            self._queue.put_nowait(None)
-            self.failed = True
-            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
-        except BaseException as exc:
-            self._queue.put_nowait(None)
-            self.failed = isinstance(exc, RemoteError) and exc.server_gone
-            raise
-
-    async def _next_reply(self) -> runtime_pb2.ExpertResponse:
-        return await _next_reply(self._replies, self.connection.request_timeout, self.step, "inference stream")
-
-    def submit(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], forward: Sequence[ForwardHop] = ()) -> None:
-        """Send a step's inputs without waiting; the server pushes its output along `forward` (later route hops)."""
-        message = runtime_pb2.ExpertRequest(metadata=ForwardStep(step=self.step_id, forward=list(forward)).encode(),
-                                            tensors=_pack(tensors, [self.codec]))
-        self._queue.put_nowait(message)
-        self.traffic += self.connection.count(message.tensors, ())
-
-    async def result(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor]) -> tuple[runtime_pb2.Tensor, InferenceReply]:
-        """The output of the next step, submitted here or pushed by the previous server, as the server packed it; the
-        step's `tensors` (its inputs) go into the history."""
-        try:
-            reply = await self._next_reply()
-        except RemoteError as exc:
-            self.failed = exc.server_gone  # not a refusal
-            raise
-        meta = InferenceReply.decode(reply.metadata)
-        if len(reply.tensors) != 1:
-            raise RemoteError("bad_reply", f"an inference step's reply has {len(reply.tensors)} tensors, not 1", str(self.step.peer_id))
-        self.history.append(list(tensors))
-        self.traffic += self.connection.count((), reply.tensors)
-        self.position = meta.position
-        self.step_id += 1
-        return reply.tensors[0], meta
-
-    async def send(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor]) -> torch.Tensor:
-        self.submit(tensors)
-        output, _ = await self.result(tensors)
-        return unpack_tensor(output, "server output")
-
-    async def close(self) -> None:
-        self._queue.put_nowait(None)
-        if self._replies is not None:
-            try:
-                await asyncio.wait_for(anext(self._replies, None), 1.0)
-            except Exception:  # noqa: BLE001 - the server may already be gone; nothing to recover
-                pass
-
-
-class TrainStream:
-    """A forward whose backward follows on the same stream (rpc_train), so the server need not recompute it.
-
-    The server keeps the activations only while this request is open; `abandon()` ends it without a backward.
-    """
-
-    def __init__(self, connection: SwarmConnection, step: RouteStep, grad_codec: str | None = None):
-        self.connection, self.step = connection, step
-        self.grad_codec = grad_codec  # codec of the gradient message
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._replies = None
-
-    async def forward(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], lora_names: Sequence[str],
-                      lora_scaling: float, codecs: Sequence[str | None] = (), decode_reply=None, **fields) -> torch.Tensor:
-        """Send the forward and return its output (`decode_reply(reply)` when given, e.g. for delta-coded replies)."""
-        async def requests():
-            while (message := await self._queue.get()) is not None:
-                yield message
-
-        meta = SpanRequest(start=self.step.start, end=self.step.end, lora=list(lora_names), lora_scaling=lora_scaling, **fields)
-        packed = _pack(tensors, codecs)
-        self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed))
-        try:
-            self._replies = await asyncio.wait_for(open_stream(self.connection.p2p, self.connection.prefix, self.step.peer_id,
-                                                                   "rpc_train", requests()),
-                                                   CLIENT.connect_timeout)
-            reply = await self._next_reply()
-        except TRANSPORT_ERRORS as exc:
-            self.abandon()
-            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
-        except BaseException:
-            self.abandon()
-            raise
-        self.connection.count(packed, reply.tensors)
-        return decode_reply(reply) if decode_reply is not None else unpack_tensor(reply.tensors[0], "server output")
-
-    async def backward(self, grad_output: torch.Tensor | runtime_pb2.Tensor) -> list[runtime_pb2.Tensor]:
-        """Send the output gradient (a packed slot goes as it is, see `relayed`); the reply's tensors, still packed:
-        the input's gradient (if the forward asked for it), then the LoRA and deep-prompt gradients."""
-        if isinstance(grad_output, runtime_pb2.Tensor):
-            grad_output = relayed(grad_output, self.grad_codec, "server gradient")
-        message = runtime_pb2.ExpertRequest(metadata=TrainGrad().encode(), tensors=_pack([grad_output], [self.grad_codec]))
-        self._queue.put_nowait(message)
-        try:
-            reply = await self._next_reply()
-        finally:
-            self.abandon()
-        self.connection.count(message.tensors, reply.tensors)
-        return list(reply.tensors)
-
-    def abandon(self) -> None:
-        """End the request (call on the client's loop); the server frees the activations it kept."""
-        self._queue.put_nowait(None)
-
-    async def _next_reply(self) -> runtime_pb2.ExpertResponse:
-        return await _next_reply(self._replies, self.connection.request_timeout, self.step, "training stream")
-
-
-async def open_stream(p2p: P2P, prefix: str, peer_id, method: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
-                      ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-    """Call a streaming RPC of BlockService: as `BlockService.get_stub(p2p, peer_id, namespace=prefix).<method>(requests)`,
-    except that the replies end as soon as the connection closes.
-
-    hivemind's stream call, on a closed connection, waits for the request stream to end before it ends the replies;
-    ours waits for a reply before it sends more, so a server killed mid-session went unnoticed until the request timeout.
-    """
-    name = BlockService._get_handle_name(prefix, method)
-    _, reader, writer = await p2p.call_binary_stream_handler(peer_id, name)
-
-    async def write() -> None:
-        async for request in requests:
-            await P2P.send_protobuf(request, writer)
-        await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
-
-    async def read() -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        try:
-            while True:
-                try:
-                    reply, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
-                except asyncio.IncompleteReadError:
-                    return  # the connection closed: the server finished, or it is gone
-                if error is not None:  # worded as hivemind's, which RemoteError.from_exception parses
-                    raise P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {error.message}")
-                yield reply
-        finally:
-            writing.cancel()
-            if writing.done() and not writing.cancelled():
-                writing.exception()  # a write to a closed connection: the read above has told the caller
-            writer.close()
-
-    writing = asyncio.create_task(write())
-    return read()
-
-
-async def _next_reply(replies, timeout: float, step: RouteStep, what: str) -> runtime_pb2.ExpertResponse:
-    """The next message of a server's reply stream, with transport failures and an early end as RemoteError."""
-    try:
-        reply = await asyncio.wait_for(anext(replies, None), timeout)
-    except TRANSPORT_ERRORS as exc:
-        raise RemoteError.from_exception(exc, str(step.peer_id)) from None
-    if reply is None:
-        raise RemoteError("transport", f"server closed the {what}", str(step.peer_id))
-    return reply
-
-
 def _check_peer_id(text: str) -> None:
     """A peer id is a base58 multihash (a code, the digest's length, the digest), e.g. "Qm..." or "12D3Koo..."."""
     raw = PeerID.from_base58(text).to_bytes()
     if len(raw) < 3 or raw[1] != len(raw) - 2:
         raise ValueError(f"{text!r} is not a multihash")
-
-
-def relayed(packed: runtime_pb2.Tensor, codec: str | None, what: str = "server output") -> runtime_pb2.Tensor | torch.Tensor:
-    """A server's packed hidden states (or their gradient) as the input of a request that takes `codec`: the same
-    bytes where they came in that codec, so that every hop's tensor is encoded once (encoding a decoded tensor again
-    adds error: 2.5% relative for int5_outlier on real gradients); else decoded, to be encoded again."""
-    if wire.slot_codec(packed.dtype) == (codec or "none"):
-        return packed
-    return unpack_tensor(packed, what)
-
-
-def _pack(tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], codecs: Sequence[str | None]) -> list[runtime_pb2.Tensor]:
-    """Tensors for the wire, tensors[i] encoded with codecs[i] where one is given (see swarm.compression); slots
-    already packed pass as they are."""
-    return [t if isinstance(t, runtime_pb2.Tensor) else pack_tensor(t, codecs[i] if i < len(codecs) else None)
-            for i, t in enumerate(tensors)]

@@ -11,7 +11,9 @@ from hivemind.proto import runtime_pb2
 from swarm import compression
 from swarm.compression.base import CodecError
 from swarm.compression.delta import DeltaStore, delta_decode, delta_encode
-from swarm.protocol import DeltaInfo, RemoteError, SpanReply, pack_payload, unpack_tensor
+from swarm.errors import RemoteError
+from swarm.protocol import DeltaInfo, SpanReply
+from swarm.tensors import pack_payload, unpack_tensor
 
 
 @dataclass

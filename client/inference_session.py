@@ -9,11 +9,14 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from client import aio
-from client.connection import SpanStream, SwarmConnection, relayed
+from client.config import CLIENT
+from client.connection import SwarmConnection
 from client.routing import NoRouteError
-from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
+from client.streams import SpanStream, relayed
+from swarm.config import MAX_UNARY_PAYLOAD_BYTES
+from swarm.errors import RemoteError
 from swarm.forwarding import HopTarget, forward_chain
-from swarm.protocol import RemoteError, Traffic, unpack_tensor
+from swarm.tensors import Traffic, unpack_tensor
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 
 from client import aio
+from client.config import CLIENT
 from client.routing import smooth_rtt
-from swarm.config import CLIENT
 
 logger = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from torch import nn
 from transformers import DynamicCache, GenerationConfig, PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from client.config import CLIENT
 from client.connection import SwarmConnection
 from client.inference_session import InferenceSession
 from client.lora import RemoteLora
 from client.prompts import RemotePrompts
 from client.remote_sequential import RemoteSequential
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
-from swarm.config import CLIENT
 from swarm.models import CACHE_KWARG, ModelFamily, family_for
 
 logger = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class DistributedCausalLMMixin:
         """Open KV-cached streams through the swarm; `generate()` calls inside continue one another.
 
         `forwarding`: servers push each step straight to the next server of the route (default:
-        `model.remote_layers.forwarding`, from swarm.config.CLIENT) or, when False, return it to the client each hop.
+        `model.remote_layers.forwarding`, from client.config.CLIENT) or, when False, return it to the client each hop.
         """
         if self._active_session is not None:
             raise RuntimeError("an inference session is already open on this model")

@@ -14,13 +14,15 @@ from hivemind.proto import runtime_pb2
 from torch import nn
 
 from client import aio
+from client.config import CLIENT
 from client.connection import SwarmConnection
 from client.delta_client import ClientDelta
 from client.inference_session import InferenceSession
 from client.routing import NoRouteError, RouteStep
 from swarm.compression.delta import row_keys
-from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
-from swarm.protocol import RemoteError, unpack_tensor
+from swarm.config import MAX_UNARY_PAYLOAD_BYTES
+from swarm.errors import RemoteError
+from swarm.tensors import unpack_tensor
 
 logger = logging.getLogger(__name__)
 

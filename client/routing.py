@@ -8,7 +8,7 @@ import random
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from swarm.config import CLIENT
+from client.config import CLIENT
 from swarm.dht_records import ServerInfo, ServerState
 
 UNREACHABLE = math.inf  # the round trip recorded for a server whose last ping failed

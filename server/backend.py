@@ -9,8 +9,9 @@ import torch
 
 from swarm import compression, lora
 from swarm.config import SERVER
+from swarm.errors import BadRequest, BlocksNotServed, MaxLengthExceeded
 from swarm.models.span import BlockSpan
-from swarm.protocol import BadRequest, BlocksNotServed, MaxLengthExceeded, unpack_tensor
+from swarm.tensors import unpack_tensor
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ NONE = Adaptation()
 
 
 def unpack_request(protos, first: int = 0) -> list[torch.Tensor]:
-    """A request's tensors, checked (see swarm.protocol.unpack_tensor); `first` numbers them in error messages."""
+    """A request's tensors, checked (see swarm.tensors.unpack_tensor); `first` numbers them in error messages."""
     return [unpack_tensor(t, f"tensor {first + i}") for i, t in enumerate(protos)]
 
 

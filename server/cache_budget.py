@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from swarm.protocol import CacheFull
+from swarm.errors import CacheFull
 
 
 class CacheBudget:

@@ -12,7 +12,9 @@ from hivemind.proto import runtime_pb2
 from swarm import compression
 from swarm.compression.base import CodecError
 from swarm.compression.delta import DeltaStore, delta_decode, delta_encode
-from swarm.protocol import BadRequest, DeltaInfo, DeltaStateMissing, pack_payload, unpack_tensor
+from swarm.errors import BadRequest, DeltaStateMissing
+from swarm.protocol import DeltaInfo
+from swarm.tensors import pack_payload, unpack_tensor
 
 
 @dataclass

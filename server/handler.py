@@ -24,20 +24,10 @@ from server.inference import InferenceRpcs
 from server.lora_cache import LoraCache
 from swarm import lora
 from swarm.config import SERVER
-from swarm.protocol import (
-    BadRequest,
-    LoraNotCached,
-    SpanReply,
-    SpanRequest,
-    SwarmError,
-    TrainGrad,
-    join_message,
-    pack_tensor,
-    payload_bytes,
-    raw_bytes,
-    split_message,
-    unpack_tensor,
-)
+from swarm.errors import BadRequest, LoraNotCached, SwarmError
+from swarm.protocol import SpanReply, SpanRequest, TrainGrad
+from swarm.streaming import join_message, split_message
+from swarm.tensors import pack_tensor, payload_bytes, raw_bytes, unpack_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +46,7 @@ class TrafficStats:
 
 
 class BlockHandler(InferenceRpcs):
-    """Implements the methods of swarm.protocol.BlockService for one span (inference sessions: server.inference)."""
+    """Implements the methods of swarm.service.BlockService for one span (inference sessions: server.inference)."""
 
     def __init__(self, backend: SpanBackend, budget: CacheBudget, info: Callable[[], dict],
                  session_timeout: float = SERVER.request_timeout, max_lora_mb: float = SERVER.max_lora_mb,

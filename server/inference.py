@@ -15,19 +15,11 @@ from hivemind.proto import runtime_pb2
 from server.backend import InferenceState, check_codec, unpack_request
 from swarm.compression import wire
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES, SERVER
+from swarm.errors import BadRequest, RemoteError, ServerLeaving
 from swarm.forwarding import ForwardHop, ForwardStep, PushStep
-from swarm.protocol import (
-    BadRequest,
-    BlockService,
-    InferenceOpen,
-    InferenceReply,
-    RemoteError,
-    ServerLeaving,
-    pack_tensor,
-    payload_bytes,
-    raw_bytes,
-    unpack_tensor,
-)
+from swarm.protocol import InferenceOpen, InferenceReply
+from swarm.service import BlockService
+from swarm.tensors import pack_tensor, payload_bytes, raw_bytes, unpack_tensor
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_se
 from swarm.lora import read_peft_adapter
 from swarm.models import family_for
 from swarm.models.span import BlockSpan
-from swarm.protocol import BlockService
+from swarm.service import BlockService
 
 logger = logging.getLogger(__name__)
 

@@ -13,12 +13,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+from swarm.dtypes import FLOAT_DTYPES
+
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(name: str, config: PretrainedConfig) -> torch.dtype:
@@ -27,10 +28,10 @@ def resolve_dtype(name: str, config: PretrainedConfig) -> torch.dtype:
         declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if isinstance(declared, torch.dtype):
             return declared
-        return DTYPES.get(str(declared).replace("torch.", ""), torch.float32)
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+        return FLOAT_DTYPES.get(str(declared).replace("torch.", ""), torch.float32)
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(FLOAT_DTYPES)}")
+    return FLOAT_DTYPES[name]
 
 
 def default_dht_prefix(model: str) -> str:

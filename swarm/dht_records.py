@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -78,13 +78,6 @@ class ServerRecord:
 class ServerInfo:
     peer_id: PeerID
     record: ServerRecord
-
-
-@dataclass
-class ModelEntry:
-    prefix: str
-    num_blocks: int
-    servers: list[ServerInfo] = field(default_factory=list)
 
 
 def block_key(prefix: str, index: int) -> str:

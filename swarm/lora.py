@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from swarm.protocol import BadRequest
+from swarm.errors import BadRequest
 
 MAX_RANK = 256
 _NAME = re.compile(r"(\d+)\.([A-Za-z0-9_.]+)\.(A|B)")

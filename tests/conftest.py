@@ -73,7 +73,7 @@ EXACT = dict(inference="none", activations="none", gradients="none", delta="none
 
 def exact(model):
     """Send hidden states uncompressed (float32), for tests that compare with local transformers/peft to float
-    precision; the default codecs (swarm.config.CLIENT) are lossy by design and have tests of their own."""
+    precision; the default codecs (client.config.CLIENT) are lossy by design and have tests of their own."""
     model.set_codecs(**EXACT)
     return model
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from client.connection import TrainStream
+from client.streams import TrainStream
 from swarm.compression import wire
 from tests.conftest import local_peft
 
@@ -95,8 +95,8 @@ def test_input_gradients_go_to_the_previous_hop_as_the_bytes_they_came_in(lora_m
 
 
 def test_relayed_passes_a_slot_on_only_in_the_codec_it_is_wanted_in():
-    from client.connection import relayed
-    from swarm.protocol import pack_tensor
+    from client.streams import relayed
+    from swarm.tensors import pack_tensor
 
     grad = torch.randn(2, 5, 64)
     slot = pack_tensor(grad, "int5_outlier")

@@ -189,12 +189,13 @@ def test_num_blocks_servers_cover_the_model_and_one_moves_to_blocks_left_without
     from hivemind.p2p import PeerID
 
     from client import aio
-    from client.connection import SpanStream, SwarmConnection
+    from client.connection import SwarmConnection
     from client.model import DistributedModelForCausalLM
     from client.routing import RouteStep
+    from client.streams import SpanStream
     from swarm.dht_records import block_key, fetch_servers
+    from swarm.errors import RemoteError
     from swarm.launch import LOCALHOST, LocalSwarm, PeerProcess
-    from swarm.protocol import RemoteError
     from tests.conftest import exact
 
     # Records live 2.5 update periods (7.5 s), so the killed server's vanish soon (and live ones, re-announced every

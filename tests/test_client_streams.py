@@ -11,9 +11,9 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from client import aio
-from client.connection import open_stream
+from client.streams import open_stream
 from swarm.launch import LOCALHOST
-from swarm.protocol import BlockService
+from swarm.service import BlockService
 
 
 async def _echo(requests, context):

@@ -10,7 +10,9 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from client import aio
-from swarm.protocol import BadRequest, BlockService, RemoteError, pack_tensor, unpack_tensor
+from swarm.errors import BadRequest, RemoteError
+from swarm.service import BlockService
+from swarm.tensors import pack_tensor, unpack_tensor
 
 
 def hidden_like(batch=2, tokens=5, channels=64) -> torch.Tensor:

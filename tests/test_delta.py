@@ -13,7 +13,7 @@ from peft import LoraConfig
 from swarm import compression
 from swarm.compression import CodecError
 from swarm.compression.delta import DeltaStore, Reference, delta_decode, delta_encode, digest, row_keys
-from swarm.protocol import pack_payload, unpack_tensor
+from swarm.tensors import pack_payload, unpack_tensor
 
 FULL, DELTA = compression.get("int8_outlier"), compression.get("int4_outlier")
 
@@ -111,7 +111,7 @@ def _info(connection, peer_id) -> dict:
     from hivemind.proto import runtime_pb2
 
     from client import aio
-    from swarm.protocol import BlockService
+    from swarm.service import BlockService
 
     stub = BlockService.get_stub(connection.p2p, peer_id, namespace=connection.prefix)
     return json.loads(aio.run(stub.rpc_info(runtime_pb2.ExpertUID(), timeout=10)).serialized_info)
@@ -259,7 +259,9 @@ def test_a_new_route_refuses_old_references_and_training_goes_on(tiny_model_path
 
 def test_malformed_delta_requests_are_refused_and_the_server_keeps_serving(dist_model):
     from client import aio
-    from swarm.protocol import DeltaInfo, RemoteError, pack_tensor
+    from swarm.errors import RemoteError
+    from swarm.protocol import DeltaInfo
+    from swarm.tensors import pack_tensor
 
     connection = dist_model.remote_layers.connection
     step = connection.plan()[0]

@@ -9,9 +9,11 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from client import aio
-from client.connection import SpanStream
 from client.routing import RouteStep
-from swarm.protocol import RemoteError, SpanRequest, pack_tensor
+from client.streams import SpanStream
+from swarm.errors import RemoteError
+from swarm.protocol import SpanRequest
+from swarm.tensors import pack_tensor
 from tests.conftest import TINY_CACHE_TOKENS
 
 
@@ -160,7 +162,7 @@ def test_bad_output_gradients(dist_model, concurrent_session, grad, message):
 
 def test_a_backward_with_nothing_to_differentiate_is_refused(dist_model, concurrent_session):
     """input_grad=False without LoRA tensors or deep prompts leaves no gradient to return: refused, on both paths."""
-    from client.connection import TrainStream
+    from client.streams import TrainStream
 
     connection = dist_model.model.layers.connection
     step = _first_server(dist_model)

@@ -89,7 +89,7 @@ def test_generation_survives_a_server_dying_mid_session(replicated_swarm, tiny_m
 
 def test_a_span_with_no_replica_left_fails_with_what_was_tried(replicated_swarm, tiny_model_path):
     from client.model import DistributedModelForCausalLM
-    from swarm.protocol import RemoteError
+    from swarm.errors import RemoteError
 
     model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, replicated_swarm.initial_peers,
                                                               request_timeout=20))

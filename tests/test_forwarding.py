@@ -14,9 +14,10 @@ from hivemind.proto import runtime_pb2
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from client import aio
-from swarm.config import CLIENT
+from client.config import CLIENT
+from swarm.errors import RemoteError
 from swarm.forwarding import ForwardHop, HopTarget, PushStep, forward_chain
-from swarm.protocol import RemoteError, pack_tensor
+from swarm.tensors import pack_tensor
 from tests.conftest import exact
 from tests.test_fault_tolerance import AtLength
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from client.config import CLIENT
 from client.model import DistributedModelForCausalLM
-from swarm.config import CLIENT
 from tests.conftest import exact, run_concurrently
 
 

@@ -106,7 +106,7 @@ def test_training_loss_curve_matches_local_peft(dist_model, tiny_model_path):
 
 def test_bad_lora_tensors_are_rejected(dist_model):
     from client import aio
-    from swarm.protocol import RemoteError
+    from swarm.errors import RemoteError
 
     connection = dist_model.remote_layers.connection
     step = connection.plan()[0]  # blocks 0:2

@@ -13,7 +13,11 @@ from peft import LoraConfig
 from client import aio
 from server.lora_cache import LoraCache
 from swarm import lora as wire
-from swarm.protocol import BlockService, RemoteError, SpanRequest, pack_tensor, split_message
+from swarm.errors import RemoteError
+from swarm.protocol import SpanRequest
+from swarm.service import BlockService
+from swarm.streaming import split_message
+from swarm.tensors import pack_tensor
 from tests.conftest import exact
 
 NAMES = ["0.self_attn.q_proj.A", "0.self_attn.q_proj.B"]

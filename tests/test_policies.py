@@ -7,7 +7,7 @@ import pytest
 from client.routing import NoRouteError, ban_seconds, plan_route
 from server.block_selection import choose_span, coverage
 from swarm.dht_records import ServerInfo, ServerRecord, ServerState
-from swarm.protocol import RemoteError
+from swarm.errors import RemoteError
 
 
 def server(name: str, start: int, end: int, ms: float | None = 1.0, state=ServerState.ONLINE) -> ServerInfo:

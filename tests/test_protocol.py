@@ -6,17 +6,11 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from swarm.protocol import (
-    BadRequest,
-    BlockService,
-    InferenceOpen,
-    RemoteError,
-    SpanRequest,
-    join_message,
-    pack_tensor,
-    split_message,
-    unpack_tensor,
-)
+from swarm.errors import BadRequest, RemoteError
+from swarm.protocol import InferenceOpen, SpanRequest
+from swarm.service import BlockService
+from swarm.streaming import join_message, split_message
+from swarm.tensors import pack_tensor, unpack_tensor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool])

@@ -13,7 +13,7 @@ from hivemind.proto import runtime_pb2
 from client import aio
 from swarm.dht_records import ServerState, fetch_models, fetch_servers
 from swarm.launch import LOCALHOST, LocalSwarm, PeerProcess
-from swarm.protocol import BlockService
+from swarm.service import BlockService
 
 
 def test_num_blocks_servers_fill_the_model_and_leave_cleanly(tiny_model_path):

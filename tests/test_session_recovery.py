@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import client.inference_session as inference_session
+from client.config import CLIENT
 from client.inference_session import InferenceSession
 from client.routing import NoRouteError, RouteStep
-from swarm.config import CLIENT
-from swarm.protocol import RemoteError, pack_tensor, unpack_tensor
+from swarm.errors import RemoteError
+from swarm.tensors import pack_tensor, unpack_tensor
 
 
 class FakeSwarm:

@@ -11,7 +11,7 @@ from hivemind.proto import runtime_pb2
 from peft import LoraConfig
 
 from client import aio
-from swarm.protocol import BlockService
+from swarm.service import BlockService
 from tests.conftest import exact
 
 
@@ -92,8 +92,8 @@ def test_a_server_without_room_for_activations_makes_the_client_recompute(tiny_m
 def test_bad_gradients_on_a_training_stream_are_refused_and_memory_is_freed(dist_model, reference_model):
     import pytest
 
-    from client.connection import TrainStream
-    from swarm.protocol import RemoteError
+    from client.streams import TrainStream
+    from swarm.errors import RemoteError
 
     connection = dist_model.remote_layers.connection
     step = connection.plan()[0]

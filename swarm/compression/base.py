@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from swarm.dtypes import FLOAT_DTYPES, dtype_name
+
 MAX_RANK = 8
-MAX_ELEMENTS = 1 << 30  # the same limit as swarm.protocol.MAX_TENSOR_ELEMENTS
-FLOAT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_FLOAT_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+MAX_ELEMENTS = 1 << 30  # the same limit as swarm.tensors.MAX_TENSOR_ELEMENTS
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
@@ -195,7 +195,7 @@ class Codec(ABC):
         """Encode a finite float tensor; CodecError on non-finite values or unsupported dtype/shape."""
         if not isinstance(tensor, torch.Tensor):
             raise CodecError(f"can only encode a tensor, got {type(tensor).__name__}")
-        name = _FLOAT_NAMES.get(tensor.dtype)
+        name = dtype_name(tensor.dtype) if tensor.dtype in FLOAT_DTYPES.values() else None
         if name is None:
             raise CodecError(f"cannot encode dtype {tensor.dtype}; supported: {sorted(FLOAT_DTYPES)}")
         if not 1 <= tensor.dim() <= MAX_RANK or tensor.numel() > MAX_ELEMENTS:
@@ -221,7 +221,7 @@ class Codec(ABC):
         layout = read_layout(meta)
         if shape is not None and tuple(shape) != layout.shape:
             raise CodecError(f"payload has shape {list(layout.shape)}, expected {list(shape)}")
-        if dtype is not None and dtype not in _FLOAT_NAMES:
+        if dtype is not None and dtype not in FLOAT_DTYPES.values():
             raise CodecError(f"cannot decode to dtype {dtype}; supported: {sorted(FLOAT_DTYPES)}")
         tensors = check_tensors(payload.tensors)
         rows = self._decode(tensors, meta, layout)

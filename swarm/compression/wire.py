@@ -22,7 +22,6 @@ import torch
 
 from swarm.compression import registry
 from swarm.compression.base import (
-    FLOAT_DTYPES,
     Codec,
     CodecError,
     Payload,
@@ -31,6 +30,7 @@ from swarm.compression.base import (
     meta_json,
     read_layout,
 )
+from swarm.dtypes import FLOAT_DTYPES, dtype_name
 
 PREFIX = "payload:"
 VERSION = 1
@@ -39,7 +39,6 @@ MAX_PAYLOAD_TENSORS = 16
 DTYPE_CODES: list[torch.dtype] = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
                                   torch.int32]
 _CODE = {dtype: code for code, dtype in enumerate(DTYPE_CODES)}
-_FLOAT_NAME = {v: k for k, v in FLOAT_DTYPES.items()}
 
 
 def is_payload_dtype(dtype: str) -> bool:
@@ -92,7 +91,7 @@ def unpack_payload(codec_id: str, buffer: bytes, shape: list[int]) -> Payload:
     version, dtype_code, count = header[0], header[1], header[2]
     if version != VERSION:
         raise CodecError(f"payload format version {version} is not supported (this peer reads version {VERSION})")
-    if dtype_code >= len(DTYPE_CODES) or DTYPE_CODES[dtype_code] not in _FLOAT_NAME:
+    if dtype_code >= len(DTYPE_CODES) or DTYPE_CODES[dtype_code] not in FLOAT_DTYPES.values():
         raise CodecError(f"payload original dtype code {dtype_code} is not a float dtype")
     code_bytes = (count + 1) // 2
     if count > MAX_PAYLOAD_TENSORS or 3 + code_bytes > header_len:
@@ -102,7 +101,7 @@ def unpack_payload(codec_id: str, buffer: bytes, shape: list[int]) -> Payload:
         raise CodecError(f"payload tensor dtype codes {codes} are not all in [0, {len(DTYPE_CODES)}) with zero padding")
     codes = codes[:count]
     values = _parse_fields(header[3 + code_bytes :], len(codec.meta_keys))
-    meta = {"shape": list(shape), "dtype": _FLOAT_NAME[DTYPE_CODES[dtype_code]], **dict(zip(codec.meta_keys, values, strict=True))}
+    meta = {"shape": list(shape), "dtype": dtype_name(DTYPE_CODES[dtype_code]), **dict(zip(codec.meta_keys, values, strict=True))}
     shapes = codec.payload_shapes(meta, read_layout(meta))
     if len(shapes) != count:
         raise CodecError(f"payload has {count} tensors, codec {codec.id} expects {len(shapes)}")
@@ -146,5 +145,5 @@ def _parse_fields(raw: bytes, count: int) -> list[Any]:
 def original_nbytes(buffer: bytes, shape: list[int]) -> int:
     """Bytes the tensor in a (valid) payload slot takes uncompressed; float32 if its header cannot be read."""
     code = buffer[3] if len(buffer) > 3 else 0
-    dtype = DTYPE_CODES[code] if code < len(DTYPE_CODES) and DTYPE_CODES[code] in _FLOAT_NAME else torch.float32
+    dtype = DTYPE_CODES[code] if code < len(DTYPE_CODES) and DTYPE_CODES[code] in FLOAT_DTYPES.values() else torch.float32
     return math.prod(shape) * dtype.itemsize
