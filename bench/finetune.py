@@ -132,7 +132,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> Result:
             lora = model.add_lora_adapter(lora_config())
             swarm_loss, swarm_times = train_steps(model, list(lora.parameters()), input_ids, args.steps)
             if args.recompute:  # the other way: separate requests, the backward recomputing the forward on the server
-                model.remote_layers.keep_activations = False
+                model.remote_layers.configure(keep_activations=False)
                 _, recompute_times = train_steps(model, list(lora.parameters()), input_ids, args.steps)
                 print(f"  without training streams (backward recomputes): {statistics.median(recompute_times):.3f} s/step, "
                       f"{statistics.median(recompute_times) / statistics.median(local_times):.2f}x local")

@@ -1,6 +1,8 @@
 """The client side of the swarm: routing, remote blocks with autograd, inference sessions, model classes."""
 
-__all__ = ["DistributedModelForCausalLM", "RemoteSequential"]
+from client.config import ClientConfig
+
+__all__ = ["ClientConfig", "DistributedModelForCausalLM", "RemoteSequential"]
 
 
 def __getattr__(name: str):

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                                                         blocked_servers=args.blocked_servers)
     try:
         model.set_codecs(inference=args.codec)
-        model.remote_layers.forwarding = args.forwarding
+        model.remote_layers.configure(forwarding=args.forwarding)
         if args.adapter is not None:
             from pathlib import Path
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import hivemind
 import torch
@@ -16,8 +17,9 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from client import aio
-from client.config import CLIENT
+from client.config import CLIENT, ClientConfig
 from client.measurements import InFlight, Pinger
+from client.requests import SpanCall
 from client.routing import NoRouteError, RouteStep, ServerChoice, ban_seconds, plan_route, plan_training_route
 from client.streams import TRANSPORT_ERRORS, TrainStream, pack_inputs
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES
@@ -32,26 +34,23 @@ logger = logging.getLogger(__name__)
 
 
 class SwarmConnection:
-    """Joins the DHT as a client (it accepts no incoming connections) and talks to servers.
+    """Joins the DHT as a client (it accepts no incoming connections) and talks to servers, as `config` says.
 
-    `allowed_servers` (only these; None: any) and `blocked_servers` (never these) are peer ids; servers left out
-    by them are never contacted, not even pinged.
+    `config.allowed_servers` (only these; None: any) and `config.blocked_servers` (never these) are peer ids;
+    servers left out by them are never contacted, not even pinged.
     """
 
-    def __init__(self, initial_peers: Sequence[str], prefix: str, num_blocks: int,
-                 request_timeout: float = CLIENT.request_timeout, servers_max_age: float = 5.0,
-                 allowed_servers: Iterable | None = None, blocked_servers: Iterable = ()):
+    def __init__(self, initial_peers: Sequence[str], prefix: str, num_blocks: int, config: ClientConfig = CLIENT):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddress printed by `swarm dht` or `swarm server`")
-        self.choice = ServerChoice.of(allowed_servers, blocked_servers, check=_check_peer_id)
+        self.config = config
+        self.choice = ServerChoice.of(config.allowed_servers, config.blocked_servers, check=_check_peer_id)
         self.prefix, self.num_blocks = prefix, num_blocks
-        self.request_timeout = request_timeout
-        self.servers_max_age = servers_max_age
         self.dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
         self.p2p = aio.run(self.dht.replicate_p2p())
         self._servers: list[ServerInfo] = []
         self._servers_time = 0.0
-        self._servers_lock = threading.Lock()  # the caller's thread and the client loop may both refresh
+        self._servers_lock = threading.Lock()  # refreshes run on the caller's thread or in a worker thread
         self.traffic = Traffic()  # every tensor this client sent and received, raw and on the wire
         self.hidden_traffic = Traffic()  # the part of it that is hidden states and their gradients (hidden_slots)
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
@@ -59,14 +58,18 @@ class SwarmConnection:
         self._lora_uploads: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.in_flight = InFlight()  # training requests awaiting a reply, by server (training routes spread by it)
         self.rng = random.Random()  # draws of training routes (replace it with a seeded one to repeat them)
-        self.pinger = Pinger(self._ping)
+        self.pinger = Pinger(self._ping, config.ping_period_s, config.ping_timeout_s, config.ping_smoothing)
         self.pinger.start()
+
+    @property
+    def request_timeout(self) -> float:
+        return self.config.request_timeout
 
     # ------------------------------------------------------------------------------------ discovery
 
     def servers(self, refresh: bool = False) -> list[ServerInfo]:
         with self._servers_lock:
-            if refresh or time.monotonic() - self._servers_time > self.servers_max_age:
+            if refresh or time.monotonic() - self._servers_time > self.config.servers_max_age:
                 self._servers = fetch_servers(self.dht, self.prefix, self.num_blocks)
                 self._servers_time = time.monotonic()
                 self.pinger.watch(s.peer_id for s in self._servers
@@ -84,20 +87,27 @@ class SwarmConnection:
     def ban(self, peer_id) -> float:
         """Keep a server that failed a call out of routes for a while (longer after each failure in a row)."""
         _, strikes = self._bans.get(str(peer_id), (0.0, 0))
-        seconds = ban_seconds(strikes + 1)
+        seconds = ban_seconds(strikes + 1, self.config.ban_base_s, self.config.ban_max_s)
         self._bans[str(peer_id)] = (time.monotonic() + seconds, strikes + 1)
         logger.info("server %s failed; leaving it out of routes for %.0f s", peer_id, seconds)
         return seconds
 
-    def failed(self, peer_id, error: BaseException) -> None:
+    def failed(self, peer_id, refresh: bool = False) -> None:
         """A server failed a call. Gone (no answer): banned for a while. Leaving or moved to other blocks (it said
-        so, and its DHT record says so too): the view of the swarm is refreshed instead, so its new blocks stay
-        usable."""
-        if isinstance(error, RemoteError) and error.server_moved:
-            logger.info("server %s is leaving or moved (%s); refreshing the view of the swarm", peer_id, error.code)
+        so, and its DHT record says so too; `refresh`): the view of the swarm is read again instead, so its new
+        blocks stay usable. Blocking (a DHT read): async code calls `afailed`."""
+        if refresh:
+            logger.info("server %s is leaving or moved; refreshing the view of the swarm", peer_id)
             self.servers(refresh=True)
         else:
             self.ban(peer_id)
+
+    # Off the client's event loop: a DHT read there would stall every open stream and the pinger.
+    async def afailed(self, peer_id, refresh: bool = False) -> None:
+        await asyncio.to_thread(self.failed, peer_id, refresh)
+
+    async def aplan(self, *args, **kwargs) -> list[RouteStep]:
+        return await asyncio.to_thread(self.plan, *args, **kwargs)
 
     def banned(self) -> set:
         now = time.monotonic()
@@ -112,7 +122,8 @@ class SwarmConnection:
         """The least-latency route (client.routing.plan_route) over the measured pings; `session_tokens`
         (batch x max_length) leaves out servers that announce less free KV cache."""
         end = self.num_blocks if end is None else end
-        rules = self._rules(adapter)
+        rules = dict(self._rules(adapter), hop_ms=self.config.hop_overhead_ms,
+                     default_ms_per_block=self.config.default_ms_per_block)
         try:
             return plan_route(self.servers(), start, end, session_tokens=session_tokens, **rules)
         except NoRouteError:  # the swarm may have changed
@@ -151,49 +162,46 @@ class SwarmConnection:
 
     # ------------------------------------------------------------------------------------ stateless calls
 
-    async def _upload_once(self, step: RouteStep, digest: str, has_lora: bool, send):
-        """`await send(by_digest)`, naming the LoRA tensors by digest when this server accepted them before.
-
-        If the server no longer holds them (`lora_not_cached`), they are sent again; an accepted upload is
-        remembered (the last 1024).
-        """
-        key = (str(step.peer_id), digest)
+    async def _upload_once(self, step: RouteStep, call: SpanCall, send):
+        """`await send(*call.sent(by_digest))`, naming the LoRA tensors by digest when this server accepted them
+        before. If it no longer holds them (`lora_not_cached`), they are sent again; an accepted upload is
+        remembered (the last 1024)."""
+        key = (str(step.peer_id), call.meta.lora_digest)
+        has_lora = bool(call.meta.lora)
         if has_lora and key in self._lora_uploads:
             try:
-                return await send(True)
+                return await send(*call.sent(True))
             except RemoteError as exc:
                 if exc.code != "lora_not_cached":
                     raise
                 self._lora_uploads.pop(key, None)  # expired or evicted there: upload again
-        result = await send(False)
+        result = await send(*call.sent(False))
         if has_lora:
             self._lora_uploads[key] = None
             while len(self._lora_uploads) > 1024:
                 self._lora_uploads.popitem(last=False)
         return result
 
-    async def lora_span_call(self, kind: str, step: RouteStep, tensors: Sequence[torch.Tensor], lora_names: Sequence[str],
-                             lora_tensors: Sequence[torch.Tensor], lora_scaling: float, digest: str,
-                             codecs: Sequence[str | None] = (), **fields) -> list[torch.Tensor]:
-        """span_call with a client's LoRA tensors, which are sent only when the server does not hold them yet."""
-        async def send(by_digest: bool):
-            sent = list(tensors) if by_digest else [*tensors, *lora_tensors]
-            return await self.span_call(kind, step, sent, lora_names, lora_scaling, codecs, lora_digest=digest,
-                                        lora_by_digest=by_digest, **fields)
+    async def call(self, kind: str, step: RouteStep, call: SpanCall) -> list[torch.Tensor]:
+        """A forward or backward request (client.requests.span_call) through one route step, its LoRA tensors
+        sent only when the server does not hold them yet."""
+        return await self._upload_once(step, call, functools.partial(self.send, kind, step))
 
-        return await self._upload_once(step, digest, True, send)
+    async def train_forward(self, step: RouteStep, call: SpanCall, decode_reply=None) -> tuple[TrainStream, torch.Tensor]:
+        """Open a training stream (see TrainStream) and run its forward; LoRA tensors go by digest when uploaded."""
+        async def send(meta, tensors, codecs):
+            stream = TrainStream(self, step, call.grad_codec)
+            return stream, await stream.forward(meta, tensors, codecs, decode_reply)
 
-    async def span_call(self, kind: str, step: RouteStep, tensors: Sequence[torch.Tensor],
-                        lora_names: Sequence[str] = (), lora_scaling: float = 1.0, codecs: Sequence[str | None] = (),
-                        **fields) -> list[torch.Tensor]:
-        """Forward or backward through one route step; payloads over the unary limit go over a stream.
+        return await self._upload_once(step, call, send)
 
-        `tensors` are laid out as swarm.protocol.SpanRequest describes, ending with the LoRA tensors named by
-        `lora_names` (unless `lora_by_digest` names uploaded ones); `fields` are other SpanRequest fields.
-        Returns the server's tensors: [output] for a forward; for a backward, the gradients w.r.t. the input,
-        each LoRA tensor and the deep prompts.
+    async def send(self, kind: str, step: RouteStep, meta: SpanRequest, tensors: Sequence, codecs: Sequence = ()
+                   ) -> list[torch.Tensor]:
+        """Send one forward or backward request as it is; payloads over the unary limit go over a stream.
+
+        `tensors` are laid out as swarm.protocol.SpanRequest describes. Returns the server's tensors: [output]
+        for a forward; for a backward, the gradients w.r.t. the input, each LoRA tensor and the deep prompts.
         """
-        meta = SpanRequest(start=step.start, end=step.end, lora=list(lora_names), lora_scaling=lora_scaling, **fields)
         stub = self.stub(step.peer_id)
         try:
             packed = pack_inputs(tensors, codecs)
@@ -221,19 +229,6 @@ class SwarmConnection:
             return await asyncio.wait_for(call(), timeout=self.request_timeout)
         except TRANSPORT_ERRORS as exc:
             raise RemoteError.from_exception(exc, str(step.peer_id)) from None
-
-    async def train_forward(self, step: RouteStep, tensors: Sequence[torch.Tensor], lora_names: Sequence[str] = (),
-                            lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0, digest: str = "",
-                            codecs: Sequence[str | None] = (), grad_codec: str | None = None, decode_reply=None,
-                            **fields) -> tuple[TrainStream, torch.Tensor]:
-        """Open a training stream (see TrainStream) and run its forward; LoRA tensors go by digest when uploaded."""
-        async def send(by_digest: bool):
-            stream = TrainStream(self, step, grad_codec)
-            sent = list(tensors) if by_digest else [*tensors, *lora_tensors]
-            return stream, await stream.forward(sent, lora_names, lora_scaling, codecs, decode_reply, lora_digest=digest,
-                                                lora_by_digest=by_digest, **fields)
-
-        return await self._upload_once(step, digest, bool(lora_names), send)
 
     def shutdown(self) -> None:
         self.pinger.stop()

@@ -9,9 +9,10 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from client import aio
-from client.config import CLIENT
+from client.config import CLIENT, ClientConfig
 from client.connection import SwarmConnection
-from client.routing import NoRouteError
+from client.failover import with_failover
+from client.requests import Additions, Codecs
 from client.streams import SpanStream, relayed
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES
 from swarm.errors import RemoteError
@@ -29,18 +30,17 @@ class InferenceSession:
     """
 
     def __init__(self, connection: SwarmConnection, max_length: int, start: int = 0, end: int | None = None,
-                 batch_size: int | None = None, lora=None, adapter: str | None = None, prompts=None, codec: str = "none",
-                 reply_codec: str | None = None, forwarding: bool = CLIENT.forwarding):
+                 batch_size: int | None = None, additions: Additions | None = None, forwarding: bool | None = None,
+                 config: ClientConfig | None = None):
         self.connection, self.max_length = connection, max_length
+        self.config = config if config is not None else getattr(connection, "config", CLIENT)
+        # What the client adds (LoRA, a hosted adapter, deep prompts, codecs); LoRA values are copied when the
+        # streams open, so a session keeps the adapter it started with.
+        self.additions = additions if additions is not None else Additions(Codecs.of(self.config), first_block=start)
         # Each server pushes its output straight to the next one (swarm.forwarding) instead of returning it here to be
         # sent on; any failure falls back to the client sending that hop's step itself.
-        self.forwarding = forwarding
-        self.prompts = prompts  # a client.prompts.RemotePrompts: deep prompts go to each server when its stream opens
-        self.codec = codec  # for hidden states sent (see swarm.compression)
-        self.reply_codec = codec if reply_codec is None else reply_codec  # for the servers' outputs
+        self.forwarding = self.config.forwarding if forwarding is None else forwarding
         self.virtual_tokens = 0  # shallow prompt tokens this session holds before the caller's tokens
-        self.adapter = adapter  # a named adapter hosted by the servers
-        self.lora = lora  # a client.lora.RemoteLora; its values are snapshotted when the streams open
         self.start, self.end = start, connection.num_blocks if end is None else end
         self.batch_size = batch_size
         self.streams: list[SpanStream] = []
@@ -49,51 +49,29 @@ class InferenceSession:
         self.closed = False
         self.recoveries: list[float] = []  # seconds each move of a failed span took (re-route, replay, retry)
 
-    def _stream(self, step, batch_size: int) -> SpanStream:
-        names, tensors, scaling = [], [], 1.0
-        if self.lora is not None:
-            names, params = self.lora.for_blocks(step.start, step.end)
-            tensors, scaling = [p.detach().clone() for p in params], self.lora.scaling
-        deep = None
-        if self.prompts is not None:
-            deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start)
-        return SpanStream(self.connection, step, batch_size, self.max_length, names, tensors, scaling,
-                          self.adapter or "", deep, self.codec, self.reply_codec)
-
-    async def _open_route(self, start: int, end: int, batch_size: int, tried: list[str] | None = None) -> list[SpanStream]:
-        """Open streams along a planned route for blocks [start, end).
-
-        A server that is gone when we open (a crashed server's record stays in the DHT for up to 2.5 update
-        periods) is banned, added to `tried` and the route planned again, without using up the caller's retries:
-        under churn there are more such records than retries. Each server is passed over once, so this ends.
-        """
-        passed_over: set[str | None] = set()
-        while True:
-            streams = [self._stream(step, batch_size) for step in self.connection.plan(
-                start, end, self.adapter, session_tokens=batch_size * self.max_length)]
-            try:
-                for stream in streams:
-                    await stream.open()
-                return streams
-            except BaseException as exc:
-                for stream in streams:
-                    if stream.failed:
-                        self.connection.failed(stream.step.peer_id, exc)
-                    await stream.close()
-                if not isinstance(exc, RemoteError) or not exc.server_gone or exc.peer in passed_over:
-                    raise
-                passed_over.add(exc.peer)
-                if tried is not None:
-                    tried.append(f"{str(exc.peer)[-8:]} ({exc.message[:120]})")
+    async def _open_route(self, start: int, end: int, batch_size: int) -> list[SpanStream]:
+        """Open streams along a planned route for blocks [start, end); a failure to open one is marked `opening`
+        (client.failover: a crashed server's record outlives it, and is passed over once without using a retry)."""
+        route = await self.connection.aplan(start, end, self.additions.adapter or None,
+                                            session_tokens=batch_size * self.max_length)
+        streams = [SpanStream(self.connection, step, batch_size, self.max_length, self.additions) for step in route]
+        try:
+            for stream in streams:
+                await stream.open()
+            return streams
+        except BaseException as exc:
+            for stream in streams:
+                await stream.close()
+            if isinstance(exc, RemoteError):
+                exc.opening = True
+            raise
 
     async def _open(self, batch_size: int) -> None:
-        for attempt in range(CLIENT.max_retries + 1):
-            try:
-                self.streams = await self._open_route(self.start, self.end, batch_size)
-                break
-            except RemoteError as exc:
-                if not exc.server_gone or attempt == CLIENT.max_retries:
-                    raise
+        async def attempt(_: int) -> list[SpanStream]:
+            return await self._open_route(self.start, self.end, batch_size)
+
+        self.streams = await with_failover(self.connection, f"opening blocks {self.start}:{self.end} failed", attempt,
+                                           self.config.max_retries)
         logger.debug("opened inference session through %s", [(str(s.step.peer_id)[-6:], s.step.start, s.step.end) for s in self.streams])
 
     async def _step(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -136,19 +114,13 @@ class InferenceSession:
         values), then send `inputs`. Returns the packed output and how many streams took its place."""
         failed = self.streams[index]
         start, end, history = failed.step.start, failed.step.end, failed.history
-        tried = [f"{str(failed.step.peer_id)[-8:]} ({error.message[:120]})"]
         began = time.perf_counter()
-        self.connection.failed(failed.step.peer_id, error)
         await failed.close()
-        for _ in range(CLIENT.max_retries):
-            try:
-                streams = await self._open_route(start, end, failed.batch_size, tried)  # bans servers that fail to open
-            except NoRouteError as exc:
-                tried.append(f"a new route ({exc})")
-                break
-            except RemoteError as exc:
-                tried.append(f"{str(exc.peer)[-8:]} ({exc.message[:120]})")
-                continue
+
+        async def attempt(number: int) -> tuple[runtime_pb2.Tensor, list[SpanStream]]:
+            if number == 0:  # the failure that brought us here
+                raise error
+            streams = await self._open_route(start, end, failed.batch_size)
             try:
                 for past in [*history, inputs]:
                     hidden = past[0]
@@ -156,19 +128,19 @@ class InferenceSession:
                         step = [_input_for(hidden, stream) if i else hidden, *past[1:]]
                         stream.submit(step)
                         hidden, _ = await stream.result(step)
-            except RemoteError as exc:
-                culprit = next((s for s in streams if s.failed), streams[0])
-                tried.append(f"{str(culprit.step.peer_id)[-8:]} ({exc.message[:120]})")
-                self.connection.failed(culprit.step.peer_id, exc)
+            except BaseException:
                 for stream in streams:
                     await stream.close()
-                continue
-            self.streams[index : index + 1] = streams
-            self.recoveries.append(time.perf_counter() - began)
-            logger.info("blocks %d:%d moved to %s after a failure; replayed %d steps in %.2f s", start, end,
-                        [str(s.step.peer_id)[-6:] for s in streams], len(history), self.recoveries[-1])
-            return hidden, len(streams)
-        raise RemoteError("transport", f"blocks {start}:{end} failed and could not be moved; tried: {'; '.join(tried)}")
+                raise
+            return hidden, streams
+
+        hidden, streams = await with_failover(self.connection, f"blocks {start}:{end} failed and could not be moved",
+                                              attempt, self.config.max_retries)
+        self.streams[index : index + 1] = streams
+        self.recoveries.append(time.perf_counter() - began)
+        logger.info("blocks %d:%d moved to %s after a failure; replayed %d steps in %.2f s", start, end,
+                    [str(s.step.peer_id)[-6:] for s in streams], len(history), self.recoveries[-1])
+        return hidden, len(streams)
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:

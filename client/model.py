@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import logging
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,7 @@ from torch import nn
 from transformers import DynamicCache, GenerationConfig, PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from client.config import CLIENT
+from client.config import ClientConfig
 from client.connection import SwarmConnection
 from client.inference_session import InferenceSession
 from client.lora import RemoteLora
@@ -111,33 +112,35 @@ class DistributedModelForCausalLM:
 
     @staticmethod
     def from_pretrained(model: str, initial_peers: Sequence[str], *, dht_prefix: str | None = None,
-                        torch_dtype: str | torch.dtype = "float32", request_timeout: float = CLIENT.request_timeout,
-                        allowed_servers: Sequence[str] | None = None, blocked_servers: Sequence[str] = ()):
-        """`allowed_servers` (use only these; None: any) and `blocked_servers` (never these) are server peer ids."""
+                        torch_dtype: str | torch.dtype = "float32", client_config: ClientConfig | None = None,
+                        **overrides):
+        """`client_config` (default: ClientConfig()) says how this model's client talks to the swarm; keyword
+        `overrides` replace some of its fields (e.g. request_timeout=20, allowed_servers=[...]). Each model keeps
+        its own: two models in one process may differ."""
+        client_config = _client_config(client_config, overrides)
         checkpoint = Checkpoint(model)
-        config = checkpoint.config
-        family = family_for(config)
-        dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else resolve_dtype(torch_dtype, config)
+        model_config = checkpoint.config
+        family = family_for(model_config)
+        dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else resolve_dtype(torch_dtype, model_config)
         cls = _distributed_class(family)
 
         # Build the transformers model without any block, then give it remote ones.
-        empty = copy.deepcopy(config)
+        empty = copy.deepcopy(model_config)
         empty.num_hidden_layers = 0
         if getattr(empty, "layer_types", None) is not None:
             empty.layer_types = []
         with _default_dtype(dtype):
             lm = cls(empty)
         local_base = getattr(lm, family.base_model_attr)
-        connection = SwarmConnection(initial_peers, dht_prefix or default_dht_prefix(model), config.num_hidden_layers,
-                                     request_timeout=request_timeout, allowed_servers=allowed_servers,
-                                     blocked_servers=blocked_servers)
-        base = DistributedBaseModel(config, family, local_base.embed_tokens, local_base.norm, RemoteSequential(connection))
+        connection = SwarmConnection(initial_peers, dht_prefix or default_dht_prefix(model), model_config.num_hidden_layers,
+                                     client_config)
+        base = DistributedBaseModel(model_config, family, local_base.embed_tokens, local_base.norm, RemoteSequential(connection))
         setattr(lm, family.base_model_attr, base)
-        lm.config = config
+        lm.config = model_config
 
         tensors = checkpoint.load(lambda k: k.startswith(family.client_prefixes), dtype)
         missing, unexpected = lm.load_state_dict(tensors, strict=False)
-        tied = getattr(config, "tie_word_embeddings", False)
+        tied = getattr(model_config, "tie_word_embeddings", False)
         missing = [k for k in missing if not (tied and k.startswith("lm_head."))]
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -146,8 +149,20 @@ class DistributedModelForCausalLM:
         try:
             lm.generation_config = GenerationConfig.from_pretrained(checkpoint.local_dir or model)
         except OSError:
-            lm.generation_config = GenerationConfig.from_model_config(config)
+            lm.generation_config = GenerationConfig.from_model_config(model_config)
         return lm.to(dtype).eval()
+
+
+def _client_config(config: ClientConfig | None, overrides: dict) -> ClientConfig:
+    known = {f.name for f in dataclasses.fields(ClientConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"from_pretrained() got unknown option(s) {unknown}; the options are ClientConfig's fields: "
+                        f"{', '.join(sorted(known))}")
+    for name in ("allowed_servers", "blocked_servers"):
+        if overrides.get(name) is not None and not isinstance(overrides[name], str):
+            overrides[name] = tuple(overrides[name])
+    return dataclasses.replace(config or ClientConfig(), **overrides)
 
 
 @contextlib.contextmanager
@@ -184,18 +199,22 @@ class DistributedCausalLMMixin:
         """
         from swarm import compression
 
-        for role, codec in (("inference", inference), ("activations", activations), ("gradients", gradients),
-                            ("delta", delta)):
+        changes = {}
+        for role, field, codec in (("inference", "inference_codec", inference), ("activations", "activation_codec", activations),
+                                   ("gradients", "gradient_codec", gradients), ("delta", "delta_codec", delta)):
             if codec is not None:
                 if codec not in compression.available():
                     raise ValueError(f"unknown codec {codec!r} for {role}; choose from {compression.available()}")
-                self.remote_layers.codecs[role] = codec
+                changes[field] = codec
+        reply_fields = {"inference": "inference_reply_codec", "activations": "activation_reply_codec",
+                        "gradients": "gradient_reply_codec"}
         for role, codec in (replies or {}).items():
-            if role not in ("inference", "activations", "gradients"):
+            if role not in reply_fields:
                 raise ValueError(f"replies names role {role!r}; roles: inference, activations, gradients")
             if codec and codec not in compression.available():
                 raise ValueError(f"unknown codec {codec!r} for {role} replies; choose from {compression.available()}")
-            self.remote_layers.codecs[f"{role}_reply"] = codec
+            changes[reply_fields[role]] = codec
+        self.remote_layers.configure(**changes)
 
     def _freeze_local_weights(self) -> None:
         """As peft does: once an adapter or prompts are added, only they train (not embeddings or the LM head)."""
@@ -256,16 +275,17 @@ class DistributedCausalLMMixin:
         self.remote_layers.lora.save_pretrained(directory, base_model_name_or_path=self.name_or_path)
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int = CLIENT.max_length, batch_size: int | None = None,
+    def inference_session(self, max_length: int | None = None, batch_size: int | None = None,
                           forwarding: bool | None = None):
         """Open KV-cached streams through the swarm; `generate()` calls inside continue one another.
 
-        `forwarding`: servers push each step straight to the next server of the route (default:
-        `model.remote_layers.forwarding`, from client.config.CLIENT) or, when False, return it to the client each hop.
+        `max_length` defaults to the client config's. `forwarding`: servers push each step straight to the next
+        server of the route (default: the client config's) or, when False, return it to the client each hop.
         """
         if self._active_session is not None:
             raise RuntimeError("an inference session is already open on this model")
         prompts = self.remote_layers.prompts
+        max_length = self.remote_layers.config.max_length if max_length is None else max_length
         virtual = prompts.num_virtual_tokens if prompts is not None else 0  # prompt tokens come on top of max_length
         session = self.remote_layers.inference_session(max_length + virtual, batch_size, forwarding)
         self._active_session = session

@@ -6,18 +6,22 @@ import asyncio
 import functools
 import logging
 import math
+import warnings
 import weakref
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from hivemind.proto import runtime_pb2
 from torch import nn
 
 from client import aio
-from client.config import CLIENT
+from client.config import CLIENT, ClientConfig
 from client.connection import SwarmConnection
 from client.delta_client import ClientDelta
+from client.failover import with_failover
 from client.inference_session import InferenceSession
+from client.requests import Additions, Codecs, SpanCall, span_call
 from client.routing import NoRouteError, RouteStep
 from swarm.compression.delta import row_keys
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES
@@ -80,14 +84,15 @@ class _RemoteChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask, chain: RemoteSequential,
                 expect_backward: bool, *params):
-        slices = split_batch(hidden.shape[0], hidden.shape[1], chain.max_chunk_tokens)
+        slices = split_batch(hidden.shape[0], hidden.shape[1], chain.config.max_chunk_tokens)
         routes = chain.plan_chunks(len(slices))  # per chunk: the servers that ran it (a failed one is replaced)
         base_seed = chain.draw_dropout_seed()
         # The adapter's digest per span, once per call: its backward then uses the tensors its forward used.
         spans = {(step.start, step.end) for route in routes for step in route}
         digests = {span: chain.lora.digest(*span) for span in spans} if chain.lora is not None else {}
         # With a backward to come, each step's forward opens a training stream whose backward reuses its activations.
-        streams = _OpenStreams() if chain.keep_activations and expect_backward else None
+        streams = _OpenStreams() if chain.config.keep_activations and expect_backward else None
+        additions = chain.additions()  # one value for the whole call: its backward adds the same
         # The chain's input needs no gradient (the output of a frozen embedding): the first step's backward skips it.
         input_grad = ctx.needs_input_grad[0]
 
@@ -102,14 +107,15 @@ class _RemoteChain(torch.autograd.Function):
                 wants_grad = input_grad or position > 0
 
                 async def forward(step: RouteStep, inputs=inputs, seed=seed, digest=digest, h=h, wants_grad=wants_grad):
+                    call = span_call(additions, step, inputs, seed=seed, digest=digest or "", input_grad=wants_grad)
                     if streams is not None and chain.fits_one_message(h, step):
                         try:
-                            stream, output = await chain.atrain_forward(step, inputs, seed, digest, keys, wants_grad)
+                            stream, output = await chain.atrain_forward(step, call, keys)
                             streams.items[(index, step.start)] = stream
                             return output
                         except RemoteError as exc:  # e.g. the server's activation memory is full: recompute instead
                             logger.debug("training stream to %s failed (%s); using a plain forward", step.peer_id, exc)
-                    (output,) = await chain.acall("forward", step, inputs, seed=seed, digest=digest)
+                    (output,) = await chain.connection.call("forward", step, call)
                     return output
 
                 routes[index][position], h = await chain.on_replica(step, forward)
@@ -122,6 +128,7 @@ class _RemoteChain(torch.autograd.Function):
                 _abandon(streams.items)
             raise
         ctx.chain, ctx.routes, ctx.slices, ctx.base_seed, ctx.digests = chain, routes, slices, base_seed, digests
+        ctx.additions = additions
         ctx.input_grad = input_grad
         ctx.streams = streams
         ctx.chunk_inputs = [inputs for inputs, _ in results]
@@ -131,7 +138,8 @@ class _RemoteChain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         chain = ctx.chain
-        lora, prompts = chain.lora, chain.prompts
+        additions = ctx.additions
+        lora, prompts = additions.lora, additions.prompts
         position_ids, attention_mask = ctx.position_ids, ctx.attention_mask
         open_streams = ctx.streams.items if ctx.streams is not None else {}
 
@@ -150,8 +158,9 @@ class _RemoteChain(torch.autograd.Function):
             grad = unpack_tensor(grad, "server gradient") if isinstance(grad, runtime_pb2.Tensor) else grad
 
             async def backward(step: RouteStep):
-                return await chain.acall("backward", step, inputs, grad, seed=ctx.base_seed + index,
-                                         digest=ctx.digests.get((step.start, step.end)), input_grad=input_grad)
+                call = span_call(additions, step, inputs, grad, seed=ctx.base_seed + index,
+                                 digest=ctx.digests.get((step.start, step.end), ""), input_grad=input_grad)
+                return await chain.connection.call("backward", step, call)
 
             return (await chain.on_replica(step, backward))[1]
 
@@ -188,7 +197,7 @@ class _RemoteChain(torch.autograd.Function):
             total = torch.zeros_like(prompts.deep)
             for _, _, chunk_grads in results:
                 for start, (end, value) in chunk_grads.items():
-                    total[start - chain.start : end - chain.start] += value.to(total.dtype)
+                    total[start - additions.first_block : end - additions.first_block] += value.to(total.dtype)
             deep_grad = [total]
         return (grad_input, None, None, None, None, *lora_grads, *deep_grad)
 
@@ -200,34 +209,53 @@ class RemoteSequential(nn.Module):
     support for the input; `inference_session()` opens KV-cached sessions for generation.
     """
 
-    def __init__(self, connection: SwarmConnection, start: int = 0, end: int | None = None):
+    def __init__(self, connection: SwarmConnection, start: int = 0, end: int | None = None,
+                 config: ClientConfig | None = None):
         super().__init__()
         self.connection = connection
+        self.config = connection.config if config is None else config  # replace it (configure) to change settings
         self.start, self.end = start, connection.num_blocks if end is None else end
         self.lora = None  # a client.lora.RemoteLora once an adapter is attached
         self.adapter: str | None = None  # or the name of an adapter that servers host
         self.prompts = None  # a client.prompts.RemotePrompts for prompt tuning
         self.last_routes: list[list[RouteStep]] = []  # the routes the last forward ran, per chunk (failed servers replaced)
-        self.max_chunk_tokens = CLIENT.max_chunk_tokens  # larger batches are split into concurrent requests
-        # Training forwards keep their activations on the server until the backward (one request per step), rather
-        # than having the backward recompute them; False always recomputes.
-        self.keep_activations = CLIENT.keep_activations
-        # Codecs for hidden states on the wire by role: "inference" (both ways), "activations" (a training forward's
-        # input and output), "gradients" (a backward's output and input gradients). See swarm.compression.
-        self.codecs = {"inference": CLIENT.inference_codec, "activations": CLIENT.activation_codec,
-                       "gradients": CLIENT.gradient_codec, "delta": CLIENT.delta_codec}
         # "delta" (not "none"): training streams send each sample's activations as deltas against the previous
         # epoch's (swarm.compression.delta); the references live here, created on first use.
         self.delta: ClientDelta | None = None
-        # Inference sessions push each step server to server along the route (swarm.forwarding), or not.
-        self.forwarding = CLIENT.forwarding
+
+    def configure(self, **changes) -> None:
+        """Change some of this chain's settings (fields of client.config.ClientConfig); other models keep theirs."""
+        self.config = replace(self.config, **changes)
+
+    @property
+    def codecs(self) -> Codecs:
+        return Codecs.of(self.config)
+
+    def additions(self) -> Additions:
+        """What this chain adds to each request: its adapter or LoRA tensors, prompts and codecs."""
+        return Additions(self.codecs, self.lora, self.adapter or "", self.prompts, self.start)
+
+    # Deprecated setters: settings live in the chain's config (from_pretrained(client_config=...), configure()).
+    @property
+    def forwarding(self) -> bool:
+        return self.config.forwarding
+
+    @forwarding.setter
+    def forwarding(self, value: bool) -> None:
+        _deprecated("forwarding")
+        self.configure(forwarding=bool(value))
+
+    @property
+    def keep_activations(self) -> bool:
+        return self.config.keep_activations
+
+    @keep_activations.setter
+    def keep_activations(self, value: bool) -> None:
+        _deprecated("keep_activations")
+        self.configure(keep_activations=bool(value))
 
     def __len__(self) -> int:
         return self.end - self.start
-
-    def reply_codec(self, role: str) -> str:
-        """The codec servers answer a role's hidden states in: codecs[role + "_reply"] if set, else the role's own."""
-        return self.codecs.get(f"{role}_reply") or self.codecs[role]
 
     def plan_chunks(self, chunks: int) -> list[list[RouteStep]]:
         """A training route per chunk of a batch, drawn by throughput so that concurrent chunks (and calls) spread
@@ -247,101 +275,48 @@ class RemoteSequential(nn.Module):
             return 0
         return int(torch.randint(0, 1 << 62, ()))
 
-    def _request(self, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor | None, seed: int,
-                 input_grad: bool = True):
-        """(tensors, their codecs, SpanRequest fields, (LoRA names, tensors) or None) of one request for a route step;
-        `input_grad`: whether its backward (now or on its training stream) returns the input's gradient."""
-        activations, gradients = self.codecs["activations"], self.codecs["gradients"]
-        tensors = [t.detach() for t in inputs]
-        codecs = [activations] + [None] * (len(tensors) - 1)  # positions, mask and prompts travel as they are
-        # grad_reply_codec is for a training stream's backward reply (a plain forward ignores it).
-        fields: dict = {"reply_codec": self.reply_codec("activations" if grad is None else "gradients"),
-                        "grad_reply_codec": self.reply_codec("gradients"), "input_grad": input_grad}
-        deep = self.prompts.deep_for_blocks(step.start - self.start, step.end - self.start) if self.prompts is not None else None
-        if deep is not None:
-            tensors.append(deep)
-            codecs.append(None)
-            fields["deep_prompts"] = True
-        if grad is not None:
-            tensors.append(grad.detach())
-            codecs.append(gradients)
-        if self.lora is None:
-            fields["adapter"] = self.adapter or ""
-            return tensors, codecs, fields, None
-        if seed and self.lora.dropout:
-            fields.update(lora_dropout=self.lora.dropout, dropout_seed=seed)
-        names, params = self.lora.for_blocks(step.start, step.end)
-        return tensors, codecs, fields, (names, [p.detach() for p in params])
-
-    async def acall(self, kind: str, step: RouteStep, inputs: list[torch.Tensor], grad: torch.Tensor | None = None,
-                    seed: int = 0, digest: str | None = None, input_grad: bool = True) -> list[torch.Tensor]:
-        """One forward or backward request for a route step, with this chain's adapter and deep prompts (if any)."""
-        tensors, codecs, fields, lora = self._request(step, inputs, grad, seed, input_grad)
-        if lora is None:
-            return await self.connection.span_call(kind, step, tensors, codecs=codecs, **fields)
-        digest = digest or self.lora.digest(step.start, step.end)
-        return await self.connection.lora_span_call(kind, step, tensors, *lora, self.lora.scaling, digest, codecs, **fields)
-
     async def on_replica(self, step: RouteStep, call):
-        """(the step that answered, `await call(step)`): if the server is gone (`transport`, `server_leaving`), it is
-        banned and the same blocks go to another server that hosts all of them, up to CLIENT.max_retries times; the
-        inputs are the ones kept here, so the result is the same. The final error says what was tried."""
-        tried = []
-        for attempt in range(CLIENT.max_retries + 1):
-            try:
-                with self.connection.in_flight.request(step.peer_id):  # load that later training routes avoid
-                    return step, await call(step)
-            except RemoteError as exc:
-                if not exc.server_gone:
-                    raise
-                tried.append(f"{str(step.peer_id)[-8:]} ({exc.message[:100]})")
-                self.connection.failed(step.peer_id, exc)
-                if attempt == CLIENT.max_retries:
-                    break
-                try:
-                    replacement = self.connection.plan(step.start, step.end, self.adapter)
-                except NoRouteError as no_route:
-                    tried.append(str(no_route))
-                    break
+        """(the step that answered, `await call(step)`): if the server is gone, the same blocks go to another server
+        that hosts all of them (client.failover decides); the inputs are the ones kept here, so the result is the
+        same."""
+        current = step
+
+        async def attempt(number: int):
+            nonlocal current
+            if number:
+                replacement = await self.connection.aplan(step.start, step.end, self.adapter)
                 if len(replacement) != 1:
-                    tried.append(f"no other single server hosts blocks {step.start}:{step.end}")
-                    break
-                logger.info("blocks %d:%d: %s failed; retrying on %s", step.start, step.end, str(step.peer_id)[-8:],
-                            str(replacement[0].peer_id)[-8:])
-                step = replacement[0]
-        raise RemoteError("transport", f"blocks {step.start}:{step.end} failed; tried: {'; '.join(tried)}")
+                    raise NoRouteError(f"no other single server hosts blocks {step.start}:{step.end}")
+                current = replacement[0]
+            with self.connection.in_flight.request(current.peer_id):  # load that later training routes avoid
+                return current, await call(current)
+
+        return await with_failover(self.connection, f"blocks {step.start}:{step.end} failed", attempt,
+                                   self.config.max_retries)
 
     def delta_coder(self) -> ClientDelta | None:
         """The delta coder for the current codecs (None when codecs["delta"] is "none")."""
-        codec, full = self.codecs.get("delta", "none"), self.codecs["activations"]
+        codec, full = self.config.delta_codec, self.config.activation_codec
         if codec in ("", "none"):
             return None
         if self.delta is None or (self.delta.codec, self.delta.full_codec) != (codec, full):
-            self.delta = ClientDelta(codec, full, int(CLIENT.delta_state_mb * 2**20))
+            self.delta = ClientDelta(codec, full, int(self.config.delta_state_mb * 2**20))
         return self.delta
 
-    async def atrain_forward(self, step: RouteStep, inputs: list[torch.Tensor], seed: int = 0, digest: str | None = None,
-                             keys: list[str] | None = None, input_grad: bool = True):
+    async def atrain_forward(self, step: RouteStep, call: SpanCall, keys: list[str] | None = None):
         """A forward that opens a training stream: returns (the stream, for the backward; the output).
 
         With `keys` (one per batch row) and a delta codec, the hidden states go as deltas against the references
-        both ends hold; if the server lacks them, the rows are sent again in full. Without `input_grad`, the
-        backward returns no gradient for the input.
+        both ends hold; if the server lacks them, the rows are sent again in full.
         """
-        tensors, codecs, fields, lora = self._request(step, inputs, None, seed, input_grad)
-        grad_codec = self.codecs["gradients"]
-        if lora is not None:
-            lora = (*lora, self.lora.scaling, digest or self.lora.digest(step.start, step.end))
         delta = self.delta_coder() if keys is not None else None
         if delta is None:
-            return await self.connection.train_forward(step, tensors, *(lora or ()), codecs=codecs, grad_codec=grad_codec, **fields)
+            return await self.connection.train_forward(step, call)
         for attempt in range(2):
-            info, slots, commit = delta.encode_input(keys, step.start, step.end, tensors[0])
+            info, slots, commit = delta.encode_input(keys, step.start, step.end, call.tensors[0])
             decode = functools.partial(delta.decode_output, info, step.start, step.end)
             try:
-                result = await self.connection.train_forward(
-                    step, [*slots, *tensors[1:]], *(lora or ()), codecs=[None, None, *codecs[1:]], grad_codec=grad_codec,
-                    decode_reply=decode, delta=info, **fields)
+                result = await self.connection.train_forward(step, call.with_delta(slots, info), decode)
             except RemoteError as exc:
                 if exc.code != "delta_state_missing" or attempt:
                     raise
@@ -382,10 +357,14 @@ class RemoteSequential(nn.Module):
 
     def inference_session(self, max_length: int, batch_size: int | None = None,
                           forwarding: bool | None = None) -> InferenceSession:
-        """A KV-cached session; `forwarding` (default: self.forwarding) has servers push each step to the next one."""
-        return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.lora, self.adapter,
-                                self.prompts, self.codecs["inference"], self.reply_codec("inference"),
-                                self.forwarding if forwarding is None else forwarding)
+        """A KV-cached session; `forwarding` (default: the config's) has servers push each step to the next one."""
+        return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.additions(),
+                                self.config.forwarding if forwarding is None else forwarding, self.config)
 
     def extra_repr(self) -> str:
         return f"blocks {self.start}:{self.end} of {self.connection.prefix!r} (remote)"
+
+
+def _deprecated(name: str) -> None:
+    warnings.warn(f"setting remote_layers.{name} is deprecated: pass client_config=ClientConfig({name}=...) to "
+                  f"from_pretrained, or call remote_layers.configure({name}=...)", DeprecationWarning, stacklevel=3)

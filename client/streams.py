@@ -12,12 +12,12 @@ import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
-from client.config import CLIENT
+from client.requests import Additions, Codecs, session_opening
 from client.routing import RouteStep
 from swarm.compression import wire
 from swarm.errors import RemoteError
 from swarm.forwarding import ForwardHop, ForwardStep
-from swarm.protocol import InferenceOpen, InferenceReply, SpanRequest, TrainGrad
+from swarm.protocol import InferenceReply, SpanRequest, TrainGrad
 from swarm.service import BlockService
 from swarm.tensors import Traffic, pack_tensor, unpack_tensor
 
@@ -32,12 +32,11 @@ class SpanStream:
     """An open inference stream with one server: a KV cache there, one message per step."""
 
     def __init__(self, connection: SwarmConnection, step: RouteStep, batch_size: int, max_length: int,
-                 lora_names: Sequence[str] = (), lora_tensors: Sequence[torch.Tensor] = (), lora_scaling: float = 1.0,
-                 adapter: str = "", prompts: torch.Tensor | None = None, codec: str = "none", reply_codec: str | None = None):
-        self.connection, self.step, self.adapter, self.prompts, self.codec = connection, step, adapter, prompts, codec
-        self.reply_codec = codec if reply_codec is None else reply_codec
+                 additions: Additions | None = None):
+        self.connection, self.step = connection, step
+        self.additions = additions if additions is not None else Additions(Codecs.of(connection.config))
+        self.codec = self.additions.codecs.inference  # of the hidden states this stream takes
         self.traffic = Traffic()  # this stream's steps, raw and on the wire
-        self.lora_names, self.lora_tensors, self.lora_scaling = list(lora_names), list(lora_tensors), lora_scaling
         self.batch_size, self.max_length = batch_size, max_length
         self._queue: asyncio.Queue = asyncio.Queue()
         self._replies = None
@@ -57,24 +56,23 @@ class SpanStream:
             while (message := await self._queue.get()) is not None:
                 yield message
 
-        meta = InferenceOpen(start=self.step.start, end=self.step.end, max_length=self.max_length, batch_size=self.batch_size,
-                             lora=self.lora_names, lora_scaling=self.lora_scaling, adapter=self.adapter,
-                             deep_prompts=self.prompts is not None, reply_codec=self.reply_codec,
-                             session_id=self.session_id, input_codec=self.codec)
-        opening = ([self.prompts] if self.prompts is not None else []) + self.lora_tensors
+        meta, opening = session_opening(self.additions, self.step, self.batch_size, self.max_length, self.session_id)
         try:
             self._replies = await asyncio.wait_for(
                 open_stream(self.connection.p2p, self.connection.prefix, self.step.peer_id, "rpc_inference", requests()),
-                CLIENT.connect_timeout)
+                self.connection.config.connect_timeout)
             self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=[pack_tensor(t) for t in opening]))
             await self._next_reply()
         except TRANSPORT_ERRORS as exc:
             self._queue.put_nowait(None)
             self.failed = True
             raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
-        except BaseException as exc:
+        except RemoteError as exc:
             self._queue.put_nowait(None)
-            self.failed = isinstance(exc, RemoteError) and exc.server_gone
+            self.failed = exc.server_gone
+            raise
+        except BaseException:
+            self._queue.put_nowait(None)
             raise
 
     async def _next_reply(self) -> runtime_pb2.ExpertResponse:
@@ -130,20 +128,19 @@ class TrainStream:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._replies = None
 
-    async def forward(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], lora_names: Sequence[str],
-                      lora_scaling: float, codecs: Sequence[str | None] = (), decode_reply=None, **fields) -> torch.Tensor:
+    async def forward(self, meta: SpanRequest, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor],
+                      codecs: Sequence[str | None] = (), decode_reply=None) -> torch.Tensor:
         """Send the forward and return its output (`decode_reply(reply)` when given, e.g. for delta-coded replies)."""
         async def requests():
             while (message := await self._queue.get()) is not None:
                 yield message
 
-        meta = SpanRequest(start=self.step.start, end=self.step.end, lora=list(lora_names), lora_scaling=lora_scaling, **fields)
         packed = pack_inputs(tensors, codecs)
         self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed))
         try:
             self._replies = await asyncio.wait_for(open_stream(self.connection.p2p, self.connection.prefix, self.step.peer_id,
                                                                    "rpc_train", requests()),
-                                                   CLIENT.connect_timeout)
+                                                   self.connection.config.connect_timeout)
             reply = await self._next_reply()
         except TRANSPORT_ERRORS as exc:
             self.abandon()

@@ -66,6 +66,7 @@ class RemoteError(RuntimeError):
         where = f" (server {peer})" if peer else ""
         super().__init__(f"{message}{where}")
         self.code, self.message, self.peer = code, message, peer
+        self.opening = False  # it happened while an inference session opened (see client.failover)
 
     @property
     def server_gone(self) -> bool:

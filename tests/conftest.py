@@ -97,15 +97,13 @@ def lora_model(dist_model):
     from peft import LoraConfig
 
     layers = dist_model.remote_layers
-    codecs, keep = dict(layers.codecs), layers.keep_activations
+    saved = layers.config
     lora = dist_model.add_lora_adapter(LoraConfig(**LORA))
     with torch.no_grad():
         for param in lora.params:
             param.normal_(0, 0.3)
     yield dist_model, lora
-    layers.lora, layers.keep_activations = None, keep
-    layers.codecs.clear()
-    layers.codecs.update(codecs)
+    layers.lora, layers.config = None, saved
 
 
 def local_peft(tiny_model_path, lora) -> torch.nn.Module:
@@ -147,3 +145,12 @@ def run_concurrently(tasks, timeout: float = 120.0) -> list:
     if any(thread.is_alive() for thread in threads):
         raise TimeoutError(f"a concurrent task did not finish in {timeout:.0f} s")
     return results
+
+
+async def raw_span_call(connection, kind: str, step, tensors, lora=(), lora_scaling: float = 1.0, **fields):
+    """One forward or backward request exactly as given (SpanRequest `fields`, no client additions), for tests of
+    what servers accept and refuse."""
+    from swarm.protocol import SpanRequest
+
+    meta = SpanRequest(start=step.start, end=step.end, lora=list(lora), lora_scaling=lora_scaling, **fields)
+    return await connection.send(kind, step, meta, tensors)

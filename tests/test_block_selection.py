@@ -196,7 +196,7 @@ def test_num_blocks_servers_cover_the_model_and_one_moves_to_blocks_left_without
     from swarm.dht_records import block_key, fetch_servers
     from swarm.errors import RemoteError
     from swarm.launch import LOCALHOST, LocalSwarm, PeerProcess
-    from tests.conftest import exact
+    from tests.conftest import exact, raw_span_call
 
     # Records live 2.5 update periods (7.5 s), so the killed server's vanish soon (and live ones, re-announced every
     # 3 s, do not lapse on a busy machine); servers check the swarm every ~2 s.
@@ -246,13 +246,13 @@ def test_num_blocks_servers_cover_the_model_and_one_moves_to_blocks_left_without
                 aio.run(streams[mover].send([hidden[:, 5:], positions[:, 5:]]))
             assert leaving.value.code == "server_leaving"
             rest = aio.run(streams[stayer].send([hidden[:, 5:], positions[:, 5:]]))
-            (whole,) = aio.run(connection.span_call("forward", step(stayer, 0, 3), [hidden, positions]))
+            (whole,) = aio.run(raw_span_call(connection, "forward", step(stayer, 0, 3), [hidden, positions]))
             torch.testing.assert_close(rest, whole[:, 5:], rtol=1e-5, atol=1e-5)
             for stream in streams.values():
                 aio.run(stream.close())
             # Its old blocks are refused with a code that clients retry elsewhere, and recorded offline in the DHT.
             with pytest.raises(RemoteError) as refused:
-                aio.run(connection.span_call("forward", step(mover, 0, 3), [hidden, positions]))
+                aio.run(raw_span_call(connection, "forward", step(mover, 0, 3), [hidden, positions]))
             assert refused.value.code == "blocks_not_served" and refused.value.server_gone
             old_record = connection.dht.get(block_key("tiny-llama", 0), latest=True).value[peer[mover]].value
             assert (old_record["state"], old_record["start"], old_record["end"]) == ("offline", 0, 3)

@@ -4,6 +4,7 @@ servers decode them safely and refuse codecs they do not know."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from client import aio
 from swarm.errors import BadRequest, RemoteError
 from swarm.service import BlockService
 from swarm.tensors import pack_tensor, unpack_tensor
+from tests.conftest import raw_span_call
 
 
 def hidden_like(batch=2, tokens=5, channels=64) -> torch.Tensor:
@@ -54,7 +56,7 @@ def _server_bytes_in(connection, peer_id) -> int:
 
 def test_clients_choose_codecs_per_role(dist_model, reference_model):
     layers = dist_model.remote_layers
-    saved = dict(layers.codecs)
+    saved = layers.config
     connection = layers.connection
     first = connection.plan()[0].peer_id
     input_ids = torch.randint(3, 320, (2, 24), generator=torch.Generator().manual_seed(2))
@@ -84,8 +86,7 @@ def test_clients_choose_codecs_per_role(dist_model, reference_model):
             logits = reference_model.lm_head(reference_model.model.norm(out))
             torch.testing.assert_close(logits, reference_model(input_ids[:, :20]).logits, atol=0.1, rtol=0.1)
     finally:
-        layers.codecs.clear()
-        layers.codecs.update(saved)
+        layers.config = saved
         reference_model.zero_grad(set_to_none=True)
 
 
@@ -94,23 +95,23 @@ def test_unknown_codecs_are_refused_and_named(dist_model):
     step = connection.plan()[0]
     inputs = [torch.randn(1, 3, 64), torch.arange(3)[None]]
     with pytest.raises(RemoteError, match=r"unknown codec 'nope'; this server supports \['none', "):
-        aio.run(connection.span_call("forward", step, inputs, reply_codec="nope"))
+        aio.run(raw_span_call(connection, "forward", step, inputs, reply_codec="nope"))
 
 
 def test_set_codecs_names_the_choices(dist_model):
     with pytest.raises(ValueError, match=r"unknown codec 'nope' for gradients; choose from \['none', "):
         dist_model.set_codecs(gradients="nope")
-    before = dict(dist_model.remote_layers.codecs)
+    before = dist_model.remote_layers.codecs
+    saved = dist_model.remote_layers.config
     dist_model.set_codecs(inference="bfloat16", replies={"gradients": "int8_outlier"})
     try:
-        assert dist_model.remote_layers.codecs == {**before, "inference": "bfloat16", "gradients_reply": "int8_outlier"}
+        assert dist_model.remote_layers.codecs == replace(before, inference="bfloat16", gradients_reply="int8_outlier")
         assert dist_model.remote_layers.reply_codec("gradients") == "int8_outlier"
         assert dist_model.remote_layers.reply_codec("activations") == before["activations"]
         with pytest.raises(ValueError, match="replies names role 'delta'"):
             dist_model.set_codecs(replies={"delta": "none"})
     finally:
-        dist_model.remote_layers.codecs.clear()
-        dist_model.remote_layers.codecs.update(before)
+        dist_model.remote_layers.config = saved
 
 
 def test_traffic_is_counted_raw_and_on_the_wire(dist_model):
@@ -118,7 +119,7 @@ def test_traffic_is_counted_raw_and_on_the_wire(dist_model):
 
     connection = dist_model.remote_layers.connection
     input_ids = torch.randint(3, 320, (2, 32), generator=torch.Generator().manual_seed(3))
-    saved = dict(dist_model.remote_layers.codecs)
+    saved = dist_model.remote_layers.config
     dist_model.set_codecs(activations="bfloat16", inference="int8_outlier")
     try:
         before, hidden_before = replace(connection.traffic), replace(connection.hidden_traffic)
@@ -142,5 +143,5 @@ def test_traffic_is_counted_raw_and_on_the_wire(dist_model):
         # One token of 64 channels per decode step: the payload header is a large part of it on this tiny model.
         assert traffic.sent_raw > 0 and traffic.received_wire < traffic.received_raw
     finally:
-        dist_model.remote_layers.codecs.update(saved)
+        dist_model.remote_layers.config = saved
 

@@ -150,11 +150,11 @@ def batches():
 @pytest.fixture
 def delta_model(dist_model):
     layers = dist_model.remote_layers
-    saved = dict(layers.codecs)
+    saved = layers.config
     dist_model.set_codecs(activations="int8_outlier", gradients="int8_outlier", delta="int4_outlier")
     layers.delta = None
     yield dist_model
-    layers.codecs.update(saved)
+    layers.config = saved
     layers.delta = None
 
 
@@ -177,12 +177,12 @@ def test_delta_training_follows_uncompressed_training(dist_model, delta_model, b
         assert a["delta_rows_delta"] > b["delta_rows_delta"] and a["delta_refused"] == b["delta_refused"]
     sent_delta = layers.connection.hidden_traffic.sent_wire - traffic_before
 
-    saved = dict(layers.codecs)
+    saved = layers.config
     dist_model.set_codecs(activations="none", gradients="none", delta="none")
     traffic_before = layers.connection.hidden_traffic.sent_wire
     reference = _train(dist_model, batches, epochs=4)
     sent_plain = layers.connection.hidden_traffic.sent_wire - traffic_before
-    layers.codecs.update(saved)
+    layers.config = saved
 
     deviation = max(abs(a - b) / b for a, b in zip(ours, reference, strict=True))
     assert deviation < 0.01, (ours, reference)
@@ -214,10 +214,10 @@ def test_lost_or_different_references_fall_back_to_full_sends(dist_model, delta_
     refused = sum(_info(layers.connection, step.peer_id)["delta"]["delta_refused"] for step in layers.connection.plan())
     assert refused >= hops
 
-    saved = dict(layers.codecs)
+    saved = layers.config
     dist_model.set_codecs(activations="int8_outlier", gradients="int8_outlier", delta="none")
     reference = _train(dist_model, batches, epochs=5)
-    layers.codecs.update(saved)
+    layers.config = saved
     assert max(abs(a - b) / b for a, b in zip(ours, reference, strict=True)) < 0.01
 
 
@@ -259,8 +259,9 @@ def test_a_new_route_refuses_old_references_and_training_goes_on(tiny_model_path
 
 def test_malformed_delta_requests_are_refused_and_the_server_keeps_serving(dist_model):
     from client import aio
+    from client.requests import SpanCall
     from swarm.errors import RemoteError
-    from swarm.protocol import DeltaInfo
+    from swarm.protocol import DeltaInfo, SpanRequest
     from swarm.tensors import pack_tensor
 
     connection = dist_model.remote_layers.connection
@@ -270,8 +271,8 @@ def test_malformed_delta_requests_are_refused_and_the_server_keeps_serving(dist_
     key = "ab" * 16
 
     def send(info: DeltaInfo, slots):
-        stream, output = aio.run(connection.train_forward(step, [*slots, positions], delta=info,
-                                                           decode_reply=lambda reply: reply))
+        call = SpanCall(SpanRequest(start=step.start, end=step.end, delta=info), [*slots, positions], [], [], "none")
+        stream, output = aio.run(connection.train_forward(step, call, decode_reply=lambda reply: reply))
         aio.get_loop().call_soon_threadsafe(stream.abandon)
         return output
 

@@ -14,7 +14,7 @@ from client.streams import SpanStream
 from swarm.errors import RemoteError
 from swarm.protocol import SpanRequest
 from swarm.tensors import pack_tensor
-from tests.conftest import TINY_CACHE_TOKENS
+from tests.conftest import TINY_CACHE_TOKENS, raw_span_call
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def _first_server(dist_model) -> RouteStep:
 
 
 def _span_call(dist_model, step: RouteStep, tensors):
-    return aio.run(dist_model.model.layers.connection.span_call("forward", step, tensors))
+    return aio.run(raw_span_call(dist_model.model.layers.connection, "forward", step, tensors))
 
 
 def test_max_length_exceeded_on_client(dist_model, concurrent_session):
@@ -141,7 +141,7 @@ def test_kv_cache_budget_exhausted(dist_model, concurrent_session):
 def test_unknown_hosted_adapter(dist_model, concurrent_session):
     step = _first_server(dist_model)
     with pytest.raises(RemoteError, match="does not host adapter 'x'; it hosts none"):
-        aio.run(dist_model.model.layers.connection.span_call(
+        aio.run(raw_span_call(dist_model.model.layers.connection,
             "forward", step, [torch.randn(1, 3, 64), torch.arange(3)[None]], adapter="x"))
 
 
@@ -156,7 +156,7 @@ def test_unknown_hosted_adapter(dist_model, concurrent_session):
 def test_bad_output_gradients(dist_model, concurrent_session, grad, message):
     step = _first_server(dist_model)
     with pytest.raises(RemoteError, match=re.escape(message)):
-        aio.run(dist_model.model.layers.connection.span_call(
+        aio.run(raw_span_call(dist_model.model.layers.connection,
             "backward", step, [torch.randn(1, 3, 64), torch.arange(3)[None], grad]))
 
 
@@ -168,6 +168,6 @@ def test_a_backward_with_nothing_to_differentiate_is_refused(dist_model, concurr
     step = _first_server(dist_model)
     inputs = [torch.randn(1, 4, 64), torch.arange(4)[None]]
     with pytest.raises(RemoteError, match="input_grad is false and the request has no LoRA tensors or deep prompts"):
-        aio.run(connection.span_call("backward", step, [*inputs, torch.randn(1, 4, 64)], input_grad=False))
+        aio.run(raw_span_call(connection, "backward", step, [*inputs, torch.randn(1, 4, 64)], input_grad=False))
     with pytest.raises(RemoteError, match="input_grad is false and the request has no LoRA tensors or deep prompts"):
-        aio.run(TrainStream(connection, step).forward(inputs, [], 1.0, input_grad=False))
+        aio.run(TrainStream(connection, step).forward(SpanRequest(start=0, end=2, input_grad=False), inputs))

@@ -133,11 +133,11 @@ def _assert_remote_blocks_match_local(layers, reference_model, big: torch.Tensor
 def test_large_requests_are_streamed(dist_model, reference_model):
     """32 x 500 hidden states of 64 floats (4.1 MB) exceed the 4 MiB unary limit in both directions."""
     layers = dist_model.model.layers
-    layers.max_chunk_tokens = 16384  # one request, as the test swarm's servers allow
+    layers.configure(max_chunk_tokens=16384)  # one request, as the test swarm's servers allow
     try:
         _assert_remote_blocks_match_local(layers, reference_model, torch.randn(32, 500, 64, generator=torch.Generator().manual_seed(8)))
     finally:
-        layers.max_chunk_tokens = CLIENT.max_chunk_tokens
+        layers.configure(max_chunk_tokens=CLIENT.max_chunk_tokens)
 
 
 def test_batches_over_the_request_limit_are_split(dist_model, reference_model):

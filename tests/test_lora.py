@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from transformers import LlamaForCausalLM
 
-from tests.conftest import LORA, exact, local_peft, run_concurrently
+from tests.conftest import LORA, exact, local_peft, raw_span_call, run_concurrently
 
 
 @pytest.mark.parametrize("keep_activations", [True, False], ids=["training-stream", "recompute"])
@@ -123,9 +124,9 @@ def test_bad_lora_tensors_are_rejected(dist_model):
     ]
     for names, tensors, message in cases:
         with pytest.raises(RemoteError, match=re.escape(message)):
-            aio.run(connection.span_call("forward", step, [*inputs, *tensors], names, 2.0))
+            aio.run(raw_span_call(connection, "forward", step, [*inputs, *tensors], names, 2.0))
     with pytest.raises(RemoteError, match="names 3 LoRA tensors but the request carries 2"):
-        aio.run(connection.span_call("forward", step, inputs, ["a", "b", "c"], 2.0))
+        aio.run(raw_span_call(connection, "forward", step, inputs, ["a", "b", "c"], 2.0))
 
 
 def test_sessions_with_and_without_adapter_do_not_mix(lora_model):
@@ -140,7 +141,8 @@ def test_sessions_with_and_without_adapter_do_not_mix(lora_model):
         without = layers(hidden)
         layers.lora = lora
     assert (with_adapter - without).abs().max() > 0.1
-    adapted, plain = InferenceSession(layers.connection, 8, lora=lora), InferenceSession(layers.connection, 8)
+    adapted = InferenceSession(layers.connection, 8, additions=replace(layers.additions(), lora=lora))
+    plain = InferenceSession(layers.connection, 8, additions=replace(layers.additions(), lora=None))
     with adapted, plain:
         outputs = [(adapted.step(hidden[:, i : i + 1]), plain.step(hidden[:, i : i + 1])) for i in range(8)]
     # Cached one-token steps sum in another order than one forward over 8 tokens: float noise, relative to values ~17.

@@ -18,7 +18,7 @@ from swarm.protocol import SpanRequest
 from swarm.service import BlockService
 from swarm.streaming import split_message
 from swarm.tensors import pack_tensor
-from tests.conftest import exact
+from tests.conftest import exact, raw_span_call
 
 NAMES = ["0.self_attn.q_proj.A", "0.self_attn.q_proj.B"]
 
@@ -132,12 +132,12 @@ def test_digest_requests_are_checked(dist_model):
     inputs = [torch.randn(1, 3, 64), torch.arange(3)[None]]
     pair = [torch.randn(2, 64), torch.randn(64, 2)]
     with pytest.raises(RemoteError, match="lora_digest does not match"):
-        aio.run(connection.span_call("forward", step, [*inputs, *pair], NAMES, 2.0, lora_digest="ab" * 16))
+        aio.run(raw_span_call(connection, "forward", step, [*inputs, *pair], NAMES, 2.0, lora_digest="ab" * 16))
     with pytest.raises(RemoteError, match="not \\(or no longer\\) cached") as error:
-        aio.run(connection.span_call("forward", step, inputs, NAMES, 2.0, lora_digest="cd" * 16, lora_by_digest=True))
+        aio.run(raw_span_call(connection, "forward", step, inputs, NAMES, 2.0, lora_digest="cd" * 16, lora_by_digest=True))
     assert error.value.code == "lora_not_cached"
     with pytest.raises(RemoteError, match="needs lora_digest"):
-        aio.run(connection.span_call("forward", step, inputs, NAMES, 2.0, lora_by_digest=True))
+        aio.run(raw_span_call(connection, "forward", step, inputs, NAMES, 2.0, lora_by_digest=True))
 
 
 def test_oversized_uploads_are_refused_and_the_server_keeps_serving(dist_model, reference_model):
@@ -152,7 +152,7 @@ def test_oversized_uploads_are_refused_and_the_server_keeps_serving(dist_model, 
     names += ["0.mlp.down_proj.A", "0.mlp.down_proj.B"]
     big += [torch.zeros(256, 128), torch.zeros(64, 256)]
     with pytest.raises(RemoteError, match=re.escape("MiB exceed this server's limit of 1.0 MiB per request")):
-        aio.run(connection.span_call("forward", step, [*inputs, *big], names, 1.0))
+        aio.run(raw_span_call(connection, "forward", step, [*inputs, *big], names, 1.0))
 
     # A stream that outgrows any valid request is cut off while it arrives.
     async def flood():

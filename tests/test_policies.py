@@ -103,22 +103,25 @@ def test_split_batch_respects_the_token_limit(batch, length, limit, expected):
 
 
 @pytest.mark.parametrize(("error", "expected"), [
-    (RemoteError("transport", "connection reset"), ("ban", "peer")),
-    (RemoteError("server_leaving", "shutting down"), ("refresh", True)),  # it said so: its record is offline
-    (RemoteError("blocks_not_served", "moved to 3:6"), ("refresh", True)),  # its new blocks stay usable
+    (RemoteError("transport", "connection reset", "peer"), ("ban", "peer")),
+    (RemoteError("server_leaving", "shutting down", "peer"), ("refresh", True)),  # it said so: its record is offline
+    (RemoteError("blocks_not_served", "moved to 3:6", "peer"), ("refresh", True)),  # its new blocks stay usable
     (TimeoutError(), ("ban", "peer")),
 ])
 def test_a_failed_server_is_banned_unless_it_left_or_moved(error, expected):
-    from client.connection import SwarmConnection
+    from client import aio
+    from client.failover import with_failover
 
     calls = []
 
     class Connection:
-        def servers(self, refresh=False):
-            calls.append(("refresh", refresh))
+        async def afailed(self, peer_id, refresh=False):
+            calls.append(("refresh", True) if refresh else ("ban", peer_id))
 
-        def ban(self, peer_id):
-            calls.append(("ban", peer_id))
+    async def attempt(number: int):
+        if number == 0:  # a transport error reaches the policy as RemoteError "transport" (client.streams)
+            raise error if isinstance(error, RemoteError) else RemoteError.from_exception(error, "peer")
+        return "answered"
 
-    SwarmConnection.failed(Connection(), "peer", error)
+    assert aio.run(with_failover(Connection(), "blocks 0:2 failed", attempt, max_retries=3)) == "answered"
     assert calls == [expected]

@@ -37,7 +37,10 @@ class FakeSwarm:
         self.bans.append(str(peer_id))
         return 15.0
 
-    def failed(self, peer_id, error) -> None:  # every failure here is a dead server: banned
+    async def aplan(self, *args, **kwargs) -> list[RouteStep]:
+        return self.plan(*args, **kwargs)
+
+    async def afailed(self, peer_id, refresh=False) -> None:  # every failure here is a dead server: banned
         self.ban(peer_id)
 
 

@@ -94,6 +94,7 @@ def test_bad_gradients_on_a_training_stream_are_refused_and_memory_is_freed(dist
 
     from client.streams import TrainStream
     from swarm.errors import RemoteError
+    from swarm.protocol import SpanRequest
 
     connection = dist_model.remote_layers.connection
     step = connection.plan()[0]
@@ -103,7 +104,7 @@ def test_bad_gradients_on_a_training_stream_are_refused_and_memory_is_freed(dist
         stream = TrainStream(connection, step)
 
         async def run(stream=stream, grad=grad):
-            await stream.forward(inputs, [], 1.0)
+            await stream.forward(SpanRequest(start=step.start, end=step.end), inputs)
             return await stream.backward(grad)
 
         with pytest.raises(RemoteError, match=message):
