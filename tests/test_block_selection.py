@@ -188,7 +188,7 @@ def test_num_blocks_servers_cover_the_model_and_one_moves_to_blocks_left_without
     import torch
     from hivemind.p2p import PeerID
 
-    from client import aio
+    from client import ClientConfig, aio
     from client.connection import SwarmConnection
     from client.model import DistributedModelForCausalLM
     from client.routing import RouteStep
@@ -214,7 +214,7 @@ def test_num_blocks_servers_cover_the_model_and_one_moves_to_blocks_left_without
         first, killed, third = swarm.servers
         mover, stayer = sorted([first, third], key=peer.get)  # the policy's tie-break: the smaller peer id moves
 
-        connection = SwarmConnection(first.maddrs, "tiny-llama", 6, request_timeout=20)
+        connection = SwarmConnection(first.maddrs, "tiny-llama", 6, ClientConfig(request_timeout=20))
 
         def online() -> list[tuple[int, int, str]]:
             return sorted((s.record.start, s.record.end, s.peer_id.to_base58()) for s in fetch_servers(connection.dht, "tiny-llama", 6)

@@ -1,12 +1,14 @@
 """Model families: how to build a span of blocks from checkpoint tensors and what stays on the client.
 
-Each family is one module in this package that calls `register(...)`; adding a family is one new
-module plus its test.
+Each family is one module in this package, named after its model type, that calls `register(...)` when imported;
+adding a family is one new module plus its test. Only the family a checkpoint needs is imported.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,6 +45,7 @@ class ModelFamily:
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
+NOT_FAMILIES = {"span"}  # modules of this package that hold no family
 
 
 def register(family: ModelFamily) -> ModelFamily:
@@ -52,12 +55,20 @@ def register(family: ModelFamily) -> ModelFamily:
 
 
 def family_for(config: PretrainedConfig) -> ModelFamily:
-    from swarm.models import llama  # noqa: F401  (registers the built-in families)
-
-    family = _FAMILIES.get(getattr(config, "model_type", None))
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES and isinstance(model_type, str) and model_type.isidentifier():
+        try:
+            importlib.import_module(f"{__name__}.{model_type}")  # the family's module registers it
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{model_type}":
+                raise
+    family = _FAMILIES.get(model_type)
     if family is None:
-        raise ValueError(
-            f"model type {config.model_type!r} is not supported yet; supported: {sorted(_FAMILIES)}. "
-            "A new family is one module in swarm/models/."
-        )
+        for module in pkgutil.iter_modules(__path__):  # a module may register more model types than its name
+            if module.name not in NOT_FAMILIES:
+                importlib.import_module(f"{__name__}.{module.name}")
+        family = _FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(f"model type {model_type!r} is not supported yet; supported: {sorted(_FAMILIES)}. "
+                         "A new family is one module in swarm/models/.")
     return family
