@@ -16,6 +16,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from client import aio
+from client.compatibility import Compatibility
 from client.config import CLIENT
 from client.measurements import InFlight, Pinger
 from client.routing import NoRouteError, RouteStep, ServerChoice, ban_seconds, plan_route, plan_training_route
@@ -40,10 +41,11 @@ class SwarmConnection:
 
     def __init__(self, initial_peers: Sequence[str], prefix: str, num_blocks: int,
                  request_timeout: float = CLIENT.request_timeout, servers_max_age: float = 5.0,
-                 allowed_servers: Iterable | None = None, blocked_servers: Iterable = ()):
+                 allowed_servers: Iterable | None = None, blocked_servers: Iterable = (), identity=None):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddress printed by `swarm dht` or `swarm server`")
         self.choice = ServerChoice.of(allowed_servers, blocked_servers, check=_check_peer_id)
+        self.compatibility = Compatibility(identity)  # identity: the client's swarm.identity.ModelIdentity, if any
         self.prefix, self.num_blocks = prefix, num_blocks
         self.request_timeout = request_timeout
         self.servers_max_age = servers_max_age
@@ -104,8 +106,10 @@ class SwarmConnection:
         return {peer for peer, (until, _) in self._bans.items() if until > now}
 
     def _rules(self, adapter: str | None) -> dict:
-        """What both planners leave out or weigh: bans, the adapter, measured round trips, allowed/blocked servers."""
-        return dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice)
+        """What both planners leave out or weigh: bans, the adapter, measured round trips, allowed/blocked servers,
+        servers this client cannot work with (versions, model identity)."""
+        return dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice,
+                    compatibility=self.compatibility)
 
     def plan(self, start: int = 0, end: int | None = None, adapter: str | None = None, *,
              session_tokens: int = 0) -> list[RouteStep]:
