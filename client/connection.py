@@ -17,6 +17,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from client import aio
+from client.compatibility import Compatibility
 from client.config import CLIENT, ClientConfig
 from client.measurements import InFlight, Pinger
 from client.requests import SpanCall
@@ -40,11 +41,13 @@ class SwarmConnection:
     servers left out by them are never contacted, not even pinged.
     """
 
-    def __init__(self, initial_peers: Sequence[str], prefix: str, num_blocks: int, config: ClientConfig = CLIENT):
+    def __init__(self, initial_peers: Sequence[str], prefix: str, num_blocks: int, config: ClientConfig = CLIENT,
+                 identity=None):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddress printed by `swarm dht` or `swarm server`")
         self.config = config
         self.choice = ServerChoice.of(config.allowed_servers, config.blocked_servers, check=_check_peer_id)
+        self.compatibility = Compatibility(identity)  # identity: the client's swarm.identity.ModelIdentity, if any
         self.prefix, self.num_blocks = prefix, num_blocks
         self.dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
         self.p2p = aio.run(self.dht.replicate_p2p())
@@ -114,8 +117,10 @@ class SwarmConnection:
         return {peer for peer, (until, _) in self._bans.items() if until > now}
 
     def _rules(self, adapter: str | None) -> dict:
-        """What both planners leave out or weigh: bans, the adapter, measured round trips, allowed/blocked servers."""
-        return dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice)
+        """What both planners leave out or weigh: bans, the adapter, measured round trips, allowed/blocked servers,
+        servers this client cannot work with (versions, model identity)."""
+        return dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice,
+                    compatibility=self.compatibility)
 
     def plan(self, start: int = 0, end: int | None = None, adapter: str | None = None, *,
              session_tokens: int = 0) -> list[RouteStep]:

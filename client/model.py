@@ -25,6 +25,7 @@ from client.lora import RemoteLora
 from client.prompts import RemotePrompts
 from client.remote_sequential import RemoteSequential
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
+from swarm.identity import ModelIdentity
 from swarm.models import CACHE_KWARG, ModelFamily, family_for
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class DistributedModelForCausalLM:
             lm = cls(empty)
         local_base = getattr(lm, family.base_model_attr)
         connection = SwarmConnection(initial_peers, dht_prefix or default_dht_prefix(model), model_config.num_hidden_layers,
-                                     client_config)
+                                     client_config, identity=ModelIdentity(checkpoint, family))
         base = DistributedBaseModel(model_config, family, local_base.embed_tokens, local_base.norm, RemoteSequential(connection))
         setattr(lm, family.base_model_attr, base)
         lm.config = model_config

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from client.config import CLIENT
 from swarm.dht_records import ServerInfo, ServerState
 
 UNREACHABLE = math.inf  # the round trip recorded for a server whose last ping failed
+# Says why a client cannot work with a server at all, or None (client.compatibility.Compatibility).
+CompatibilityRule = Callable[[ServerInfo], "tuple[str, str] | None"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,8 @@ class RouteStep:
 
 class NoRouteError(RuntimeError):
     """No chain of usable servers covers the blocks. `reasons`: why the servers of the first uncovered block were
-    left out (codes: blocked, not_allowed, offline, joining, banned, adapter, cache); empty when none hosts it."""
+    left out (codes: blocked, not_allowed, offline, joining, protocol, model, banned, adapter, cache); empty when none
+    hosts it."""
 
     def __init__(self, message: str, block: int = 0, reasons: frozenset[str] = frozenset()):
         super().__init__(message)
@@ -83,8 +86,10 @@ def smooth_rtt(previous: float | None, sample: float | None, alpha: float = CLIE
 
 
 def exclusion(server: ServerInfo, banned: Collection[str] = (), choice: ServerChoice = ServerChoice(),
-              adapter: str | None = None, session_tokens: int = 0) -> tuple[str, str] | None:
-    """(code, text) saying why a server may not be on a route, or None when it may."""
+              adapter: str | None = None, session_tokens: int = 0,
+              compatibility: CompatibilityRule | None = None) -> tuple[str, str] | None:
+    """(code, text) saying why a server may not be on a route, or None when it may. `compatibility` says whether
+    the client can work with it at all (protocol versions, the model it loaded)."""
     peer = str(server.peer_id)
     refused = choice.refusal(peer)
     if refused is not None:
@@ -92,6 +97,8 @@ def exclusion(server: ServerInfo, banned: Collection[str] = (), choice: ServerCh
     record = server.record
     if record.state != ServerState.ONLINE:
         return record.state.value, record.state.value
+    if compatibility is not None and (refused := compatibility(server)) is not None:
+        return refused
     if peer in banned:
         return "banned", "banned after a failure"
     if adapter is not None and adapter not in record.adapters:
@@ -126,6 +133,10 @@ def _no_route(servers: Sequence[ServerInfo], block: int, start: int, end: int, u
             advice.append("retry once its ban ends")
         if "cache" in reasons:
             advice.append("use a smaller max_length or batch, or wait for sessions to end")
+        if "protocol" in reasons:
+            advice.append("upgrade the older side, this client or those servers (`swarm status` shows their versions)")
+        if "model" in reasons:
+            advice.append("serve the checkpoint this client loaded, or load the one those servers serve")
         advice_text = "; or ".join(advice)
         message = (f"block {block} is served only by servers left out of routes here ({needed}): {details}. "
                    f"{advice_text[:1].upper()}{advice_text[1:]}, or wait for another server to join")
@@ -165,6 +176,7 @@ def plan_route(
     rtt_ms: Mapping[str, float] | None = None,
     choice: ServerChoice = ServerChoice(),
     session_tokens: int = 0,
+    compatibility: CompatibilityRule | None = None,
 ) -> list[RouteStep]:
     """The chain covering blocks [start, end) with the least expected latency per token.
 
@@ -172,10 +184,12 @@ def plan_route(
     penalty when unreachable) plus its blocks times the server's ms_per_block. A server may be entered in the middle
     of its span and left before its end. Ties prefer fewer hops. With `adapter`, only servers that host that named
     adapter are used; with `session_tokens` (batch x max_length of an inference session), only servers that announce
-    that much free KV cache. `choice` applies the client's allowed/blocked lists.
+    that much free KV cache. `choice` applies the client's allowed/blocked lists, `compatibility` leaves out servers
+    the client cannot work with.
     """
     rtt_ms = rtt_ms or {}
-    usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter, session_tokens=session_tokens)
+    usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter, session_tokens=session_tokens,
+                          compatibility=compatibility)
     best: dict[int, tuple[float, int, int | None, ServerInfo | None]] = {start: (0.0, 0, None, None)}
     for i in range(start, end):
         if i not in best:
@@ -223,6 +237,7 @@ def plan_training_route(
     *,
     rtt_ms: Mapping[str, float] | None = None,
     choice: ServerChoice = ServerChoice(),
+    compatibility: CompatibilityRule | None = None,
 ) -> list[RouteStep]:
     """A chain covering [start, end) for one training request, spread over replicas by throughput.
 
@@ -232,7 +247,7 @@ def plan_training_route(
     Servers that report no throughput count as the average of those that do. Deterministic given `draw`'s state.
     """
     rtt_ms, in_flight = rtt_ms or {}, in_flight or {}
-    usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter)
+    usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter, compatibility=compatibility)
     steps, i = [], start
     while i < end:
         hosts = [s for s in usable if s.record.start <= i < s.record.end]

@@ -18,10 +18,11 @@ from server.block_selection import choose_span
 from server.cache_budget import CacheBudget
 from server.handler import BlockHandler
 from server.rebalance import ActiveHandler, Rebalancer, drain
-from swarm import __version__, compression
+from swarm import __version__, compression, versions
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
 from swarm.config import SERVER
 from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_servers
+from swarm.identity import ModelIdentity
 from swarm.lora import read_peft_adapter
 from swarm.models import family_for
 from swarm.models.span import BlockSpan
@@ -68,6 +69,7 @@ class Hosted:
     handler: BlockHandler
     ms_per_block: float
     forward_tps: float
+    weights_digest: str = ""  # of the span's blocks as stored in the checkpoint (swarm.identity)
 
 
 def measure_speed(span: BlockSpan, dtype: torch.dtype) -> tuple[float, float]:
@@ -103,6 +105,7 @@ class Server:
         self.checkpoint = Checkpoint(options.model)
         self.config = self.checkpoint.config
         self.family = family_for(self.config)
+        self.identity = ModelIdentity(self.checkpoint, self.family)  # what clients check this server's blocks against
         self.num_model_blocks = self.config.num_hidden_layers
         self.prefix = options.dht_prefix or default_dht_prefix(options.model)
         self.dtype = resolve_dtype(options.torch_dtype, self.config)
@@ -175,6 +178,10 @@ class Server:
             bytes_raw=stats.raw_in + stats.raw_out,
             bytes_wire=stats.bytes_in + stats.bytes_out,
             rebalances=self.rebalances,
+            protocol_min=versions.ours()[0],
+            protocol_max=versions.ours()[1],
+            config_digest=self.identity.config,
+            weights_digest=hosted.weights_digest,
         )
 
     def info(self) -> dict:
@@ -225,7 +232,7 @@ class Server:
                                lora_cache_mb=o.lora_cache_mb, lora_cache_ttl=o.lora_cache_ttl,
                                train_activation_mb=o.train_activation_mb, delta_state_mb=o.delta_state_mb,
                                delta_state_ttl=o.delta_state_ttl)
-        return Hosted(start, end, handler, ms_per_block, forward_tps)
+        return Hosted(start, end, handler, ms_per_block, forward_tps, self.identity.span(start, end) or "")
 
     async def switch(self, new: Hosted) -> bool:
         """Serve `new` instead of the current span: new requests go to it, the old span is announced offline (its

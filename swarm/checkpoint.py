@@ -65,6 +65,16 @@ class Checkpoint:
                 f"({type(exc).__name__}). Pass the path of a folder that holds config.json and *.safetensors."
             ) from None
 
+    def local_file(self, filename: str) -> Path | None:
+        """The file on this machine (in the folder, or already in the hub cache); None rather than a download."""
+        if self.local_dir is not None:
+            path = self.local_dir / filename
+            return path if path.exists() else None
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(self.model, filename, revision=self.revision)
+        return Path(cached) if isinstance(cached, str) else None
+
     def _read_weight_map(self) -> dict[str, str]:
         try:
             index = json.loads(self._fetch(INDEX_FILE).read_text())

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The wire protocol: this build writes version PROTOCOL_VERSION and still reads every version down to
+# MIN_PROTOCOL_VERSION (swarm.versions). A change a peer one version behind cannot read raises PROTOCOL_VERSION; one
+# that drops an old format raises MIN_PROTOCOL_VERSION.
 PROTOCOL_VERSION = 1
+MIN_PROTOCOL_VERSION = 1
 
 # A unary libp2p message may not exceed 4 MiB; larger payloads go over a stream in chunks this big.
 MAX_UNARY_PAYLOAD_BYTES = 3 * 1024 * 1024

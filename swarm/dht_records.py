@@ -47,6 +47,12 @@ class ServerRecord:
     bytes_raw: int = 0  # tensors this server received and sent since it started, uncompressed
     bytes_wire: int = 0  # the same on the wire
     rebalances: bool = False  # it moves to other blocks when the swarm needs them (see server.block_selection)
+    # Protocol versions it speaks (swarm.versions); a record older than ranges speaks version 1 only.
+    protocol_min: int = 1
+    protocol_max: int = 1
+    # What it loaded (swarm.identity): digests of the model's config and of its span's weights ("": not announced).
+    config_digest: str = ""
+    weights_digest: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -68,6 +74,12 @@ class ServerRecord:
                 if name in values:
                     values[name] = tuple(str(x) for x in values[name])
             values["rebalances"] = values.get("rebalances") is True
+            for name in ("protocol_min", "protocol_max"):
+                if name in values:
+                    values[name] = int(values[name])
+            for name in ("config_digest", "weights_digest"):
+                if not isinstance(values.get(name, ""), str):
+                    values.pop(name)
             record = cls(start=start, end=end, **values)
         except (KeyError, ValueError, TypeError):
             return None

@@ -20,6 +20,12 @@ class BadRequest(SwarmError):
     code = "bad_request"
 
 
+class VersionMismatch(SwarmError):
+    """The message's sender and this peer speak no protocol version in common (swarm.versions)."""
+
+    code = "protocol_version"
+
+
 class BlocksNotServed(SwarmError):
     code = "blocks_not_served"
 

@@ -39,14 +39,16 @@ def _die_with_parent() -> None:
 
 
 class PeerProcess:
-    """A `swarm dht` or `swarm server` child process whose output goes to a log file."""
+    """A `swarm dht` or `swarm server` child process whose output goes to a log file. `python_args` start the
+    command line (e.g. `-c CODE` that calls swarm.cli.main after setting something up, as tests of other versions do)."""
 
-    def __init__(self, args: Sequence[str], name: str, env: dict | None = None):
+    def __init__(self, args: Sequence[str], name: str, env: dict | None = None,
+                 python_args: Sequence[str] = ("-m", "swarm.cli")):
         self.name = name
         self.log_path = Path(tempfile.mkstemp(prefix=f"swarm-{name}-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "swarm.cli", *args], stdout=self._log, stderr=subprocess.STDOUT,
+            [sys.executable, *python_args, *args], stdout=self._log, stderr=subprocess.STDOUT,
             # Co-located peers spin only briefly (see swarm.config); the user's own setting, or `env`, wins.
             env={**COLOCATED_OMP_ENV, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=_die_with_parent,
             start_new_session=True,  # its own process group: stopping it also ends its DHT process and p2pd

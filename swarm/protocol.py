@@ -11,14 +11,17 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from swarm.config import PROTOCOL_VERSION
+from swarm import versions
+from swarm.config import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from swarm.errors import BadRequest
 
 
 class _Meta(BaseModel):
     # Unknown fields from newer peers are ignored; missing ones take their defaults.
     model_config = ConfigDict(extra="ignore", frozen=True)
+    # The range of protocol versions the sender speaks (swarm.versions); messages older than ranges carry `version`.
     version: int = PROTOCOL_VERSION
+    min_version: int = MIN_PROTOCOL_VERSION
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()
@@ -28,9 +31,12 @@ class _Meta(BaseModel):
         if len(raw) > 64 * 1024:
             raise BadRequest(f"metadata of {len(raw)} bytes is larger than the 64 KiB limit")
         try:
-            return cls.model_validate(json.loads(raw or b"{}"))
+            meta = cls.model_validate(json.loads(raw or b"{}"))
         except (ValueError, ValidationError) as exc:
             raise BadRequest(f"malformed {cls.__name__}: {_short(exc)}") from None
+        # Every request a server reads (and reply a client reads) passes here: the one place versions are checked.
+        versions.check_message(versions.normalized(meta.min_version, meta.version), cls.__name__)
+        return meta
 
 
 _KEY = r"^[0-9a-f]{32}$"
