@@ -41,12 +41,15 @@ def _die_with_parent() -> None:
 class PeerProcess:
     """A `swarm dht` or `swarm server` child process whose output goes to a log file."""
 
-    def __init__(self, args: Sequence[str], name: str, env: dict | None = None):
+    def __init__(self, args: Sequence[str], name: str, env: dict | None = None,
+                 entry: Sequence[str] = ("-m", "swarm.cli")):
+        """`entry`: what the interpreter runs with `args` (e.g. ("-c", CODE) for code that sets up, then runs
+        swarm.cli.main)."""
         self.name = name
         self.log_path = Path(tempfile.mkstemp(prefix=f"swarm-{name}-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "swarm.cli", *args], stdout=self._log, stderr=subprocess.STDOUT,
+            [sys.executable, *entry, *args], stdout=self._log, stderr=subprocess.STDOUT,
             # Co-located peers spin only briefly (see swarm.config); the user's own setting, or `env`, wins.
             env={**COLOCATED_OMP_ENV, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=_die_with_parent,
             start_new_session=True,  # its own process group: stopping it also ends its DHT process and p2pd
@@ -114,14 +117,15 @@ class LocalSwarm:
         return self.bootstrap.wait_ready()
 
     def start_servers(self, model: str, spans: Sequence[tuple[int, int]], extra_args: Sequence[str] = (),
-                      env: dict | None = None, timeout: float = 180.0, wait: bool = True) -> list[PeerProcess]:
+                      env: dict | None = None, timeout: float = 180.0, wait: bool = True,
+                      entry: Sequence[str] = ("-m", "swarm.cli")) -> list[PeerProcess]:
         """Start one server per span, all at once, and wait until every one is serving (unless `wait` is False:
-        then PeerProcess.ready() tells when one is)."""
+        then PeerProcess.ready() tells when one is). `entry`: as PeerProcess's."""
         started = []
         for start, end in spans:
             args = ["server", model, "--blocks", f"{start}:{end}", "--initial-peers", *self.initial_peers,
                     "--host-maddrs", LOCALHOST, *extra_args]
-            started.append(PeerProcess(args, f"server-{start}-{end}", env))
+            started.append(PeerProcess(args, f"server-{start}-{end}", env, entry))
         self.servers += started
         for server in started if wait else ():
             server.wait_ready(timeout)
