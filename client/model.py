@@ -298,8 +298,13 @@ class DistributedCausalLMMixin:
             self._active_session = self._beam_session = None
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        if reason := unsupported_generation(_generation_config(self, kwargs), kwargs.get("assistant_model") is not None):
+        config = _generation_config(self, kwargs)
+        if reason := unsupported_generation(config, kwargs.get("assistant_model") is not None):
             raise ValueError(f"generate() of a distributed model cannot serve {reason}")
+        if config.use_cache is False:  # every step runs the whole sequence again, as locally: no session, no cache
+            if self._active_session is not None:
+                raise ValueError("use_cache=False cannot run inside an inference session, which keeps a KV cache")
+            return super().generate(inputs, *args, **kwargs)
         if self._active_session is None:
             generation_config = kwargs.get("generation_config") or self.generation_config
             prompt = inputs if inputs is not None else kwargs.get("input_ids")

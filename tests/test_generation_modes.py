@@ -37,6 +37,8 @@ MODES = {
     "beam 3, 2 sequences": dict(num_beams=3, num_return_sequences=2, eos=True),
     "beam 2, sampling": dict(num_beams=2, do_sample=True, seed=7),
     "beam 4, length penalty 2": dict(num_beams=4, num_return_sequences=4, length_penalty=2.0, eos=True),
+    "beam 2, no KV cache": dict(num_beams=2, use_cache=False),
+    "greedy, prefill in chunks of 2": dict(do_sample=False, prefill_chunk_size=2),
     "greedy, batch of 2 padded": dict(do_sample=False, batch=2),
     "beam 3, batch of 2 padded": dict(num_beams=3, num_return_sequences=2, batch=2, eos=True),
 }
