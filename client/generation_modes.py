@@ -4,6 +4,7 @@ return only the last block's output."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 from transformers import GenerationConfig
@@ -14,6 +15,16 @@ _HUB_MODES = {
     GenerationMode.GROUP_BEAM_SEARCH: "group beam search (num_beam_groups > 1)",
     GenerationMode.CONSTRAINED_BEAM_SEARCH: "constrained beam search (constraints, force_words_ids)",
 }
+
+
+def generation_config_of(default: GenerationConfig, kwargs: Mapping[str, object]) -> GenerationConfig:
+    """The generation config a generate(**kwargs) call runs with: kwargs' generation_config (or `default`) with the
+    call's overrides."""
+    config = copy.deepcopy(kwargs.get("generation_config") or default)
+    for key, value in kwargs.items():
+        if key != "generation_config" and hasattr(config, key):
+            setattr(config, key, value)
+    return config
 
 
 def unsupported_generation(config: GenerationConfig, assistant: bool = False) -> str | None:

@@ -20,7 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from client.config import CLIENT
 from client.connection import SwarmConnection
-from client.generation_modes import unsupported_forward_options, unsupported_generation
+from client.generation_modes import generation_config_of, unsupported_forward_options, unsupported_generation
 from client.inference_session import InferenceSession
 from client.lora import RemoteLora
 from client.prompts import RemotePrompts
@@ -298,7 +298,7 @@ class DistributedCausalLMMixin:
             self._active_session = self._beam_session = None
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        config = _generation_config(self, kwargs)
+        config = generation_config_of(self.generation_config, kwargs)
         if reason := unsupported_generation(config, kwargs.get("assistant_model") is not None):
             raise ValueError(f"generate() of a distributed model cannot serve {reason}")
         if config.use_cache is False:  # every step runs the whole sequence again, as locally: no session, no cache
@@ -342,15 +342,6 @@ class DistributedCausalLMMixin:
         if cache.reordered:
             session.token_ids, self._beam_session = None, session
         return output
-
-
-def _generation_config(model, kwargs: dict) -> GenerationConfig:
-    """The generation config a generate() call runs with: the model's (or the one given) with the call's overrides."""
-    config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
-    for key, value in kwargs.items():
-        if key != "generation_config" and hasattr(config, key):
-            setattr(config, key, value)
-    return config
 
 
 _CLASSES: dict[str, type] = {}

@@ -114,6 +114,19 @@ def test_a_reorder_names_valid_rows(dist_model):
             session.reorder([0, 1, 3])
 
 
+def test_a_server_refuses_a_reorder_of_rows_it_does_not_have(dist_model):
+    from client import aio
+    from swarm.errors import RemoteError
+
+    layers = dist_model.model.layers
+    with layers.inference_session(max_length=4) as session:
+        session.step(torch.randn(2, 2, 64))
+        stream, inputs = session.streams[0], [torch.randn(2, 1, 64), torch.full((2, 1), 2)]
+        stream.submit(inputs, (), [0, 2])
+        with pytest.raises(RemoteError, match=r"hypo_ids must name one row in \[0, 2\) for each of the session's 2 rows"):
+            aio.run(stream.result(inputs))
+
+
 @pytest.mark.parametrize("option", ["output_hidden_states", "output_attentions"])
 def test_forward_options_the_servers_cannot_give_are_refused(dist_model, option):
     input_ids, _ = _prompts(1, padded=False, seed=2)
