@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -48,6 +50,10 @@ class InferenceSession:
         self.token_ids: torch.Tensor | None = None  # the last generate() output, kept by the model class
         self.closed = False
         self.recoveries: list[float] = []  # seconds each move of a failed span took (re-route, replay, retry)
+        # Beam search: the reorder of the cached rows that each step done carried ([] for none), replayed with the
+        # history on a replacement server so its cache ends the same; and the one the next step carries.
+        self.reorders: list[list[int]] = []
+        self._next_reorder: list[int] = []
 
     async def _open_route(self, start: int, end: int, batch_size: int) -> list[SpanStream]:
         """Open streams along a planned route for blocks [start, end); a failure to open one is marked `opening`
@@ -74,7 +80,7 @@ class InferenceSession:
                                            self.config.max_retries)
         logger.debug("opened inference session through %s", [(str(s.step.peer_id)[-6:], s.step.start, s.step.end) for s in self.streams])
 
-    async def _step(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    async def _step(self, tensors: list[torch.Tensor], hypo_ids: list[int]) -> torch.Tensor:
         if not self.streams:
             await self._open(tensors[0].shape[0])
         step_bytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -83,15 +89,17 @@ class InferenceSession:
         while index < len(self.streams):
             stream = self.streams[index]
             try:
-                if not pushed:  # the client sends this hop itself, naming the later hops that take pushes
+                result = await self._pushed_result(index, inputs) if pushed else None
+                if result is None:  # the client sends this hop itself, naming the later hops that take pushes
                     forward = forward_chain(self._targets(), index, step_bytes, MAX_UNARY_PAYLOAD_BYTES) if self.forwarding else []
-                    stream.submit(inputs, forward)
+                    stream.submit(inputs, forward, hypo_ids)
                     chain_end = index + len(forward)
-                output, reply = await stream.result(inputs)
+                    result = await stream.result(inputs)
+                output, reply = result
             except RemoteError as exc:
                 if not exc.server_gone:  # a refusal (bad input, a full cache) is the server's answer
                     raise
-                output, count = await self._recover(index, inputs, exc)
+                output, count = await self._recover(index, inputs, hypo_ids, exc)
                 index, pushed = index + count, False
                 inputs = [_input_for(output, self.streams[index] if index < len(self.streams) else None), *tensors[1:]]
                 continue
@@ -105,13 +113,35 @@ class InferenceSession:
             inputs = [_input_for(output, self.streams[index] if index < len(self.streams) else None), *tensors[1:]]
         return inputs[0]  # decoded: no stream follows
 
+    async def _pushed_result(self, index: int, inputs: list) -> tuple[runtime_pb2.Tensor, object] | None:
+        """The result of stream `index` for the step its previous server pushes to it, or None if that server reports
+        that the push failed (its reply went before the push): the client then sends the step itself. Should the push
+        have arrived after all, the server takes the step once and ignores the copy."""
+        pusher, stream = self.streams[index - 1], self.streams[index]
+        result = asyncio.ensure_future(stream.result(inputs))
+        failure = asyncio.ensure_future(pusher.push_failed(pusher.step_id - 1))
+        try:
+            await asyncio.wait({result, failure}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failure.cancel()
+            result.cancel()  # a no-op when the result came
+        try:
+            return await result
+        except asyncio.CancelledError:
+            pass
+        stream.accepts_pushes = False  # the client sends it its steps from now on
+        logger.info("server %s could not push step %d to %s (%s); sending that hop from the client instead",
+                    str(pusher.step.peer_id)[-6:], pusher.step_id - 1, str(stream.step.peer_id)[-6:], failure.result()[:200])
+        return None
+
     def _targets(self) -> list[HopTarget]:
         return [HopTarget(str(s.step.peer_id), s.session_id, s.step_id, s.codec, s.accepts_pushes) for s in self.streams]
 
-    async def _recover(self, index: int, inputs: list, error: RemoteError) -> tuple[runtime_pb2.Tensor, int]:
+    async def _recover(self, index: int, inputs: list, hypo_ids: list[int], error: RemoteError) -> tuple[runtime_pb2.Tensor, int]:
         """Replace the failed stream `index` by a route of other servers for its blocks: open sessions there, replay
-        every input that stream took (one message each, as first sent, so the new KV caches hold exactly the same
-        values), then send `inputs`. Returns the packed output and how many streams took its place."""
+        every input that stream took (one message each, as first sent, with the same reorders of the cached rows, so
+        the new KV caches hold exactly the same values), then send `inputs`. Returns the packed output and how many
+        streams took its place."""
         failed = self.streams[index]
         start, end, history = failed.step.start, failed.step.end, failed.history
         began = time.perf_counter()
@@ -122,11 +152,11 @@ class InferenceSession:
                 raise error
             streams = await self._open_route(start, end, failed.batch_size)
             try:
-                for past in [*history, inputs]:
+                for past, rows in zip([*history, inputs], [*self.reorders, hypo_ids], strict=True):
                     hidden = past[0]
                     for i, stream in enumerate(streams):
                         step = [_input_for(hidden, stream) if i else hidden, *past[1:]]
-                        stream.submit(step)
+                        stream.submit(step, (), rows)
                         hidden, _ = await stream.result(step)
             except BaseException:
                 for stream in streams:
@@ -160,10 +190,24 @@ class InferenceSession:
         tensors = [hidden.detach(), position_ids.expand(batch, length).to(torch.int64).contiguous()]
         if attention_mask is not None:
             tensors.append(attention_mask.to(torch.int64).contiguous())
-        output = aio.run(self._step(tensors))
+        output = aio.run(self._step(tensors, self._next_reorder))
+        self.reorders.append(self._next_reorder)
+        self._next_reorder = []
         self.batch_size = batch
         self.position += length
         return output.to(hidden.dtype)
+
+    def reorder(self, hypo_ids: Sequence[int] | torch.Tensor) -> None:
+        """Beam search: from the next step on, every server's cached row i is the current row hypo_ids[i] (a row may
+        be kept twice, another dropped). The reorder travels with the next step, as Petals' hypo ids do."""
+        rows = [int(i) for i in (hypo_ids.flatten().tolist() if isinstance(hypo_ids, torch.Tensor) else hypo_ids)]
+        if self.position == 0:
+            return  # nothing is cached yet: there is nothing to reorder (as transformers' caches do)
+        if len(rows) != self.batch_size or not all(0 <= i < self.batch_size for i in rows):
+            raise ValueError(f"a reorder names one of the session's {self.batch_size} rows for each row; got {rows[:16]}")
+        if self._next_reorder:  # two reorders before a step: the second picks among the rows of the first
+            rows = [self._next_reorder[i] for i in rows]
+        self._next_reorder = [] if rows == list(range(len(rows))) else rows
 
     @property
     def traffic(self) -> Traffic:

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache, GenerationConfig, PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from client.config import ClientConfig
 from client.connection import SwarmConnection
+from client.generation_modes import generation_config_of, unsupported_forward_options, unsupported_generation
 from client.inference_session import InferenceSession
 from client.lora import RemoteLora
 from client.prompts import RemotePrompts
@@ -40,9 +42,25 @@ class RemoteSessionCache(DynamicCache):
     def __init__(self, session: InferenceSession):
         super().__init__()
         self.session = session
+        self.reordered = False  # by beam search: the cached rows are its running beams, not the sequences it returns
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.session.position - self.session.virtual_tokens  # the caller's tokens, not the prompt's
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search keeps rows `beam_idx`: the servers reorder their caches with the next step."""
+        self.session.reorder(beam_idx)
+        self.reordered = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise ValueError("the servers' KV cache cannot be cropped; this generation mode is not supported remotely")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise ValueError("the servers' KV cache cannot drop rows; this generation mode is not supported remotely")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ValueError("the servers' KV cache cannot grow rows; this generation mode is not supported remotely")
 
     @property
     def is_linear(self) -> list[bool]:
@@ -68,6 +86,9 @@ class DistributedBaseModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, cache=None, **kwargs) -> BaseModelOutputWithPast:
         past_key_values = cache if cache is not None else past_key_values  # the name depends on the transformers release
+        options = {key: kwargs.get(key, getattr(self.config, key, False)) for key in ("output_attentions", "output_hidden_states")}
+        if reason := unsupported_forward_options(options):
+            raise ValueError(f"a distributed model cannot serve {reason}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -180,6 +201,7 @@ class DistributedCausalLMMixin:
     """Adds inference sessions and session-aware generation to a transformers causal LM class."""
 
     _active_session: InferenceSession | None = None
+    _beam_session: InferenceSession | None = None  # the open session whose caches a beam search left reordered
 
     @property
     def remote_layers(self) -> RemoteSequential:
@@ -294,9 +316,16 @@ class DistributedCausalLMMixin:
             with session:
                 yield session
         finally:
-            self._active_session = None
+            self._active_session = self._beam_session = None
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        config = generation_config_of(self.generation_config, kwargs)
+        if reason := unsupported_generation(config, kwargs.get("assistant_model") is not None):
+            raise ValueError(f"generate() of a distributed model cannot serve {reason}")
+        if config.use_cache is False:  # every step runs the whole sequence again, as locally: no session, no cache
+            if self._active_session is not None:
+                raise ValueError("use_cache=False cannot run inside an inference session, which keeps a KV cache")
+            return super().generate(inputs, *args, **kwargs)
         if self._active_session is None:
             generation_config = kwargs.get("generation_config") or self.generation_config
             prompt = inputs if inputs is not None else kwargs.get("input_ids")
@@ -307,6 +336,9 @@ class DistributedCausalLMMixin:
                 return self.generate(inputs, *args, **kwargs)
 
         session = self._active_session
+        if session is self._beam_session:
+            raise ValueError("this inference session ran a beam search: the servers' caches hold its last running beams, "
+                             "not the sequences it returned, so generate() cannot continue it; open a new inference_session()")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
         if session.token_ids is not None and input_ids is not None:
@@ -322,12 +354,14 @@ class DistributedCausalLMMixin:
             kwargs["attention_mask"] = attention_mask
         if session.token_ids is not None and "attention_mask" not in kwargs:
             kwargs["attention_mask"] = torch.ones_like(input_ids)
-        kwargs[CACHE_KWARG] = RemoteSessionCache(session)
+        kwargs[CACHE_KWARG] = cache = RemoteSessionCache(session)
         kwargs.setdefault("use_cache", True)
         output = super().generate(input_ids, *args, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         # The servers hold all but the last sampled token; the next call feeds it first.
         session.token_ids = sequences
+        if cache.reordered:
+            session.token_ids, self._beam_session = None, session
         return output
 
 
@@ -337,8 +371,11 @@ _CLASSES: dict[str, type] = {}
 def _distributed_class(family: ModelFamily) -> type:
     if family.name not in _CLASSES:
         base = family.causal_lm_class
-        _CLASSES[family.name] = type(f"Distributed{base.__name__}", (DistributedCausalLMMixin, base),
-                                     {"forward": _forward_with_signature_of(base)})
+        _CLASSES[family.name] = cls = type(f"Distributed{base.__name__}", (DistributedCausalLMMixin, base),
+                                           {"forward": _forward_with_signature_of(base)})
+        # pipeline("text-generation", model=...) warns about any class whose name this table lacks; a key of our own
+        # (no config maps to it, so the Auto classes never build it) lists ours.
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(f"distributed-{family.name}", cls.__name__)
     return _CLASSES[family.name]
 
 

@@ -50,6 +50,12 @@ class SpanStream:
         # once a push into it failed, after which the client sends this stream its steps itself.
         self.session_id = secrets.token_hex(16)
         self.accepts_pushes = True
+        # The server's messages, read as they come: step replies (or the error that ended the stream) in order, and
+        # reports that the push of one of this session's steps failed after its reply (by step: the error).
+        self._results: asyncio.Queue = asyncio.Queue()
+        self._push_failures: dict[int, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+        self._ended: BaseException | None = None
 
     async def open(self) -> None:
         async def requests():
@@ -63,6 +69,7 @@ class SpanStream:
                 self.connection.config.connect_timeout)
             self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=[pack_tensor(t) for t in opening]))
             await self._next_reply()
+            self._reader = asyncio.create_task(self._read())
         except TRANSPORT_ERRORS as exc:
             self._queue.put_nowait(None)
             self.failed = True
@@ -78,10 +85,46 @@ class SpanStream:
     async def _next_reply(self) -> runtime_pb2.ExpertResponse:
         return await _next_reply(self._replies, self.connection.request_timeout, self.step, "inference stream")
 
-    def submit(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], forward: Sequence[ForwardHop] = ()) -> None:
-        """Send a step's inputs without waiting; the server pushes its output along `forward` (later route hops)."""
-        message = runtime_pb2.ExpertRequest(metadata=ForwardStep(step=self.step_id, forward=list(forward)).encode(),
-                                            tensors=pack_inputs(tensors, [self.codec]))
+    async def _read(self) -> None:
+        """Sort the server's messages into step replies and push-failure reports until the stream ends."""
+        peer = str(self.step.peer_id)
+        try:
+            async for reply in self._replies:
+                meta = InferenceReply.decode(reply.metadata)
+                if meta.push_failed >= 0:
+                    self._push_failure(meta.push_failed).set_result(meta.forward_error or "the push failed")
+                else:
+                    self._results.put_nowait((reply, meta))
+            ended: BaseException = RemoteError("transport", "server closed the inference stream", peer)
+        except TRANSPORT_ERRORS as exc:
+            ended = RemoteError.from_exception(exc, peer)
+        except Exception as exc:  # noqa: BLE001 - e.g. malformed metadata: the stream is unusable, say why
+            ended = RemoteError("bad_reply", f"{type(exc).__name__}: {exc}", peer)
+        self._results.put_nowait(ended)
+        # A push of a stream that ended cannot be confirmed any more: its sender drives that hop itself.
+        for future in self._push_failures.values():
+            if not future.done():
+                future.set_result(f"the stream of the server that pushes ended ({ended})")
+        self._ended = ended
+
+    def _push_failure(self, step: int) -> asyncio.Future:
+        if step not in self._push_failures:
+            self._push_failures[step] = asyncio.get_running_loop().create_future()
+            if self._ended is not None:
+                self._push_failures[step].set_result(f"the stream of the server that pushes ended ({self._ended})")
+        return self._push_failures[step]
+
+    async def push_failed(self, step: int) -> str:
+        """Wait until this server reports that it could not push its output of `step` to the next server (why)."""
+        return await asyncio.shield(self._push_failure(step))
+
+    def submit(self, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor], forward: Sequence[ForwardHop] = (),
+               hypo_ids: Sequence[int] = ()) -> None:
+        """Send a step's inputs without waiting; the server pushes its output along `forward` (later route hops).
+        `hypo_ids` reorders the cached rows first (beam search)."""
+        message = runtime_pb2.ExpertRequest(
+            metadata=ForwardStep(step=self.step_id, forward=list(forward), hypo_ids=list(hypo_ids)).encode(),
+            tensors=pack_inputs(tensors, [self.codec]))
         self._queue.put_nowait(message)
         self.traffic += self.connection.count(message.tensors, ())
 
@@ -89,11 +132,15 @@ class SpanStream:
         """The output of the next step, submitted here or pushed by the previous server, as the server packed it; the
         step's `tensors` (its inputs) go into the history."""
         try:
-            reply = await self._next_reply()
-        except RemoteError as exc:
-            self.failed = exc.server_gone  # not a refusal
-            raise
-        meta = InferenceReply.decode(reply.metadata)
+            item = await asyncio.wait_for(self._results.get(), self.connection.request_timeout)
+        except asyncio.TimeoutError as exc:
+            self.failed = True
+            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
+        if isinstance(item, BaseException):
+            self._results.put_nowait(item)  # the stream is over: every later call gets the same error
+            self.failed = isinstance(item, RemoteError) and item.server_gone  # not a refusal
+            raise item
+        reply, meta = item
         if len(reply.tensors) != 1:
             raise RemoteError("bad_reply", f"an inference step's reply has {len(reply.tensors)} tensors, not 1", str(self.step.peer_id))
         self.history.append(list(tensors))
@@ -109,11 +156,11 @@ class SpanStream:
 
     async def close(self) -> None:
         self._queue.put_nowait(None)
-        if self._replies is not None:
+        if self._reader is not None:  # the server ends the stream once it has seen the end of ours
             try:
-                await asyncio.wait_for(anext(self._replies, None), 1.0)
+                await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
             except Exception:  # noqa: BLE001 - the server may already be gone; nothing to recover
-                pass
+                self._reader.cancel()
 
 
 class TrainStream:

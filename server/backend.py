@@ -51,6 +51,13 @@ def unpack_request(protos, first: int = 0) -> list[torch.Tensor]:
     return [unpack_tensor(t, f"tensor {first + i}") for i, t in enumerate(protos)]
 
 
+def check_hypo_ids(hypo_ids: Sequence[int], batch_size: int) -> None:
+    """A step's reorder of its session's cache rows (beam search) must name one valid row for each row."""
+    if hypo_ids and (len(hypo_ids) != batch_size or max(hypo_ids) >= batch_size):
+        raise BadRequest(f"hypo_ids must name one row in [0, {batch_size}) for each of the session's {batch_size} rows, "
+                         f"got {len(hypo_ids)} with the largest {max(hypo_ids)}")
+
+
 def check_codec(codec: str) -> None:
     """A codec the client asked for must be one this server knows (see swarm.compression)."""
     if codec and codec not in compression.available():
@@ -208,17 +215,21 @@ class InferenceState:
         self.broken = False
 
     @torch.inference_mode()
-    def step(self, inputs: SpanInputs) -> torch.Tensor:
+    def step(self, inputs: SpanInputs, hypo_ids: Sequence[int] = ()) -> torch.Tensor:
+        """Run new tokens, after reordering the cached rows by `hypo_ids` (beam search: the beams the client keeps)."""
         if self.broken:
             raise BadRequest("this session failed earlier; open a new one")
         batch, length, _ = inputs.hidden.shape
         if batch != self.batch_size:
             raise BadRequest(f"session was opened for batch size {self.batch_size}, step has {batch}")
+        check_hypo_ids(hypo_ids, batch)
         if self.position + length > self.max_length:
             raise MaxLengthExceeded(
                 f"session holds {self.position} tokens and max_length={self.max_length}; "
                 f"{length} more do not fit. Open the session with a larger max_length"
             )
+        if hypo_ids:
+            self._reorder(torch.tensor(hypo_ids, dtype=torch.int64))
         new_mask = inputs.attention_mask if inputs.attention_mask is not None else torch.ones(batch, length, dtype=torch.int64)
         mask = torch.cat([self.mask, new_mask], dim=1)
         try:
@@ -230,3 +241,10 @@ class InferenceState:
             raise
         self.mask, self.position = mask, self.position + length
         return output
+
+    def _reorder(self, rows: torch.Tensor) -> None:
+        """Everything kept per row follows the rows: the KV cache, the padding mask and per-row deep prompts."""
+        self.cache.reorder_cache(rows)
+        self.mask = self.mask[rows]
+        if self.prompts is not None and self.prompts.shape[1] > 1:
+            self.prompts = self.prompts[:, rows]

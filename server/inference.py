@@ -12,7 +12,7 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
-from server.backend import InferenceState, check_codec, unpack_request
+from server.backend import InferenceState, check_codec, check_hypo_ids, unpack_request
 from swarm.compression import wire
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES, SERVER
 from swarm.errors import BadRequest, RemoteError, ServerLeaving
@@ -30,10 +30,19 @@ class OpenSession:
 
     meta: InferenceOpen
     state: InferenceState
-    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # ExpertRequest | (PushStep, tensors) | None (end)
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # ExpertRequest | (PushStep, tensors) | PushFailed | None
     steps: int = 0  # steps done: the next one must carry this number
     pushed: int = -1  # the last step a push was accepted for (one push per step may wait in the inbox)
     link: PushLink | None = None  # the stream this session's steps are pushed on to the next server with
+    push_task: asyncio.Task | None = None  # the latest push (each waits for the one before it)
+
+
+@dataclass(frozen=True)
+class PushFailed:
+    """An inbox item: the push of the session's step `step` failed after its reply went; tell the client."""
+
+    step: int
+    error: str
 
 
 class PushLink:
@@ -129,6 +138,8 @@ class InferenceRpcs:
         finally:
             if reader is not None:
                 reader.cancel()
+            if session is not None and session.push_task is not None:
+                session.push_task.cancel()  # the client is gone: nobody waits for that push any more
             if session is not None and session.link is not None:
                 session.link.close()
             if session is not None and self.sessions.get(meta.session_id) is session:
@@ -138,6 +149,9 @@ class InferenceRpcs:
 
     async def _inference_step(self, session: OpenSession, item) -> runtime_pb2.ExpertResponse | None:
         """Run one step (a client's message or a validated push); None for a step that was already done."""
+        if isinstance(item, PushFailed):  # a report for the client, on its stream, as soon as the push failed
+            reply = InferenceReply(position=session.state.position, push_failed=item.step, forward_error=item.error)
+            return runtime_pb2.ExpertResponse(metadata=reply.encode())
         if isinstance(item, runtime_pb2.ExpertRequest):
             meta, tensors, received = ForwardStep.decode(item.metadata), unpack_request(item.tensors), item.tensors
         else:
@@ -151,13 +165,13 @@ class InferenceRpcs:
             raise BadRequest(f"step {meta.step} arrived before step {session.steps}")
         self._check_route(meta.forward)
         inputs = self.backend.check_inputs(tensors)
-        output = (await self._compute(session.state.step, inputs)).to(tensors[0].dtype)
+        output = (await self._compute(session.state.step, inputs, meta.hypo_ids)).to(tensors[0].dtype)
         session.steps += 1
         reply = InferenceReply(position=session.state.position, cache_tokens_left=self.budget.free)
         if meta.forward:
             # The next server and the client get the same bytes: the client's copy is that server's input history.
             hidden = pack_tensor(output, meta.forward[0].codec or None)
-            error = await self._push(session, meta.forward[0], meta.forward[1:], hidden, tensors[1:])
+            error = self._start_push(session, meta, hidden, tensors[1:])
             reply = reply.model_copy(update={"forwarded": not error, "forward_error": error})
         else:
             hidden = pack_tensor(output, session.meta.reply_codec or None)
@@ -171,17 +185,35 @@ class InferenceRpcs:
             if self.p2p is not None and hop.peer_id == str(self.p2p.peer_id):
                 raise BadRequest("the forward route names this server itself")
 
-    async def _push(self, session: OpenSession, hop: ForwardHop, rest: list[ForwardHop], hidden: runtime_pb2.Tensor,
+    def _start_push(self, session: OpenSession, meta: ForwardStep, hidden: runtime_pb2.Tensor,
                     extra: list[torch.Tensor]) -> str:
-        """Push a step's output into the next server's session, on the session's push stream to it (opened on first
-        use); returns "" or why that failed (the client then sends the step there itself)."""
+        """Start pushing a step's output into the next server's session, after the session's earlier pushes, without
+        waiting for it (the reply to the client goes at once); returns "" or why it cannot be pushed at all. A push
+        that fails later is reported on the client's stream (PushFailed), and the client sends that hop itself."""
         if self.p2p is None:
             return "this server has no P2P node to push with"
-        request = runtime_pb2.ExpertRequest(metadata=PushStep(step=hop.step, forward=rest, session_id=hop.session_id).encode(),
-                                            tensors=[hidden, *(pack_tensor(t) for t in extra)])
+        hop = meta.forward[0]
+        request = runtime_pb2.ExpertRequest(
+            metadata=PushStep(step=hop.step, forward=meta.forward[1:], session_id=hop.session_id,
+                              hypo_ids=meta.hypo_ids).encode(),
+            tensors=[hidden, *(pack_tensor(t) for t in extra)])
         size = payload_bytes(request.tensors)
         if size > MAX_UNARY_PAYLOAD_BYTES:
             return f"a push of {size} bytes exceeds the {MAX_UNARY_PAYLOAD_BYTES}-byte message limit"
+        session.push_task = asyncio.create_task(self._push_after(session, session.push_task, meta.step, hop, request))
+        return ""
+
+    async def _push_after(self, session: OpenSession, previous: asyncio.Task | None, step: int, hop: ForwardHop,
+                          request: runtime_pb2.ExpertRequest) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # pushes of a session go out in order (its outcome is reported by itself)
+        error = await self._push(session, hop, request)
+        if error:
+            session.inbox.put_nowait(PushFailed(step, error))
+
+    async def _push(self, session: OpenSession, hop: ForwardHop, request: runtime_pb2.ExpertRequest) -> str:
+        """Push a step into the next server's session, on the session's push stream to it (opened on first use);
+        returns "" or why that failed."""
         try:
             if session.link is None or session.link.target != (hop.peer_id, hop.session_id):  # new, or the route changed
                 if session.link is not None:
@@ -196,7 +228,7 @@ class InferenceRpcs:
             error = RemoteError.from_exception(exc, hop.peer_id)
             logger.info("could not push step %d to %s: [%s] %s", hop.step, hop.peer_id[-8:], error.code, error.message[:200])
             return f"[{error.code}] {error.message}"[:1000]
-        self.stats.bytes_out += size
+        self.stats.bytes_out += payload_bytes(request.tensors)
         self.stats.raw_out += raw_bytes(request.tensors)
         return ""
 
@@ -223,6 +255,7 @@ class InferenceRpcs:
             hidden = self.backend.check_inputs(tensors).hidden
             if hidden.shape[0] != session.state.batch_size:
                 raise BadRequest(f"session was opened for batch size {session.state.batch_size}, push has {hidden.shape[0]}")
+            check_hypo_ids(meta.hypo_ids, session.state.batch_size)
             session.pushed = meta.step
             session.inbox.put_nowait((meta, tensors))
         self._count("push", request.tensors)

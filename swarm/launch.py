@@ -116,14 +116,15 @@ class LocalSwarm:
         return self.bootstrap.wait_ready()
 
     def start_servers(self, model: str, spans: Sequence[tuple[int, int]], extra_args: Sequence[str] = (),
-                      env: dict | None = None, timeout: float = 180.0, wait: bool = True) -> list[PeerProcess]:
+                      env: dict | None = None, timeout: float = 180.0, wait: bool = True,
+                      python_args: Sequence[str] = ("-m", "swarm.cli")) -> list[PeerProcess]:
         """Start one server per span, all at once, and wait until every one is serving (unless `wait` is False:
-        then PeerProcess.ready() tells when one is)."""
+        then PeerProcess.ready() tells when one is). `python_args`: as PeerProcess's."""
         started = []
         for start, end in spans:
             args = ["server", model, "--blocks", f"{start}:{end}", "--initial-peers", *self.initial_peers,
                     "--host-maddrs", LOCALHOST, *extra_args]
-            started.append(PeerProcess(args, f"server-{start}-{end}", env))
+            started.append(PeerProcess(args, f"server-{start}-{end}", env, python_args))
         self.servers += started
         for server in started if wait else ():
             server.wait_ready(timeout)

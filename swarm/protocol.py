@@ -116,10 +116,16 @@ class InferenceOpen(_Meta):
     input_codec: str = Field(default="", max_length=64)
 
 
+MAX_HYPO_IDS = 4096  # rows one reorder may name; a server also checks them against its session's batch size
+
+
 class InferenceStep(_Meta):
     """One step of an inference stream: the new tokens' hidden states (and their positions and mask)."""
 
     step: int = Field(ge=0)
+    # Beam search: before this step, row i of the session's KV cache becomes row hypo_ids[i] (the beams the client
+    # keeps; a row may be kept twice). Empty: the rows stay as they are. See server.backend.check_hypo_ids.
+    hypo_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_HYPO_IDS)
 
 
 class TrainGrad(_Meta):
@@ -136,6 +142,9 @@ class InferenceReply(_Meta):
     cache_tokens_left: int = 0
     forwarded: bool = False  # the step named later servers and its output was pushed to the next one
     forward_error: str = Field(default="", max_length=1024)  # why it could not be pushed
+    # Not a step's reply but a report, sent when it happens: the push of this session's step `push_failed` (done and
+    # answered already) to the next server failed, for `forward_error`; the client sends that hop itself. -1: a reply.
+    push_failed: int = Field(default=-1, ge=-1)
 
 
 def _short(exc: BaseException) -> str:

@@ -61,7 +61,7 @@ class FakeStream:
     async def open(self) -> None:
         self._check()
 
-    def submit(self, tensors, forward=()) -> None:
+    def submit(self, tensors, forward=(), hypo_ids=()) -> None:
         self._check()
 
     async def result(self, tensors):
