@@ -10,6 +10,7 @@ from hivemind.proto import runtime_pb2
 
 from client import aio
 from client.connection import SpanStream, SwarmConnection, relayed
+from client.limits import length_chunks, route_limit
 from client.routing import NoRouteError
 from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
 from swarm.forwarding import HopTarget, forward_chain
@@ -67,7 +68,7 @@ class InferenceSession:
         passed_over: set[str | None] = set()
         while True:
             streams = [self._stream(step, batch_size) for step in self.connection.plan(
-                start, end, self.adapter, session_tokens=batch_size * self.max_length)]
+                start, end, self.adapter, session_tokens=batch_size * self.max_length, batch_size=batch_size)]
             try:
                 for stream in streams:
                     await stream.open()
@@ -185,7 +186,11 @@ class InferenceSession:
         tensors = [hidden.detach(), position_ids.expand(batch, length).to(torch.int64).contiguous()]
         if attention_mask is not None:
             tensors.append(attention_mask.to(torch.int64).contiguous())
-        output = aio.run(self._step(tensors))
+        if not self.streams:
+            aio.run(self._open(batch))
+        # A long prompt goes in pieces that every server of the route takes (their KV caches make it one step).
+        pieces = length_chunks(batch, length, route_limit([stream.step for stream in self.streams]))
+        output = torch.cat([aio.run(self._step([t[:, piece] for t in tensors])) for piece in pieces], dim=1)
         self.batch_size = batch
         self.position += length
         return output.to(hidden.dtype)

@@ -8,15 +8,15 @@ from dataclasses import dataclass
 import torch
 
 from swarm import compression, lora
-from swarm.config import SERVER
+from swarm.config import ServerConfig
 from swarm.models.span import BlockSpan
 from swarm.protocol import BadRequest, BlocksNotServed, MaxLengthExceeded, unpack_tensor
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_batch_size: int = SERVER.max_batch_size
-    max_chunk_tokens: int = SERVER.max_chunk_tokens
+    max_batch_size: int = ServerConfig.max_batch_size
+    max_chunk_tokens: int = ServerConfig.max_chunk_tokens
 
 
 @dataclass

@@ -19,6 +19,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from swarm import __version__
+from swarm.config import ServerConfig
 
 MODEL_INDEX_KEY = "_swarm.models"
 
@@ -47,6 +48,9 @@ class ServerRecord:
     bytes_raw: int = 0  # tensors this server received and sent since it started, uncompressed
     bytes_wire: int = 0  # the same on the wire
     rebalances: bool = False  # it moves to other blocks when the swarm needs them (see server.block_selection)
+    # The largest request it takes: batch x length tokens, and batch (a record without them: the servers' defaults).
+    max_chunk_tokens: int = ServerConfig.max_chunk_tokens
+    max_batch_size: int = ServerConfig.max_batch_size
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -68,6 +72,9 @@ class ServerRecord:
                 if name in values:
                     values[name] = tuple(str(x) for x in values[name])
             values["rebalances"] = values.get("rebalances") is True
+            for name in ("max_chunk_tokens", "max_batch_size"):  # a bad limit is ignored, not the whole record
+                if not (type(values.get(name)) is int and values[name] >= 1):
+                    values.pop(name, None)
             record = cls(start=start, end=end, **values)
         except (KeyError, ValueError, TypeError):
             return None
