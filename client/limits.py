@@ -78,7 +78,8 @@ def forward_needs_session(length: int, limits: RequestLimits, needs_grad: bool) 
 def forward_in_sessions(layers, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         limits: RequestLimits) -> torch.Tensor:
     """A no-grad forward of `layers` (a client.remote_sequential.RemoteSequential) through a temporary inference
-    session per chunk of the batch, each step sent in length chunks (InferenceSession.step): equal to one forward."""
+    session per chunk of the batch, each step sent in length chunks (InferenceSession.step): equal to one forward
+    (its hidden states go in the inference codec)."""
     batch, length, _ = hidden.shape
     outputs = []
     for where in split_batch(batch, 1, limits.max_chunk_tokens, limits.max_batch_size):

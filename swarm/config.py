@@ -50,8 +50,9 @@ class ServerConfig:
     new_swarm: bool = False
     adapters: Mapping[str, str] = field(default_factory=dict)
 
-    host_maddrs: tuple[str, ...] = option(("/ip4/0.0.0.0/tcp/0",), "addresses to listen on, e.g. /ip4/127.0.0.1/tcp/0")
-    announce_maddrs: tuple[str, ...] | None = option(None, "public addresses others should dial")
+    host_maddrs: tuple[str, ...] = option(("/ip4/0.0.0.0/tcp/0",), "addresses to listen on, e.g. /ip4/127.0.0.1/tcp/0",
+                                          metavar="MADDR")
+    announce_maddrs: tuple[str, ...] | None = option(None, "public addresses others should dial", metavar="MADDR")
     identity_path: str | None = option(None, "private key file; keeps this server's peer ID stable")
     dht_prefix: str | None = option(None, "name the model is announced under (default: the folder or repo name)")
     public_name: str = option("", "a name shown to others in `swarm status`")
