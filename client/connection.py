@@ -123,12 +123,12 @@ class SwarmConnection:
                     compatibility=self.compatibility)
 
     def plan(self, start: int = 0, end: int | None = None, adapter: str | None = None, *,
-             session_tokens: int = 0) -> list[RouteStep]:
+             session_tokens: int = 0, batch_size: int = 0) -> list[RouteStep]:
         """The least-latency route (client.routing.plan_route) over the measured pings; `session_tokens`
-        (batch x max_length) leaves out servers that announce less free KV cache."""
+        (batch x max_length) leaves out servers that announce less free KV cache, `batch_size` smaller batches."""
         end = self.num_blocks if end is None else end
         rules = dict(self._rules(adapter), hop_ms=self.config.hop_overhead_ms,
-                     default_ms_per_block=self.config.default_ms_per_block)
+                     default_ms_per_block=self.config.default_ms_per_block, batch_size=batch_size)
         try:
             return plan_route(self.servers(), start, end, session_tokens=session_tokens, **rules)
         except NoRouteError:  # the swarm may have changed
@@ -143,13 +143,13 @@ class SwarmConnection:
             return plan_route(servers, start, end, **rules)
 
     def plan_training(self, start: int = 0, end: int | None = None, adapter: str | None = None,
-                      planned: Mapping[str, int] | None = None) -> list[RouteStep]:
+                      planned: Mapping[str, int] | None = None, batch_size: int = 0) -> list[RouteStep]:
         """A training route drawn by throughput (client.routing.plan_training_route), counting the requests this
-        client has in flight and `planned` ones (by peer id) as load."""
+        client has in flight and `planned` ones (by peer id) as load; for requests of `batch_size` sequences."""
         end = self.num_blocks if end is None else end
         load = Counter(self.in_flight.counts())
         load.update(planned or {})
-        rules = self._rules(adapter)
+        rules = dict(self._rules(adapter), batch_size=batch_size)
         try:
             return plan_training_route(self.servers(), start, end, self.rng, load, **rules)
         except NoRouteError:

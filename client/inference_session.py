@@ -14,6 +14,7 @@ from client import aio
 from client.config import CLIENT, ClientConfig
 from client.connection import SwarmConnection
 from client.failover import with_failover
+from client.limits import length_chunks, route_limit
 from client.requests import Additions, Codecs
 from client.streams import SpanStream, relayed
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES
@@ -59,7 +60,8 @@ class InferenceSession:
         """Open streams along a planned route for blocks [start, end); a failure to open one is marked `opening`
         (client.failover: a crashed server's record outlives it, and is passed over once without using a retry)."""
         route = await self.connection.aplan(start, end, self.additions.adapter or None,
-                                            session_tokens=batch_size * self.max_length)
+                                            session_tokens=batch_size * self.max_length,
+                                            batch_size=batch_size)
         streams = [SpanStream(self.connection, step, batch_size, self.max_length, self.additions) for step in route]
         try:
             for stream in streams:
@@ -190,9 +192,15 @@ class InferenceSession:
         tensors = [hidden.detach(), position_ids.expand(batch, length).to(torch.int64).contiguous()]
         if attention_mask is not None:
             tensors.append(attention_mask.to(torch.int64).contiguous())
-        output = aio.run(self._step(tensors, self._next_reorder))
-        self.reorders.append(self._next_reorder)
-        self._next_reorder = []
+        if not self.streams:
+            aio.run(self._open(batch))
+        # A long prompt goes in pieces that every server of the route takes (their KV caches make it one step).
+        outputs = []
+        for piece in length_chunks(batch, length, route_limit([stream.step for stream in self.streams])):
+            rows, self._next_reorder = self._next_reorder, []  # a reorder goes with the first piece
+            outputs.append(aio.run(self._step([t[:, piece] for t in tensors], rows)))
+            self.reorders.append(rows)
+        output = torch.cat(outputs, dim=1)
         self.batch_size = batch
         self.position += length
         return output.to(hidden.dtype)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import warnings
 import weakref
 from collections import Counter
@@ -16,11 +15,12 @@ from hivemind.proto import runtime_pb2
 from torch import nn
 
 from client import aio
-from client.config import CLIENT, ClientConfig
+from client.config import ClientConfig
 from client.connection import SwarmConnection
 from client.delta_client import ClientDelta
 from client.failover import with_failover
 from client.inference_session import InferenceSession
+from client.limits import RequestLimits, announced_limits, forward_in_sessions, forward_needs_session, split_batch
 from client.requests import Additions, Codecs, SpanCall, span_call
 from client.routing import NoRouteError, RouteStep
 from swarm.compression.delta import row_keys
@@ -36,18 +36,6 @@ def _span_tensors(hidden, position_ids, attention_mask) -> list[torch.Tensor]:
     if attention_mask is not None:
         tensors.append(attention_mask)
     return tensors
-
-
-def split_batch(batch: int, length: int, max_chunk_tokens: int = CLIENT.max_chunk_tokens) -> list[slice]:
-    """Chunks of whole sequences, each within the servers' per-request token limit, of nearly equal size.
-
-    The chunks travel the route concurrently. Splitting further to pipeline a batch that fits in one request
-    was measured slower when the servers share the client's cores (SmolLM2 step 1.77x local against 1.62x).
-    """
-    per_chunk_limit = max(1, max_chunk_tokens // max(length, 1))
-    chunks = min(batch, math.ceil(batch / per_chunk_limit))
-    size = math.ceil(batch / max(chunks, 1))
-    return [slice(i, min(i + size, batch)) for i in range(0, batch, size)] or [slice(0, 0)]
 
 
 async def _gather(coroutines) -> list:
@@ -84,8 +72,9 @@ class _RemoteChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask, chain: RemoteSequential,
                 expect_backward: bool, *params):
-        slices = split_batch(hidden.shape[0], hidden.shape[1], chain.config.max_chunk_tokens)
-        routes = chain.plan_chunks(len(slices))  # per chunk: the servers that ran it (a failed one is replaced)
+        limits = chain.request_limits()
+        slices = split_batch(hidden.shape[0], hidden.shape[1], limits.max_chunk_tokens, limits.max_batch_size)
+        routes = chain.plan_chunks(len(slices), slices[0].stop - slices[0].start)  # per chunk: who ran it (or replaced it)
         base_seed = chain.draw_dropout_seed()
         # The adapter's digest per span, once per call: its backward then uses the tensors its forward used.
         spans = {(step.start, step.end) for route in routes for step in route}
@@ -257,17 +246,22 @@ class RemoteSequential(nn.Module):
     def __len__(self) -> int:
         return self.end - self.start
 
-    def plan_chunks(self, chunks: int) -> list[list[RouteStep]]:
-        """A training route per chunk of a batch, drawn by throughput so that concurrent chunks (and calls) spread
-        over the replicas of each span; each chunk counts the ones planned before it as load."""
+    def plan_chunks(self, chunks: int, batch_size: int = 0) -> list[list[RouteStep]]:
+        """A training route per chunk of a batch (of `batch_size` sequences at most), drawn by throughput so that
+        concurrent chunks (and calls) spread over the replicas of each span; each counts earlier ones as load."""
         planned: Counter[str] = Counter()
         routes = []
         for _ in range(chunks):
-            route = self.connection.plan_training(self.start, self.end, self.adapter, planned)
+            route = self.connection.plan_training(self.start, self.end, self.adapter, planned, batch_size)
             planned.update(str(step.peer_id) for step in route)
             routes.append(route)
         self.last_routes = routes
         return routes
+
+    def request_limits(self) -> RequestLimits:
+        """What every server that may run these blocks takes per request (client.limits), within max_chunk_tokens."""
+        return announced_limits(self.connection.servers(), self.start, self.end, self.config.max_chunk_tokens,
+                                choice=self.connection.choice, adapter=self.adapter)
 
     def draw_dropout_seed(self) -> int:
         """A seed for the servers' LoRA dropout masks (from torch's RNG), or 0 when no dropout applies."""
@@ -352,6 +346,9 @@ class RemoteSequential(nn.Module):
         if self.prompts is not None and self.prompts.deep is not None:
             params.append(self.prompts.deep)
         expect_backward = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
+        limits = self.request_limits()
+        if forward_needs_session(length, limits, expect_backward):  # sequences longer than a request may hold
+            return forward_in_sessions(self, hidden, position_ids, attention_mask, limits)
         output = _RemoteChain.apply(hidden, position_ids, attention_mask, self, expect_backward, *params)
         return output.to(hidden.dtype)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from client.config import CLIENT
 from swarm.dht_records import ServerInfo, ServerState
@@ -21,12 +21,14 @@ class RouteStep:
     peer_id: object  # hivemind PeerID (kept opaque so policies stay testable with plain values)
     start: int
     end: int
+    # The tokens (batch x length) the server takes per request, as its record announced when the route was planned.
+    max_chunk_tokens: int | None = field(default=None, compare=False)
 
 
 class NoRouteError(RuntimeError):
     """No chain of usable servers covers the blocks. `reasons`: why the servers of the first uncovered block were
-    left out (codes: blocked, not_allowed, offline, joining, protocol, model, banned, adapter, cache); empty when none
-    hosts it."""
+    left out (codes: blocked, not_allowed, offline, joining, protocol, model, banned, adapter, cache, batch); empty
+    when none hosts it."""
 
     def __init__(self, message: str, block: int = 0, reasons: frozenset[str] = frozenset()):
         super().__init__(message)
@@ -86,7 +88,7 @@ def smooth_rtt(previous: float | None, sample: float | None, alpha: float = CLIE
 
 
 def exclusion(server: ServerInfo, banned: Collection[str] = (), choice: ServerChoice = ServerChoice(),
-              adapter: str | None = None, session_tokens: int = 0,
+              adapter: str | None = None, session_tokens: int = 0, batch_size: int = 0,
               compatibility: CompatibilityRule | None = None) -> tuple[str, str] | None:
     """(code, text) saying why a server may not be on a route, or None when it may. `compatibility` says whether
     the client can work with it at all (protocol versions, the model it loaded)."""
@@ -105,6 +107,8 @@ def exclusion(server: ServerInfo, banned: Collection[str] = (), choice: ServerCh
         return "adapter", f"does not host adapter {adapter!r}"
     if session_tokens > record.cache_tokens_left:
         return "cache", f"{record.cache_tokens_left} cache tokens free, {session_tokens} needed"
+    if batch_size > record.max_batch_size:
+        return "batch", f"takes batches of at most {record.max_batch_size}, {batch_size} needed"
     return None
 
 
@@ -137,6 +141,8 @@ def _no_route(servers: Sequence[ServerInfo], block: int, start: int, end: int, u
             advice.append("upgrade the older side, this client or those servers (`swarm status` shows their versions)")
         if "model" in reasons:
             advice.append("serve the checkpoint this client loaded, or load the one those servers serve")
+        if "batch" in reasons:
+            advice.append("use a smaller batch")
         advice_text = "; or ".join(advice)
         message = (f"block {block} is served only by servers left out of routes here ({needed}): {details}. "
                    f"{advice_text[:1].upper()}{advice_text[1:]}, or wait for another server to join")
@@ -176,6 +182,7 @@ def plan_route(
     rtt_ms: Mapping[str, float] | None = None,
     choice: ServerChoice = ServerChoice(),
     session_tokens: int = 0,
+    batch_size: int = 0,
     compatibility: CompatibilityRule | None = None,
 ) -> list[RouteStep]:
     """The chain covering blocks [start, end) with the least expected latency per token.
@@ -184,12 +191,12 @@ def plan_route(
     penalty when unreachable) plus its blocks times the server's ms_per_block. A server may be entered in the middle
     of its span and left before its end. Ties prefer fewer hops. With `adapter`, only servers that host that named
     adapter are used; with `session_tokens` (batch x max_length of an inference session), only servers that announce
-    that much free KV cache. `choice` applies the client's allowed/blocked lists, `compatibility` leaves out servers
-    the client cannot work with.
+    that much free KV cache; with `batch_size`, only servers that take batches that large. `choice` applies the
+    client's allowed/blocked lists, `compatibility` leaves out servers the client cannot work with.
     """
     rtt_ms = rtt_ms or {}
     usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter, session_tokens=session_tokens,
-                          compatibility=compatibility)
+                          batch_size=batch_size, compatibility=compatibility)
     best: dict[int, tuple[float, int, int | None, ServerInfo | None]] = {start: (0.0, 0, None, None)}
     for i in range(start, end):
         if i not in best:
@@ -209,7 +216,7 @@ def plan_route(
     steps, j = [], end
     while j != start:
         _, _, i, server = best[j]
-        steps.append(RouteStep(server.peer_id, i, j))
+        steps.append(RouteStep(server.peer_id, i, j, server.record.max_chunk_tokens))
         j = i
     return steps[::-1]
 
@@ -237,6 +244,7 @@ def plan_training_route(
     *,
     rtt_ms: Mapping[str, float] | None = None,
     choice: ServerChoice = ServerChoice(),
+    batch_size: int = 0,
     compatibility: CompatibilityRule | None = None,
 ) -> list[RouteStep]:
     """A chain covering [start, end) for one training request, spread over replicas by throughput.
@@ -244,10 +252,12 @@ def plan_training_route(
     From the first uncovered block, the next server is drawn among the usable ones hosting it with probability
     proportional to training_weight (throughput, less the load `in_flight` says this client has there); it runs
     to the end of its span or `end`. Servers whose last ping failed are drawn only if no other hosts the block.
-    Servers that report no throughput count as the average of those that do. Deterministic given `draw`'s state.
+    Servers that report no throughput count as the average of those that do; servers that take batches smaller than
+    `batch_size` are left out. Deterministic given `draw`'s state.
     """
     rtt_ms, in_flight = rtt_ms or {}, in_flight or {}
-    usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter, compatibility=compatibility)
+    usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter, batch_size=batch_size,
+                          compatibility=compatibility)
     steps, i = [], start
     while i < end:
         hosts = [s for s in usable if s.record.start <= i < s.record.end]
@@ -260,7 +270,7 @@ def plan_training_route(
         weights = [training_weight(s, in_flight.get(str(s.peer_id), 0), default) for s in hosts]
         chosen = hosts[_pick(weights, draw.random())]
         j = min(chosen.record.end, end)
-        steps.append(RouteStep(chosen.peer_id, i, j))
+        steps.append(RouteStep(chosen.peer_id, i, j, chosen.record.max_chunk_tokens))
         i = j
     return steps
 

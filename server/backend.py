@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm import compression, lora
-from swarm.config import SERVER
+from swarm.config import ServerConfig
 from swarm.errors import BadRequest, BlocksNotServed, MaxLengthExceeded
 from swarm.models.span import BlockSpan
 from swarm.tensors import unpack_tensor
@@ -16,8 +16,8 @@ from swarm.tensors import unpack_tensor
 
 @dataclass(frozen=True)
 class Limits:
-    max_batch_size: int = SERVER.max_batch_size
-    max_chunk_tokens: int = SERVER.max_chunk_tokens
+    max_batch_size: int = ServerConfig.max_batch_size
+    max_chunk_tokens: int = ServerConfig.max_chunk_tokens
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from swarm.config import SERVER
+from swarm.config import ServerConfig
 
 
 def coverage(num_blocks: int, spans: Sequence[tuple[int, int]]) -> list[int]:
@@ -106,7 +106,7 @@ def apply_moves(servers: Sequence[HostedSpan], moves: Sequence[Move]) -> list[Ho
 
 
 def decide_move(num_blocks: int, me: str, servers: Sequence[HostedSpan],
-                balance_margin: float = SERVER.balance_margin) -> Move | None:
+                balance_margin: float = ServerConfig.balance_margin) -> Move | None:
     """Whether the server `me` (one of `servers`) should move now, and where.
 
     It moves when it makes the first move of plan_rebalance and that plan either gives a server to blocks that have

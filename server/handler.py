@@ -23,7 +23,7 @@ from server.delta_state import ServerDelta
 from server.inference import InferenceRpcs
 from server.lora_cache import LoraCache
 from swarm import lora
-from swarm.config import SERVER
+from swarm.config import ServerConfig
 from swarm.errors import BadRequest, LoraNotCached, SwarmError
 from swarm.protocol import SpanReply, SpanRequest, TrainGrad
 from swarm.streaming import join_message, split_message
@@ -48,17 +48,13 @@ class TrafficStats:
 class BlockHandler(InferenceRpcs):
     """Implements the methods of swarm.service.BlockService for one span (inference sessions: server.inference)."""
 
-    def __init__(self, backend: SpanBackend, budget: CacheBudget, info: Callable[[], dict],
-                 session_timeout: float = SERVER.request_timeout, max_lora_mb: float = SERVER.max_lora_mb,
-                 lora_cache_mb: float = SERVER.lora_cache_mb, lora_cache_ttl: float = SERVER.lora_cache_ttl,
-                 train_activation_mb: float = SERVER.train_activation_mb, delta_state_mb: float = SERVER.delta_state_mb,
-                 delta_state_ttl: float = SERVER.delta_state_ttl, push_timeout: float = SERVER.push_timeout):
+    def __init__(self, backend: SpanBackend, budget: CacheBudget, info: Callable[[], dict], config: ServerConfig):
         self.backend, self.budget, self.info = backend, budget, info
-        self.session_timeout = session_timeout
-        self.max_lora_bytes = int(max_lora_mb * 2**20)
-        self.lora_cache = LoraCache(int(lora_cache_mb * 2**20), lora_cache_ttl)
-        self.activations = ActivationBudget(int(train_activation_mb * 2**20))
-        self.delta = ServerDelta(int(delta_state_mb * 2**20), delta_state_ttl)
+        self.session_timeout = config.request_timeout
+        self.max_lora_bytes = int(config.max_lora_mb * 2**20)
+        self.lora_cache = LoraCache(int(config.lora_cache_mb * 2**20), config.lora_cache_ttl)
+        self.activations = ActivationBudget(int(config.train_activation_mb * 2**20))
+        self.delta = ServerDelta(int(config.delta_state_mb * 2**20), config.delta_state_ttl)
         # The largest forward/backward a client can need: hidden states and their gradient for the most tokens a
         # request may hold, positions and mask, and the most LoRA bytes. Streams are cut off beyond it.
         tokens, hidden = backend.limits.max_chunk_tokens, backend.hidden_size
@@ -67,7 +63,7 @@ class BlockHandler(InferenceRpcs):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.stats = TrafficStats()
         self.leaving = False  # set on shutdown: open inference sessions are told to move on their next step
-        self._init_inference(push_timeout)
+        self._init_inference(config.push_timeout)
 
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, fn, *args)

@@ -14,7 +14,7 @@ from hivemind.proto import runtime_pb2
 
 from server.backend import InferenceState, check_codec, check_hypo_ids, unpack_request
 from swarm.compression import wire
-from swarm.config import MAX_UNARY_PAYLOAD_BYTES, SERVER
+from swarm.config import MAX_UNARY_PAYLOAD_BYTES
 from swarm.errors import BadRequest, RemoteError, ServerLeaving
 from swarm.forwarding import ForwardHop, ForwardStep, PushStep
 from swarm.protocol import InferenceOpen, InferenceReply
@@ -75,7 +75,7 @@ class InferenceRpcs:
     """rpc_inference and rpc_push of server.handler.BlockHandler, which provides the backend, the cache budget, the
     compute thread, statistics and error handling (_compute, _guard, _guarded, _count)."""
 
-    def _init_inference(self, push_timeout: float = SERVER.push_timeout) -> None:
+    def _init_inference(self, push_timeout: float) -> None:
         self.sessions: dict[str, OpenSession] = {}  # by the session id clients push under
         self.push_timeout = push_timeout
         self.p2p = None  # set by attach(): pushes need this server's own P2P node

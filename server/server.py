@@ -7,8 +7,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import hivemind
 import torch
@@ -20,7 +19,7 @@ from server.handler import BlockHandler
 from server.rebalance import ActiveHandler, Rebalancer, drain
 from swarm import __version__, compression, versions
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
-from swarm.config import SERVER
+from swarm.config import ServerConfig
 from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_servers
 from swarm.identity import ModelIdentity
 from swarm.lora import read_peft_adapter
@@ -31,33 +30,7 @@ from swarm.service import BlockService
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ServerOptions:
-    model: str
-    blocks: tuple[int, int] | None = None
-    num_blocks: int | None = None
-    initial_peers: Sequence[str] = ()
-    new_swarm: bool = False
-    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)
-    announce_maddrs: Sequence[str] | None = None
-    identity_path: str | None = None
-    torch_dtype: str = SERVER.torch_dtype
-    cache_tokens: int = SERVER.cache_tokens
-    dht_prefix: str | None = None
-    public_name: str = ""
-    update_period: float = SERVER.update_period
-    max_batch_size: int = SERVER.max_batch_size
-    max_chunk_tokens: int = SERVER.max_chunk_tokens
-    shutdown_timeout: float = SERVER.shutdown_timeout
-    adapters: dict[str, str] = field(default_factory=dict)  # name -> folder of a peft LoRA adapter to host
-    max_lora_mb: float = SERVER.max_lora_mb
-    lora_cache_mb: float = SERVER.lora_cache_mb
-    lora_cache_ttl: float = SERVER.lora_cache_ttl
-    train_activation_mb: float = SERVER.train_activation_mb
-    delta_state_mb: float = SERVER.delta_state_mb
-    delta_state_ttl: float = SERVER.delta_state_ttl
-    rebalance_period: float = SERVER.rebalance_period  # with num_blocks only; 0 disables
-    balance_margin: float = SERVER.balance_margin
+ServerOptions = ServerConfig  # the name of a server's options before they were declared in swarm.config
 
 
 @dataclass
@@ -93,11 +66,14 @@ def measure_speed(span: BlockSpan, dtype: torch.dtype) -> tuple[float, float]:
 
 
 class Server:
-    def __init__(self, options: ServerOptions):
+    def __init__(self, options: ServerConfig):
         if (options.blocks is None) == (options.num_blocks is None):
             raise ValueError("give exactly one of --blocks A:B or --num-blocks N")
         if not options.new_swarm and not options.initial_peers:
             raise ValueError("give --initial-peers MADDR... to join a swarm, or --new-swarm to start one")
+        for name in ("cache_tokens", "max_batch_size", "max_chunk_tokens"):
+            if getattr(options, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
         if options.rebalance_period < 0 or options.balance_margin < 0:
             raise ValueError(f"--rebalance-period ({options.rebalance_period}) and --balance-margin "
                              f"({options.balance_margin}) must be >= 0")
@@ -182,6 +158,8 @@ class Server:
             protocol_max=versions.ours()[1],
             config_digest=self.identity.config,
             weights_digest=hosted.weights_digest,
+            max_chunk_tokens=self.options.max_chunk_tokens,
+            max_batch_size=self.options.max_batch_size,
         )
 
     def info(self) -> dict:
@@ -192,6 +170,8 @@ class Server:
             "hidden_size": self.config.hidden_size,
             "sessions_open": self.handler.stats.sessions_open,
             "requests": self.handler.stats.requests,
+            "errors": self.handler.stats.errors,  # requests refused or failed (counted apart from `requests`)
+            "by_kind": dict(self.handler.stats.by_kind),  # requests served, by kind
             "bytes_in": self.handler.stats.bytes_in,
             "bytes_out": self.handler.stats.bytes_out,
             "raw_in": self.handler.stats.raw_in,
@@ -205,7 +185,7 @@ class Server:
 
     def _announce(self, state: ServerState, expiration: float | None = None, timeout: float = 10.0,
                   hosted: Hosted | None = None) -> None:
-        ttl = expiration if expiration is not None else self.options.update_period * SERVER.expiration_factor
+        ttl = expiration if expiration is not None else self.options.update_period * self.options.expiration_factor
         if not announce_span(self.dht, self.prefix, self.num_model_blocks, self._record(state, hosted), ttl, timeout):
             logger.warning("announcing %s to the DHT timed out after %.0f s; will retry", state.value, timeout)
 
@@ -228,10 +208,7 @@ class Server:
             backend.host_adapter(name, read_peft_adapter(path, range(start, end)))
             logger.info("hosting adapter %r from %s", name, path)
         # The KV-cache budget is the server's, shared by the spans it serves while it moves.
-        handler = BlockHandler(backend, self.budget, self.info, max_lora_mb=o.max_lora_mb,
-                               lora_cache_mb=o.lora_cache_mb, lora_cache_ttl=o.lora_cache_ttl,
-                               train_activation_mb=o.train_activation_mb, delta_state_mb=o.delta_state_mb,
-                               delta_state_ttl=o.delta_state_ttl)
+        handler = BlockHandler(backend, self.budget, self.info, o)
         return Hosted(start, end, handler, ms_per_block, forward_tps, self.identity.span(start, end) or "")
 
     async def switch(self, new: Hosted) -> bool:
@@ -308,7 +285,8 @@ class Server:
         self.ready.set()
         rebalancing = None
         if self.rebalances:
-            rebalancer = Rebalancer(self, self.options.rebalance_period, SERVER.rebalance_jitter, self.options.balance_margin)
+            rebalancer = Rebalancer(self, self.options.rebalance_period, self.options.rebalance_jitter,
+                                   self.options.balance_margin)
             rebalancing = asyncio.create_task(rebalancer.run(self._stop_event))
         while not self._stop_event.is_set():
             try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from swarm.options import option
 
 # The wire protocol: this build writes version PROTOCOL_VERSION and still reads every version down to
 # MIN_PROTOCOL_VERSION (swarm.versions). A change a peer one version behind cannot read raises PROTOCOL_VERSION; one
@@ -38,31 +41,60 @@ def apply_colocated_omp_env() -> None:
 
 
 @dataclass(frozen=True)
-class ServerDefaults:
-    update_period: float = 30.0  # seconds between DHT announcements
-    expiration_factor: float = 2.5  # records live this many update periods, so a crashed server vanishes by itself
-    cache_tokens: int = 16384  # KV-cache budget: sum over open sessions of batch_size * max_length
-    max_batch_size: int = 64
-    max_chunk_tokens: int = 8192  # tokens (batch * length) in one forward/backward/inference step
-    request_timeout: float = 300.0  # seconds a client may keep an inference session idle
-    shutdown_timeout: float = 10.0  # seconds to let in-flight work finish on SIGTERM
-    # Seconds to push an inference step to the next server of a client's route before telling the client to send it
-    # there itself (pushes are small and the next server only queues them, so a healthy push takes milliseconds).
-    push_timeout: float = 5.0
-    torch_dtype: str = "auto"
-    max_lora_mb: float = 64.0  # LoRA tensors one request may carry
-    lora_cache_mb: float = 256.0  # uploaded LoRA tensors kept for reuse by digest, over all clients
-    lora_cache_ttl: float = 120.0  # seconds an unused upload stays in that cache
-    train_activation_mb: float = 2048.0  # activations training streams may keep between forward and backward
-    delta_state_mb: float = 1024.0  # references of delta-coded training activations, over all clients
-    delta_state_ttl: float = 3600.0  # seconds an unused reference is kept (an epoch must come back within it)
-    # Rebalancing (servers started with --num-blocks): how often each checks the swarm's coverage (0: never). Each
-    # wait is this times a random factor within 1 +- rebalance_jitter, so two servers rarely check (and move) at once.
-    rebalance_period: float = 60.0
-    rebalance_jitter: float = 0.25
-    # Move to even out coverage only when the least-served block would get more than 1 + this times its servers
-    # (a move reloads weights and moves sessions; blocks with no server at all are always worth a move).
-    balance_margin: float = 0.2
+class ServerConfig:
+    """A server's settings: the `swarm server` flags (with this help) and the options of server.server.Server. A
+    default is also the class attribute (ServerConfig.max_batch_size), which the classes that use it read."""
 
+    # Parsed by server/cli.py itself: the positional model, --blocks/--num-blocks (exactly one), --initial-peers /
+    # --new-swarm (swarm.cli.add_swarm_arguments) and --adapters NAME=PATH (name -> folder of a peft LoRA adapter).
+    model: str
+    blocks: tuple[int, int] | None = None
+    num_blocks: int | None = None
+    initial_peers: Sequence[str] = ()
+    new_swarm: bool = False
+    adapters: Mapping[str, str] = field(default_factory=dict)
 
-SERVER = ServerDefaults()
+    host_maddrs: tuple[str, ...] = option(("/ip4/0.0.0.0/tcp/0",), "addresses to listen on, e.g. /ip4/127.0.0.1/tcp/0",
+                                          metavar="MADDR")
+    announce_maddrs: tuple[str, ...] | None = option(None, "public addresses others should dial", metavar="MADDR")
+    identity_path: str | None = option(None, "private key file; keeps this server's peer ID stable")
+    dht_prefix: str | None = option(None, "name the model is announced under (default: the folder or repo name)")
+    public_name: str = option("", "a name shown to others in `swarm status`")
+    torch_dtype: str = option("auto", "dtype to compute in; auto takes the checkpoint's",
+                              choices=["auto", "float32", "bfloat16", "float16"])
+    cache_tokens: int = option(16384, "KV-cache budget in tokens, summed over sessions as batch_size * max_length")
+    # Announced in the server's record: clients split their requests to fit (client.limits).
+    max_batch_size: int = option(64, "largest batch accepted")
+    max_chunk_tokens: int = option(8192, "largest batch * length accepted in one request (forward, backward or "
+                                         "inference step)")
+    update_period: float = option(30.0, "seconds between DHT announcements")
+    # Records outlive a few announcements (a late one is no gap) and still vanish by themselves when a server crashes.
+    expiration_factor: float = option(2.5, "DHT records live this many update periods")
+    request_timeout: float = option(300.0, "seconds a client may keep an inference session (or a training stream "
+                                           "waiting for its backward) idle")
+    shutdown_timeout: float = option(10.0, "seconds to let open sessions finish on SIGTERM (and on the old blocks "
+                                           "after a move)")
+    # Pushes are small and the next server only queues them, so a healthy push takes milliseconds.
+    push_timeout: float = option(5.0, "seconds to push an inference step to the next server of a client's route "
+                                      "before telling the client to send it there itself")
+    max_lora_mb: float = option(64.0, "largest total size of the LoRA tensors one training request may carry")
+    lora_cache_mb: float = option(256.0, "memory for clients' uploaded LoRA tensors, reused by digest so a backward "
+                                         "pass need not resend them")
+    lora_cache_ttl: float = option(120.0, "seconds an unused uploaded adapter stays in that cache")
+    train_activation_mb: float = option(2048.0, "memory for activations that training requests keep between their "
+                                                "forward and backward (beyond it, clients fall back to requests whose "
+                                                "backward recomputes the forward)")
+    delta_state_mb: float = option(1024.0, "memory for references of clients' delta-coded training activations (the "
+                                           "previous epoch's value of each sample; beyond it the oldest go and those "
+                                           "rows are sent in full again)")
+    # An epoch must come back within it for its deltas to apply.
+    delta_state_ttl: float = option(3600.0, "seconds an unused reference of delta-coded training activations is kept")
+    rebalance_period: float = option(60.0, "with --num-blocks: seconds between checks of the swarm's coverage; the "
+                                           "server moves to blocks that have no server or are much less served than "
+                                           "others, if its own blocks stay covered. 0 disables")
+    # Random waits, so that two servers rarely check (and move) at once.
+    rebalance_jitter: float = option(0.25, "each wait between checks is --rebalance-period times a random factor "
+                                           "within 1 +- this")
+    # A move reloads weights and moves sessions: worth it only for a clear gain.
+    balance_margin: float = option(0.2, "move to even out coverage only if the least-served block would get more "
+                                        "than 1 + this times as many servers (blocks with no server always get one)")

@@ -19,6 +19,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from swarm import __version__
+from swarm.config import ServerConfig
 
 MODEL_INDEX_KEY = "_swarm.models"
 
@@ -53,6 +54,9 @@ class ServerRecord:
     # What it loaded (swarm.identity): digests of the model's config and of its span's weights ("": not announced).
     config_digest: str = ""
     weights_digest: str = ""
+    # The largest request it takes: batch x length tokens, and batch (a record without them: the servers' defaults).
+    max_chunk_tokens: int = ServerConfig.max_chunk_tokens
+    max_batch_size: int = ServerConfig.max_batch_size
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -80,6 +84,9 @@ class ServerRecord:
             for name in ("config_digest", "weights_digest"):
                 if not isinstance(values.get(name, ""), str):
                     values.pop(name)
+            for name in ("max_chunk_tokens", "max_batch_size"):  # a bad limit is ignored, not the whole record
+                if not (type(values.get(name)) is int and values[name] >= 1):
+                    values.pop(name, None)
             record = cls(start=start, end=end, **values)
         except (KeyError, ValueError, TypeError):
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -73,6 +74,25 @@ def test_blocks_not_served(dist_model, concurrent_session):
     with pytest.raises(RemoteError, match=r"hosts blocks 0:2; the request asked for 1:4") as info:
         _span_call(dist_model, RouteStep(step.peer_id, 1, 4), [torch.randn(1, 3, 64), torch.arange(3)[None]])
     assert info.value.code == "blocks_not_served"
+
+
+def test_refused_requests_show_in_the_servers_info(dist_model):
+    """rpc_info counts refused or failed requests (`errors`) apart from those served, which it counts by kind."""
+    step = _first_server(dist_model)
+    stub = dist_model.model.layers.connection.stub(step.peer_id)
+
+    def info() -> dict:
+        return json.loads(aio.run(stub.rpc_info(runtime_pb2.ExpertUID(), timeout=10)).serialized_info)
+
+    before = info()
+    with pytest.raises(RemoteError, match="must have shape"):
+        _span_call(dist_model, step, [torch.randn(1, 3, 32), torch.arange(3)[None]])
+    middle = info()
+    assert middle["errors"] == before["errors"] + 1 and middle["by_kind"] == before["by_kind"]
+    _span_call(dist_model, step, [torch.randn(1, 3, 64), torch.arange(3)[None]])
+    after = info()
+    assert after["errors"] == middle["errors"]
+    assert after["by_kind"] == {**middle["by_kind"], "forward": middle["by_kind"].get("forward", 0) + 1}
 
 
 def test_wrong_hidden_size(dist_model, concurrent_session):

@@ -26,9 +26,9 @@ INF = math.inf
 
 
 def server(name: str, start: int, end: int, ms: float | None = 1.0, tps: float | None = None, cache: int = 10_000,
-           state=ServerState.ONLINE, adapters=()) -> ServerInfo:
+           state=ServerState.ONLINE, adapters=(), batch: int = 64) -> ServerInfo:
     return ServerInfo(name, ServerRecord(state=state, start=start, end=end, ms_per_block=ms, forward_tokens_per_s=tps,
-                                         cache_tokens_left=cache, adapters=tuple(adapters)))
+                                         cache_tokens_left=cache, adapters=tuple(adapters), max_batch_size=batch))
 
 
 def route(servers, start=0, end=6, **kwargs) -> list[tuple[str, int, int]]:
@@ -63,6 +63,9 @@ A_BC = [server("a", 0, 6), server("b", 0, 3), server("c", 3, 6)]  # one hop, or 
         ([server("a", 0, 6, cache=100), server("b", 0, 6, ms=5)], dict(session_tokens=1000), [("b", 0, 6)]),
         ([server("a", 0, 6, cache=100), server("b", 0, 6, ms=5)], dict(session_tokens=100), [("a", 0, 6)]),
         ([server("a", 0, 6, cache=100), server("b", 0, 6, ms=5)], {}, [("a", 0, 6)]),
+        # a server that takes smaller batches than the session's is not used
+        ([server("a", 0, 6, batch=2), server("b", 0, 6, ms=5)], dict(batch_size=4), [("b", 0, 6)]),
+        ([server("a", 0, 6, batch=4), server("b", 0, 6, ms=5)], dict(batch_size=4), [("a", 0, 6)]),
         (A_BC, dict(banned={"a"}), [("b", 0, 3), ("c", 3, 6)]),
         (A_BC, dict(choice=choice(allowed=["b", "c"])), [("b", 0, 3), ("c", 3, 6)]),
         (A_BC, dict(choice=choice(blocked=["a", "x"])), [("b", 0, 3), ("c", 3, 6)]),
@@ -98,6 +101,8 @@ NO_ROUTE = [
      {"banned"}),
     ([server("a", 0, 6, cache=100), server("b", 0, 6, state=ServerState.OFFLINE)], dict(session_tokens=5000),
      r"block 0 .*a \(100 cache tokens free, 5000 needed\), b \(offline\)\. Use a smaller max_length", {"cache", "offline"}),
+    ([server("a", 0, 3), server("b", 3, 6, batch=2)], dict(batch_size=4),
+     r"block 3 .*: b \(takes batches of at most 2, 4 needed\)\. Use a smaller batch", {"batch"}),
     ([server("a", 0, 6), server("b", 0, 6), server("c", 0, 6, state=ServerState.JOINING)],
      dict(choice=choice(blocked=["a"]), banned={"b"}), r"a \(in blocked_servers\), b \(banned after a failure\), c \(joining\)",
      {"blocked", "banned", "joining"}),
@@ -167,6 +172,7 @@ def shares(servers, draws=4000, **kwargs) -> dict[tuple, float]:
         ([server("a", 0, 6, tps=1000), server("b", 0, 6, tps=1)], dict(choice=choice(blocked=["a"])), {"b": 1.0}),
         ([server("a", 0, 6, tps=1000), server("b", 0, 6, tps=1)], dict(choice=choice(allowed=["b"])), {"b": 1.0}),
         ([server("a", 0, 6, tps=1000), server("b", 0, 6, tps=1, adapters=["x"])], dict(adapter="x"), {"b": 1.0}),
+        ([server("a", 0, 6, tps=1000, batch=8), server("b", 0, 6, tps=1)], dict(batch_size=16), {"b": 1.0}),
     ],
 )
 def test_training_spreads_over_replicas_by_throughput(servers, kwargs, expected):
