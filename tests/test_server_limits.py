@@ -158,7 +158,8 @@ def limited_model(limited_swarm, tiny_model_path):
 def test_the_limits_are_in_the_records_and_enforced(limited_model):
     from client import aio
     from swarm.dht_records import fetch_servers
-    from swarm.protocol import RemoteError
+    from swarm.errors import RemoteError
+    from tests.conftest import raw_span_call
 
     connection = limited_model.remote_layers.connection
     records = {(s.record.start, s.record.end): s.record for s in fetch_servers(connection.dht, connection.prefix, 6)}
@@ -167,7 +168,7 @@ def test_the_limits_are_in_the_records_and_enforced(limited_model):
     (first, _) = connection.plan()
     assert (first.start, first.end, first.max_chunk_tokens) == (0, 3, 64)
     with pytest.raises(RemoteError, match="1x65 tokens exceed this server's limit of 64 per request"):
-        aio.run(connection.span_call("forward", first, [torch.randn(1, 65, 64), torch.arange(65)[None]]))
+        aio.run(raw_span_call(connection, "forward", first, [torch.randn(1, 65, 64), torch.arange(65)[None]]))
     assert limited_model.remote_layers.request_limits() == RequestLimits(64, 3)
 
 
