@@ -1,8 +1,14 @@
-"""A client's settings: one typed value per model, with the defaults in one place."""
+"""A client's settings: one typed value per model, declared once (defaults, help, the flags of `swarm generate` and
+`swarm finetune`: see swarm.options)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+from swarm.options import option
+
+CODEC_HELP = " (see swarm.compression: int8_outlier, bfloat16, float16, 'none' for float32 as it is, ...)"
 
 
 @dataclass(frozen=True)
@@ -10,47 +16,71 @@ class ClientConfig:
     """How one model's client talks to the swarm. Give it to `from_pretrained(..., client_config=...)` (or pass its
     fields as keyword overrides); `swarm generate` and `swarm finetune` map their flags onto these fields."""
 
-    request_timeout: float = 60.0  # seconds for one remote call
-    connect_timeout: float = 20.0  # seconds to open a session on one server
-    max_length: int = 2048  # inference session length when the caller gives none
-    max_chunk_tokens: int = 8192  # tokens per forward/backward request; larger batches are split (servers' default limit)
-    # Codecs for hidden states on the wire, by role (see swarm.compression); "none" sends float32 as it is. Chosen
-    # from bench/compression.py on SmolLM2 through 3 servers (README, "Compressed activations and gradients").
-    inference_codec: str = "int8_outlier"  # both ways: 3.7x fewer bytes, 99.5% top-1 agreement, ppl +0.02%
-    activation_codec: str = "int8_outlier"  # training forward: the span's input and output
-    # Training backward: the output gradient and the input gradient. 5 bits, not 4: int4 gradients alone moved the
-    # loss curve of a 4-epoch LoRA run 4.8% from float32's (int5: 0.9%; int8 activations alone: 1.1%).
-    gradient_codec: str = "int5_outlier"
-    # Training activations as deltas against the previous epoch's, per sample (swarm.compression.delta): the codec
-    # of the deltas, or "none" to send every epoch in full. Needs training streams (keep_activations). With int8
-    # activations, int5 gradients and 6-bit deltas, 4-epoch LoRA runs sent 5.07x fewer bytes than float32 and their
-    # loss curves stayed within 0.5-1.6% of float32's over three seeds (5-bit deltas: 5.3x, but up to 3.2%).
-    delta_codec: str = "int6_outlier"
-    # What servers answer in, by role, when it differs from the role's codec ("": the same).
-    inference_reply_codec: str = ""
-    activation_reply_codec: str = ""
-    gradient_reply_codec: str = ""
-    delta_state_mb: float = 2048.0  # the client's references (two per sample and span; least recently used go first)
-    keep_activations: bool = True  # training: one request per span for forward + backward (no recompute)
-    hop_overhead_ms: float = 2.0  # routing cost of a hop to a server whose round trip is not measured yet
-    # Round trips to every known server, measured in the background by timing a small rpc_info call.
-    ping_period_s: float = 15.0  # seconds between rounds (a newly seen server is pinged at once)
-    ping_timeout_s: float = 5.0  # a ping that takes longer marks the server unreachable until it answers again
-    ping_smoothing: float = 0.3  # weight of a new ping in the moving average, so one slow answer does not flip routes
-    unreachable_rtt_ms: float = 10_000.0  # routing cost of a hop to an unreachable server: used only if nothing else
-    ban_base_s: float = 15.0  # a server that failed a call stays out of routes this long, doubling per failure in a row
-    ban_max_s: float = 300.0
-    max_retries: int = 3  # replacement routes tried for a failed span before giving up
-    servers_max_age: float = 5.0  # seconds a view of the swarm's servers is used before it is fetched again
-    # Servers by peer id: use only these (None: any), and never these. Servers left out are not even pinged.
-    allowed_servers: tuple[str, ...] | None = None
-    blocked_servers: tuple[str, ...] = ()
-    # Inference steps go server to server (each pushes its output to the next; swarm.forwarding) instead of back to the
-    # client at every hop, which saves a client round trip per hop but sends more messages in all (pushes, their
-    # acceptances, and every output still to the client for replay). Off: with all peers on one 2-core machine it
-    # measured 0.94-1.00x the speed of client-driven hops (bench/generation.py --compare forwarding, 4 servers).
-    forwarding: bool = False
-    default_ms_per_block: float = 10.0  # routing cost of a block when a server reports no throughput
+    request_timeout: float = option(60.0, "seconds to wait for one remote call")
+    connect_timeout: float = option(20.0, "seconds to open a session on one server")
+    max_length: int = option(2048, "inference session length when the caller gives none")
+    max_chunk_tokens: int = option(8192, "tokens (batch x length) per request; larger batches are split, and servers "
+                                         "that announce a lower limit get smaller pieces")
+    # Codecs by role. Chosen from bench/compression.py on SmolLM2 through 3 servers (README, "Compressed activations").
+    # Inference, both ways: 3.7x fewer bytes than float32, 99.5% top-1 agreement, perplexity +0.02%.
+    inference_codec: str = option("int8_outlier", "codec of hidden states in generation, both ways" + CODEC_HELP,
+                                  metavar="ID")
+    activation_codec: str = option("int8_outlier", "codec of hidden states sent forward while training" + CODEC_HELP,
+                                   metavar="ID")
+    # 5 bits, not 4: int4 gradients alone moved the loss curve of a 4-epoch LoRA run 4.8% from float32's (int5: 0.9%;
+    # int8 activations alone: 1.1%).
+    gradient_codec: str = option("int5_outlier", "codec of gradients sent backward while training", metavar="ID")
+    # With int8 activations, int5 gradients and 6-bit deltas, 4-epoch LoRA runs sent 5.07x fewer bytes than float32 and
+    # their loss curves stayed within 0.5-1.6% of float32's over three seeds (5-bit deltas: 5.3x, but up to 3.2%).
+    delta_codec: str = option("int6_outlier", "from the second epoch, send each sample's hidden states as the change "
+                                              "since its previous pass, in this codec ('none': every epoch in full)",
+                              metavar="ID")
+    inference_reply_codec: str = option("", "codec servers answer generation steps in ('': the inference codec)",
+                                        metavar="ID")
+    activation_reply_codec: str = option("", "codec servers answer training forwards in ('': the activation codec)",
+                                         metavar="ID")
+    gradient_reply_codec: str = option("", "codec servers answer backwards in ('': the gradient codec)", metavar="ID")
+    delta_state_mb: float = option(2048.0, "memory for the references of delta-coded activations (two per sample and "
+                                           "span; the least recently used go first)")
+    keep_activations: bool = option(True, "training: one request per span for forward and backward, the server "
+                                          "keeping the activations in between (--no-keep-activations: recompute)")
+    hop_overhead_ms: float = option(2.0, "routing cost of a hop to a server whose round trip is not measured yet")
+    ping_period_s: float = option(15.0, "seconds between rounds of pings to every known server")
+    ping_timeout_s: float = option(5.0, "a ping slower than this marks the server unreachable until it answers")
+    ping_smoothing: float = option(0.3, "weight of a new ping in the moving average of a round trip")
+    unreachable_rtt_ms: float = option(10_000.0, "routing cost of a hop to an unreachable server (used only if "
+                                                 "nothing else serves its blocks)")
+    ban_base_s: float = option(15.0, "seconds a server that failed a call stays out of routes, doubling per failure "
+                                     "in a row")
+    ban_max_s: float = option(300.0, "the longest such ban, in seconds")
+    max_retries: int = option(3, "replacement servers tried for a failed span before giving up")
+    servers_max_age: float = option(5.0, "seconds a view of the swarm's servers is used before it is read again")
+    allowed_servers: tuple[str, ...] | None = option(None, "use only these servers, by peer id (the part after /p2p/ in "
+                                                           "a server's address)", metavar="PEER_ID")
+    blocked_servers: tuple[str, ...] = option((), "never send anything to these servers, by peer id", metavar="PEER_ID")
+    # Off: with all peers on one 2-core machine it measured 0.94-1.00x the speed of client-driven hops
+    # (bench/generation.py --compare forwarding, 4 servers); it saves a client round trip per hop.
+    forwarding: bool = option(False, "servers push each token's hidden states straight to the next server of the "
+                                     "route, so they cross each link once; --no-forwarding returns them to this "
+                                     "client at every hop")
+    default_ms_per_block: float = option(10.0, "routing cost of a block when a server reports no throughput")
+
+    def replace(self, **changes) -> ClientConfig:
+        """A copy with some fields changed; an unknown name is refused, naming the fields there are."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; the options are ClientConfig's fields: {', '.join(sorted(known))}")
+        for name in ("allowed_servers", "blocked_servers"):  # lists of peer ids are kept as tuples (hashable)
+            if changes.get(name) is not None and not isinstance(changes[name], str):
+                changes[name] = tuple(changes[name])
+        return dataclasses.replace(self, **changes)
 
 
 CLIENT = ClientConfig()  # the defaults; never mutated (a model's own config is a replaced copy)
+# The settings `swarm generate` and `swarm finetune` take as flags (the others are for the Python API).
+COMMON_FLAGS = ("request_timeout", "connect_timeout", "max_retries", "allowed_servers", "blocked_servers",
+                "max_chunk_tokens")
+GENERATE_FLAGS = (*COMMON_FLAGS, "inference_codec", "inference_reply_codec", "forwarding")
+FINETUNE_FLAGS = (*COMMON_FLAGS, "activation_codec", "gradient_codec", "delta_codec", "activation_reply_codec",
+                  "gradient_reply_codec", "keep_activations", "delta_state_mb")

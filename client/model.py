@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import inspect
 import logging
 from collections.abc import Iterator, Sequence
@@ -128,8 +127,8 @@ class DistributedBaseModel(nn.Module):
 class DistributedModelForCausalLM:
     """Entry point: `DistributedModelForCausalLM.from_pretrained(MODEL, initial_peers=[...])`.
 
-    Returns an instance of a subclass of the model's own transformers class (e.g. LlamaForCausalLM)
-    whose blocks are a RemoteSequential.
+    Returns an instance of a subclass of the model's own transformers class (e.g. LlamaForCausalLM) and of this
+    class, whose blocks are a RemoteSequential.
     """
 
     @staticmethod
@@ -139,7 +138,7 @@ class DistributedModelForCausalLM:
         """`client_config` (default: ClientConfig()) says how this model's client talks to the swarm; keyword
         `overrides` replace some of its fields (e.g. request_timeout=20, allowed_servers=[...]). Each model keeps
         its own: two models in one process may differ."""
-        client_config = _client_config(client_config, overrides)
+        client_config = (client_config or ClientConfig()).replace(**overrides)
         checkpoint = Checkpoint(model)
         model_config = checkpoint.config
         family = family_for(model_config)
@@ -175,18 +174,6 @@ class DistributedModelForCausalLM:
         return lm.to(dtype).eval()
 
 
-def _client_config(config: ClientConfig | None, overrides: dict) -> ClientConfig:
-    known = {f.name for f in dataclasses.fields(ClientConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"from_pretrained() got unknown option(s) {unknown}; the options are ClientConfig's fields: "
-                        f"{', '.join(sorted(known))}")
-    for name in ("allowed_servers", "blocked_servers"):
-        if overrides.get(name) is not None and not isinstance(overrides[name], str):
-            overrides[name] = tuple(overrides[name])
-    return dataclasses.replace(config or ClientConfig(), **overrides)
-
-
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
@@ -197,7 +184,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-class DistributedCausalLMMixin:
+class DistributedCausalLMMixin(DistributedModelForCausalLM):
     """Adds inference sessions and session-aware generation to a transformers causal LM class."""
 
     _active_session: InferenceSession | None = None

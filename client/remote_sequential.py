@@ -8,7 +8,6 @@ import logging
 import warnings
 import weakref
 from collections import Counter
-from dataclasses import replace
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -214,7 +213,7 @@ class RemoteSequential(nn.Module):
 
     def configure(self, **changes) -> None:
         """Change some of this chain's settings (fields of client.config.ClientConfig); other models keep theirs."""
-        self.config = replace(self.config, **changes)
+        self.config = self.config.replace(**changes)
 
     @property
     def codecs(self) -> Codecs:

@@ -43,6 +43,7 @@ def test_two_models_in_one_process_keep_their_own_settings(tiny_swarm, tiny_mode
                                                         client_config=ClientConfig(**NONE), request_timeout=1e-4)
     models = (exact, lossy, hasty)
     try:
+        assert isinstance(exact, DistributedModelForCausalLM) and type(exact).__name__ == "DistributedLlamaForCausalLM"
         prompt = torch.randint(3, 320, (1, 6), generator=torch.Generator().manual_seed(41))
         expected = reference_model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         with torch.no_grad():
