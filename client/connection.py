@@ -23,6 +23,7 @@ from swarm.compression import wire
 from swarm.config import CLIENT, MAX_UNARY_PAYLOAD_BYTES
 from swarm.dht_records import ServerInfo, ServerState, fetch_servers
 from swarm.forwarding import ForwardHop, ForwardStep
+from swarm.join import start_joining, wait_joined
 from swarm.protocol import (
     BlockService,
     InferenceOpen,
@@ -48,19 +49,20 @@ class SwarmConnection:
     """Joins the DHT as a client (it accepts no incoming connections) and talks to servers.
 
     `allowed_servers` (only these; None: any) and `blocked_servers` (never these) are peer ids; servers left out
-    by them are never contacted, not even pinged.
+    by them are never contacted, not even pinged. `dht`: a client DHT peer already joining through `initial_peers`
+    (swarm.join.start_joining(..., client_mode=True)), so the caller can do other work meanwhile.
     """
 
     def __init__(self, initial_peers: Sequence[str], prefix: str, num_blocks: int,
                  request_timeout: float = CLIENT.request_timeout, servers_max_age: float = 5.0,
-                 allowed_servers: Iterable | None = None, blocked_servers: Iterable = ()):
+                 allowed_servers: Iterable | None = None, blocked_servers: Iterable = (), dht: hivemind.DHT | None = None):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddress printed by `swarm dht` or `swarm server`")
         self.choice = ServerChoice.of(allowed_servers, blocked_servers, check=_check_peer_id)
         self.prefix, self.num_blocks = prefix, num_blocks
         self.request_timeout = request_timeout
         self.servers_max_age = servers_max_age
-        self.dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+        self.dht = wait_joined(dht if dht is not None else start_joining(initial_peers, client_mode=True))
         self.p2p = aio.run(self.dht.replicate_p2p())
         self._servers: list[ServerInfo] = []
         self._servers_time = 0.0
