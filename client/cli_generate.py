@@ -36,20 +36,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from swarm.join import start_joining
+    from swarm.join import interrupted_if_join_fails, start_joining
 
-    # The DHT peer joins in its own process while transformers imports and the tokenizer and weights load here.
+    # The DHT peer joins in its own process while transformers imports and the tokenizer and weights load here; if
+    # the join fails, that is said at once.
     dht = start_joining(args.initial_peers, client_mode=True)
     try:
-        import torch
-        from transformers import AutoTokenizer, TextStreamer
+        with interrupted_if_join_fails(dht):
+            import torch
+            from transformers import AutoTokenizer, TextStreamer
 
-        from client.model import DistributedModelForCausalLM
+            from client.model import DistributedModelForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = DistributedModelForCausalLM.from_pretrained(
-            args.model, args.initial_peers, dht_prefix=args.dht_prefix, torch_dtype=args.torch_dtype,
-            allowed_servers=args.allowed_servers, blocked_servers=args.blocked_servers, dht=dht)
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            model = DistributedModelForCausalLM.from_pretrained(
+                args.model, args.initial_peers, dht_prefix=args.dht_prefix, torch_dtype=args.torch_dtype,
+                allowed_servers=args.allowed_servers, blocked_servers=args.blocked_servers, dht=dht)
     except BaseException:
         dht.shutdown()
         raise

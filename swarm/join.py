@@ -6,9 +6,13 @@ The address check is pure Python (no hivemind, no torch), so a command can refus
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import ipaddress
 import logging
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from swarm.config import JOIN_TIMEOUT
@@ -126,6 +130,53 @@ def wait_joined(dht: hivemind.DHT, timeout: float = JOIN_TIMEOUT) -> hivemind.DH
 def join_swarm(initial_peers: Sequence[str], timeout: float = JOIN_TIMEOUT, **dht_kwargs) -> hivemind.DHT:
     """A DHT peer that has joined the swarm through `initial_peers` (none: a new swarm), or one clear error."""
     return wait_joined(start_joining(initial_peers, **dht_kwargs), timeout)
+
+
+@contextlib.contextmanager
+def interrupted_if_join_fails(dht: hivemind.DHT) -> Iterator[None]:
+    """Run the block while `dht` joins; if the join fails first, the block is interrupted by the join's error (as
+    wait_joined raises it), so that an unreachable swarm is reported at once, not after seconds of imports and loading.
+
+    A watcher thread interrupts the main thread with a signal whose handler raises the error; outside the main
+    thread (signals go only there) the block just runs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    armed = [True]
+
+    def on_signal(signum, frame) -> None:
+        if armed[0]:
+            armed[0] = False
+            wait_joined(dht, timeout=0)  # the join has failed: this raises its error
+
+    stop = threading.Event()
+    previous = signal.signal(_INTERRUPT, on_signal)
+    watcher = threading.Thread(target=_watch_join, args=(dht, stop), name="join-watcher", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        armed[0] = False
+        stop.set()
+        watcher.join()  # no interrupt comes after this; one already sent finds the handler disarmed
+        signal.signal(_INTERRUPT, previous)
+
+
+_INTERRUPT = signal.SIGUSR1
+
+
+def _watch_join(dht: hivemind.DHT, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            dht.wait_until_ready(0.1)
+            return
+        except TimeoutError:
+            continue
+        except Exception:  # noqa: BLE001 - any failure of the join: the main thread raises it
+            if not stop.is_set():
+                _thread.interrupt_main(_INTERRUPT)
+            return
 
 
 def join_error(exc: Exception, initial_peers: Sequence[str], timeout: float) -> Exception:
