@@ -303,21 +303,9 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         model.save_lora_adapter(out)
         print(f"saved the adapter to {out.resolve()}")
-        if _generate_has_adapter_flag():
-            print(f"try it: swarm generate {args.model} \"...\" --initial-peers {' '.join(args.initial_peers)} "
-                  f"--adapter {out}" + (" --chat" if getattr(tokenizer, "chat_template", None) else ""))
+        print(f"try it: swarm generate {args.model} \"...\" --initial-peers {' '.join(args.initial_peers)} "
+              f"--adapter {out}" + (" --chat" if getattr(tokenizer, "chat_template", None) else ""))
     finally:
         model.remote_layers.connection.shutdown()
     return 0
 
-
-def _generate_has_adapter_flag() -> bool:
-    """Whether `swarm generate` can load a saved adapter (only then is the hint worth printing)."""
-    try:
-        from client import cli_generate
-
-        parser = argparse.ArgumentParser()
-        cli_generate.add_arguments(parser)
-        return any("--adapter" in action.option_strings for action in parser._actions)
-    except Exception:
-        return False

@@ -36,15 +36,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from swarm.join import interrupted_if_join_fails, start_joining
 
-    from client.model import DistributedModelForCausalLM
+    # The DHT peer joins in its own process while transformers imports and the tokenizer and weights load here; if
+    # the join fails, that is said at once.
+    dht = start_joining(args.initial_peers, client_mode=True)
+    try:
+        with interrupted_if_join_fails(dht):
+            import torch
+            from transformers import AutoTokenizer, TextStreamer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, dht_prefix=args.dht_prefix,
-                                                        torch_dtype=args.torch_dtype, allowed_servers=args.allowed_servers,
-                                                        blocked_servers=args.blocked_servers)
+            from client.model import DistributedModelForCausalLM
+
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            model = DistributedModelForCausalLM.from_pretrained(
+                args.model, args.initial_peers, dht_prefix=args.dht_prefix, torch_dtype=args.torch_dtype,
+                allowed_servers=args.allowed_servers, blocked_servers=args.blocked_servers, dht=dht)
+    except BaseException:
+        dht.shutdown()
+        raise
     try:
         model.set_codecs(inference=args.codec)
         model.remote_layers.configure(forwarding=args.forwarding)

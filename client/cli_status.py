@@ -71,12 +71,14 @@ def render(models: dict[str, tuple[int, list[ServerInfo]]]):
 
 
 def run(args: argparse.Namespace) -> int:
-    import hivemind
+    from swarm.join import start_joining, wait_joined
+
+    joining = start_joining(args.initial_peers, client_mode=True)  # the DHT peer joins while the rest imports
     from rich.console import Console
 
     from swarm.dht_records import fetch_models, fetch_servers
 
-    dht = hivemind.DHT(initial_peers=args.initial_peers, client_mode=True, start=True)
+    dht = wait_joined(joining)
     try:
         index = fetch_models(dht)
         if args.model is not None:

@@ -26,6 +26,7 @@ from client.streams import TRANSPORT_ERRORS, TrainStream, pack_inputs
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES
 from swarm.dht_records import ServerInfo, ServerState, fetch_servers
 from swarm.errors import RemoteError
+from swarm.join import start_joining, wait_joined
 from swarm.protocol import SpanRequest
 from swarm.service import BlockService
 from swarm.streaming import join_message, split_message
@@ -38,18 +39,19 @@ class SwarmConnection:
     """Joins the DHT as a client (it accepts no incoming connections) and talks to servers, as `config` says.
 
     `config.allowed_servers` (only these; None: any) and `config.blocked_servers` (never these) are peer ids;
-    servers left out by them are never contacted, not even pinged.
+    servers left out by them are never contacted, not even pinged. `dht`: a client DHT peer already joining through
+    `initial_peers` (swarm.join.start_joining(..., client_mode=True)), so the caller can do other work meanwhile.
     """
 
     def __init__(self, initial_peers: Sequence[str], prefix: str, num_blocks: int, config: ClientConfig = CLIENT,
-                 identity=None):
+                 identity=None, dht: hivemind.DHT | None = None):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddress printed by `swarm dht` or `swarm server`")
         self.config = config
         self.choice = ServerChoice.of(config.allowed_servers, config.blocked_servers, check=_check_peer_id)
         self.compatibility = Compatibility(identity)  # identity: the client's swarm.identity.ModelIdentity, if any
         self.prefix, self.num_blocks = prefix, num_blocks
-        self.dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+        self.dht = wait_joined(dht if dht is not None else start_joining(initial_peers, client_mode=True))
         self.p2p = aio.run(self.dht.replicate_p2p())
         self._servers: list[ServerInfo] = []
         self._servers_time = 0.0

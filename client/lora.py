@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PretrainedConfig
 
 from swarm.lora import digest, linear_modules, lora_name, peft_key, read_peft_adapter
 from swarm.models import ModelFamily
+
+if TYPE_CHECKING:  # peft takes seconds to import (it loads bitsandbytes): only adapters that are created or saved need it
+    from peft import LoraConfig
 
 
 def target_linear_shapes(family: ModelFamily, config: PretrainedConfig, lora_config: LoraConfig) -> dict[str, tuple[int, int]]:
@@ -57,6 +60,8 @@ class RemoteLora(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, family: ModelFamily, config: PretrainedConfig, num_blocks: int) -> RemoteLora:
         """Load a peft adapter saved by `save_pretrained` (or by peft on the local model)."""
+        from peft import LoraConfig
+
         saved = read_peft_adapter(directory)
         lora = cls(family, config, LoraConfig.from_pretrained(str(directory)), num_blocks)
         missing = set(lora.names) - set(saved.tensors)
@@ -98,6 +103,8 @@ class RemoteLora(nn.Module):
 
     def save_pretrained(self, directory: str | Path, base_model_name_or_path: str | None = None) -> None:
         """Write adapter_config.json and adapter_model.safetensors, loadable with peft on the local model."""
+        from peft import LoraConfig
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = LoraConfig(**{**self.lora_config.to_dict(), "base_model_name_or_path": base_model_name_or_path,

@@ -22,6 +22,7 @@ from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
 from swarm.config import ServerConfig
 from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_servers
 from swarm.identity import ModelIdentity
+from swarm.join import join_swarm
 from swarm.lora import read_peft_adapter
 from swarm.models import family_for
 from swarm.models.span import BlockSpan
@@ -115,13 +116,9 @@ class Server:
 
     def _start_dht(self) -> hivemind.DHT:
         o = self.options
-        return hivemind.DHT(
-            initial_peers=[] if o.new_swarm else list(o.initial_peers),
-            start=True,
-            host_maddrs=list(o.host_maddrs),
-            announce_maddrs=list(o.announce_maddrs) if o.announce_maddrs else None,
-            identity_path=o.identity_path,
-        )
+        return join_swarm([] if o.new_swarm else list(o.initial_peers), host_maddrs=list(o.host_maddrs),
+                          announce_maddrs=list(o.announce_maddrs) if o.announce_maddrs else None,
+                          identity_path=o.identity_path)
 
     def _choose_blocks(self) -> tuple[int, int]:
         o = self.options

@@ -22,15 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import hivemind
+    from swarm.join import join_swarm
 
-    dht = hivemind.DHT(
-        initial_peers=[] if args.new_swarm else args.initial_peers,
-        start=True,
-        host_maddrs=args.host_maddrs,
-        announce_maddrs=args.announce_maddrs,
-        identity_path=args.identity_path,
-    )
+    dht = join_swarm([] if args.new_swarm else args.initial_peers, host_maddrs=args.host_maddrs,
+                     announce_maddrs=args.announce_maddrs, identity_path=args.identity_path)
     print("Bootstrap node ready", flush=True)
     for maddr in dht.get_visible_maddrs():
         print(f"Join with: --initial-peers {maddr}", flush=True)

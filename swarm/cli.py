@@ -1,7 +1,8 @@
 """The `swarm` command: one entry point whose subcommands are thin layers over the Python API.
 
-Subcommands live beside the code they drive (server/cli.py, client/cli.py, ...) and are found by
-name here, so this package never imports the server or the client at module level.
+Subcommands live beside the code they drive (server/cli.py, client/cli_generate.py, client/cli_status.py, ...) and
+are found by name here, so this package never imports the server or the client at module level. Only the module of
+the subcommand being run is imported: each imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of `swarm`. With `argv`, only the subcommand it names gets its options (and its module imported);
+    without, every subcommand does."""
+    chosen = _subcommand(argv) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog="swarm",
         description="Run and fine-tune large language models together: servers host spans of a model's "
@@ -42,12 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
         sub_parser = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(sub_parser)
-        sub_parser.set_defaults(_module=module)
+        if chosen in (None, name):
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub_parser)
+            sub_parser.set_defaults(_module=module)
     return parser
+
+
+def _subcommand(argv: list[str]) -> str | None:
+    """The subcommand `argv` runs (its first word that is not an option), or None."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def add_swarm_arguments(parser: argparse.ArgumentParser, allow_new_swarm: bool = False) -> None:
@@ -69,7 +79,8 @@ def add_server_choice_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     if args.command in ("generate", "demo", "finetune"):
@@ -77,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         # should not spin long while they wait (set before torch starts its thread pool; the user's setting wins).
         apply_colocated_omp_env()
     try:
+        if getattr(args, "initial_peers", None):
+            # Before anything slow: a malformed address is refused at once, naming it and the form to use.
+            from swarm.join import check_initial_peers
+
+            args.initial_peers = check_initial_peers(args.initial_peers)
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:
         return 130

@@ -17,6 +17,10 @@ MIN_PROTOCOL_VERSION = 1
 MAX_UNARY_PAYLOAD_BYTES = 3 * 1024 * 1024
 STREAM_CHUNK_BYTES = 1024 * 1024
 
+# Seconds a peer may take to join the swarm through its initial peers before it gives up with a clear error
+# (swarm.join). A join takes under a second here; the libp2p daemon itself gives up on its bootstrap after 15 s.
+JOIN_TIMEOUT = 20.0
+
 # Peers that share a machine (a LocalSwarm, a client beside its servers) let their idle OpenMP threads spin only
 # briefly before sleeping. libgomp's default spin (300k iterations) steals the core the next peer in the chain
 # needs, and no spin at all (OMP_WAIT_POLICY=PASSIVE) makes every parallel region pay a wake-up: the recompute and
