@@ -39,7 +39,7 @@ class InferenceSession:
         self.config = config if config is not None else getattr(connection, "config", CLIENT)
         # What the client adds (LoRA, a hosted adapter, deep prompts, codecs); LoRA values are copied when the
         # streams open, so a session keeps the adapter it started with.
-        self.additions = additions if additions is not None else Additions(Codecs.of(self.config), first_block=start)
+        self.additions = additions if additions is not None else Additions(Codecs.uncompressed(), first_block=start)
         # Each server pushes its output straight to the next one (swarm.forwarding) instead of returning it here to be
         # sent on; any failure falls back to the client sending that hop's step itself.
         self.forwarding = self.config.forwarding if forwarding is None else forwarding

@@ -219,6 +219,10 @@ class RemoteSequential(nn.Module):
     def codecs(self) -> Codecs:
         return Codecs.of(self.config)
 
+    def reply_codec(self, role: str) -> str:
+        """The codec servers answer a role's hidden states in (see client.requests.Codecs)."""
+        return self.codecs.reply(role)
+
     def additions(self) -> Additions:
         """What this chain adds to each request: its adapter or LoRA tensors, prompts and codecs."""
         return Additions(self.codecs, self.lora, self.adapter or "", self.prompts, self.start)

@@ -39,6 +39,10 @@ class Codecs:
         return cls(config.inference_codec, config.activation_codec, config.gradient_codec, config.delta_codec,
                    config.inference_reply_codec, config.activation_reply_codec, config.gradient_reply_codec)
 
+    @classmethod
+    def uncompressed(cls) -> Codecs:
+        return cls("none", "none", "none", "none")
+
     def reply(self, role: str) -> str:
         return getattr(self, f"{role}_reply") or getattr(self, role)
 

@@ -34,7 +34,7 @@ class SpanStream:
     def __init__(self, connection: SwarmConnection, step: RouteStep, batch_size: int, max_length: int,
                  additions: Additions | None = None):
         self.connection, self.step = connection, step
-        self.additions = additions if additions is not None else Additions(Codecs.of(connection.config))
+        self.additions = additions if additions is not None else Additions(Codecs.uncompressed())
         self.codec = self.additions.codecs.inference  # of the hidden states this stream takes
         self.traffic = Traffic()  # this stream's steps, raw and on the wire
         self.batch_size, self.max_length = batch_size, max_length

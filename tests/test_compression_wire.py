@@ -107,7 +107,7 @@ def test_set_codecs_names_the_choices(dist_model):
     try:
         assert dist_model.remote_layers.codecs == replace(before, inference="bfloat16", gradients_reply="int8_outlier")
         assert dist_model.remote_layers.reply_codec("gradients") == "int8_outlier"
-        assert dist_model.remote_layers.reply_codec("activations") == before["activations"]
+        assert dist_model.remote_layers.reply_codec("activations") == before.activations
         with pytest.raises(ValueError, match="replies names role 'delta'"):
             dist_model.set_codecs(replies={"delta": "none"})
     finally:

@@ -298,13 +298,14 @@ def test_pings_blocked_servers_and_training_spread_on_a_swarm(tiny_swarm, tiny_m
 
         # 16 chunks of one sequence each, planned one after another: the later ones see the earlier ones as load.
         layers = dist_model.remote_layers
-        previous, layers.max_chunk_tokens, connection.rng = layers.max_chunk_tokens, 5, random.Random(0)
+        previous, connection.rng = layers.config, random.Random(0)
+        layers.configure(max_chunk_tokens=5)
         batch = torch.randint(3, 320, (16, 5), generator=torch.Generator().manual_seed(5))
         try:
             with torch.no_grad():
                 loss = dist_model(batch, labels=batch).loss
         finally:
-            layers.max_chunk_tokens = previous
+            layers.config = previous
         used = Counter(str(step.peer_id) for route in layers.last_routes for step in route if step.start == 2)
         assert len(layers.last_routes) == 16 and used.keys() == {str(original.peer_id), replica_id}, used
         with torch.no_grad():
