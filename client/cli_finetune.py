@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.config import CLIENT
+from client.config import FINETUNE_FLAGS, add_client_arguments, client_config_from
 
 IGNORE = -100
 
@@ -35,7 +35,7 @@ def _default_data() -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from swarm.cli import add_server_choice_arguments, add_swarm_arguments
+    from swarm.cli import add_swarm_arguments
 
     parser.add_argument("model", help="folder (or hub repo id) with the model's config, tokenizer and client-side weights")
     add_swarm_arguments(parser)
@@ -60,16 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="lora-adapter", metavar="DIR", help="folder to save the adapter to")
     parser.add_argument("--torch-dtype", choices=["auto", "float32", "bfloat16"], default="float32",
                         help="dtype of the client-side embeddings, LM head and adapter")
-    parser.add_argument("--activation-codec", default=CLIENT.activation_codec, metavar="ID",
-                        help="codec for hidden states sent forward while training (see swarm.compression; 'none' sends "
-                             "float32)")
-    parser.add_argument("--gradient-codec", default=CLIENT.gradient_codec, metavar="ID", help="codec for gradients sent backward")
-    parser.add_argument("--delta-codec", default=CLIENT.delta_codec, metavar="ID",
-                        help="from the second epoch, send each sample's hidden states as the change since its previous "
-                             "pass, in this codec ('none': every epoch in full). Batches are then padded to "
-                             "--max-length, so a sample looks the same every epoch")
-    add_server_choice_arguments(parser)
     parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: folder or repo name)")
+    add_client_arguments(parser, FINETUNE_FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -239,10 +231,9 @@ def run(args: argparse.Namespace) -> int:
           f"{total_steps} steps of {args.batch_size} ({steps_per_epoch} per epoch)", flush=True)
 
     model = DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, dht_prefix=args.dht_prefix,
-                                                        torch_dtype=args.torch_dtype, allowed_servers=args.allowed_servers,
-                                                        blocked_servers=args.blocked_servers)
+                                                        torch_dtype=args.torch_dtype,
+                                                        client_config=client_config_from(args, FINETUNE_FLAGS))
     try:
-        model.set_codecs(activations=args.activation_codec, gradients=args.gradient_codec, delta=args.delta_codec)
         pad_to = args.max_length if args.delta_codec != "none" else None
         for param in model.parameters():
             param.requires_grad_(False)

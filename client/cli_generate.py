@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from client.config import CLIENT
+from client.config import GENERATE_FLAGS, add_client_arguments, client_config_from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from swarm.cli import add_server_choice_arguments, add_swarm_arguments
+    from swarm.cli import add_swarm_arguments
 
     parser.add_argument("model", help="folder (or hub repo id) with the model's config, tokenizer and client-side weights")
     parser.add_argument("prompt", help="the text to continue, or the user message with --chat")
@@ -25,14 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the client-side embeddings and LM head")
     parser.add_argument("--adapter", default=None, metavar="DIR_OR_NAME",
                         help="a peft LoRA adapter folder (applied by this client) or the name of an adapter the servers host")
-    parser.add_argument("--codec", default=CLIENT.inference_codec, metavar="ID",
-                        help="codec for hidden states on the wire: int8_outlier, bfloat16, float16, 'none' (float32, "
-                             "exact) and more (see swarm.compression)")
-    add_server_choice_arguments(parser)
-    parser.add_argument("--forwarding", action=argparse.BooleanOptionalAction, default=CLIENT.forwarding,
-                        help="servers push each token's hidden states straight to the next server of the route, so they "
-                             "cross each link once; --no-forwarding returns them to this client at every hop")
     parser.add_argument("--dht-prefix", default=None, help="name the model is announced under (default: folder or repo name)")
+    add_client_arguments(parser, GENERATE_FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,13 +45,11 @@ def run(args: argparse.Namespace) -> int:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
             model = DistributedModelForCausalLM.from_pretrained(
                 args.model, args.initial_peers, dht_prefix=args.dht_prefix, torch_dtype=args.torch_dtype,
-                allowed_servers=args.allowed_servers, blocked_servers=args.blocked_servers, dht=dht)
+                client_config=client_config_from(args, GENERATE_FLAGS), dht=dht)
     except BaseException:
         dht.shutdown()
         raise
     try:
-        model.set_codecs(inference=args.codec)
-        model.remote_layers.configure(forwarding=args.forwarding)
         if args.adapter is not None:
             from pathlib import Path
 

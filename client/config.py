@@ -76,6 +76,13 @@ class ClientConfig:
                 changes[name] = tuple(changes[name])
         return dataclasses.replace(self, **changes)
 
+    def check_codecs(self, available) -> None:
+        """Raise ValueError naming any codec field whose value is not among `available` (swarm.compression)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_codec") and value and value not in available:
+                raise ValueError(f"unknown codec {value!r} for {f.name}; choose from {sorted(available)}")
+
 
 CLIENT = ClientConfig()  # the defaults; never mutated (a model's own config is a replaced copy)
 # The settings `swarm generate` and `swarm finetune` take as flags (the others are for the Python API).
@@ -84,3 +91,16 @@ COMMON_FLAGS = ("request_timeout", "connect_timeout", "max_retries", "allowed_se
 GENERATE_FLAGS = (*COMMON_FLAGS, "inference_codec", "inference_reply_codec", "forwarding")
 FINETUNE_FLAGS = (*COMMON_FLAGS, "activation_codec", "gradient_codec", "delta_codec", "activation_reply_codec",
                   "gradient_reply_codec", "keep_activations", "delta_state_mb")
+
+
+def add_client_arguments(parser, names) -> None:
+    """The flags of ClientConfig fields `names`, each named after its field (--request-timeout, ...)."""
+    from swarm.options import add_arguments
+
+    group = parser.add_argument_group("client settings", "fields of client.ClientConfig, as from_pretrained takes them")
+    add_arguments(group, ClientConfig, only=names)
+
+
+def client_config_from(args, names) -> ClientConfig:
+    """The ClientConfig that parsed flags `names` (see add_client_arguments) describe."""
+    return CLIENT.replace(**{name: getattr(args, name) for name in names})

@@ -145,7 +145,10 @@ class DistributedModelForCausalLM:
         its own: two models in one process may differ. `dht`: a client DHT peer already joining through
         `initial_peers` (swarm.join.start_joining(initial_peers, client_mode=True)), started early so that the join
         overlaps other work; the model's connection owns it."""
+        from swarm import compression
+
         client_config = (client_config or ClientConfig()).replace(**overrides)
+        client_config.check_codecs(compression.available())
         checkpoint = Checkpoint(model)
         model_config = checkpoint.config
         family = family_for(model_config)

@@ -69,15 +69,6 @@ def add_swarm_arguments(parser: argparse.ArgumentParser, allow_new_swarm: bool =
         group.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
 
 
-def add_server_choice_arguments(parser: argparse.ArgumentParser) -> None:
-    """A client's lists of servers to use only, or never (by peer id)."""
-    parser.add_argument("--allowed-servers", nargs="+", default=None, metavar="PEER_ID",
-                        help="use only these servers, by peer id (the part after /p2p/ in a server's address); "
-                             "blocks none of them hosts cannot be run")
-    parser.add_argument("--blocked-servers", nargs="+", default=[], metavar="PEER_ID",
-                        help="never send anything to these servers, by peer id (the part after /p2p/ in a server's address)")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)

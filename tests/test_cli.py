@@ -20,7 +20,7 @@ def test_generate_prints_the_local_models_continuation(tiny_swarm, tiny_model_pa
     expected_ids = reference_model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     expected = tokenizer.decode(expected_ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     result = swarm_cli("generate", tiny_model_path, prompt, "--initial-peers", *tiny_swarm.initial_peers,
-                       "--max-new-tokens", "12", "--codec", "none")
+                       "--max-new-tokens", "12", "--inference-codec", "none")
     assert result.returncode == 0, result.stderr
     assert expected.strip() and expected.strip() in result.stdout
 

@@ -150,3 +150,24 @@ def test_a_slow_swarm_view_refresh_does_not_stall_the_client_loop(dist_model, re
         for block in reference.layers:
             h = block(h, attention_mask=None, position_ids=position_ids.expand(2, 8), position_embeddings=pe)
     torch.testing.assert_close(output, h, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("command", "flags"), [("generate", "GENERATE_FLAGS"), ("finetune", "FINETUNE_FLAGS")])
+def test_command_flags_map_onto_client_config_fields_one_to_one(command, flags):
+    import dataclasses
+
+    import client.config as config
+    from swarm.cli import build_parser
+
+    names = getattr(config, flags)
+    parser = build_parser()
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices[command]
+    group = next(g for g in sub._action_groups if g.title == "client settings")
+    assert sorted(a.dest for a in group._group_actions) == sorted(names)
+    assert set(names) <= {f.name for f in dataclasses.fields(ClientConfig)}
+    positional = ["MODEL", "hi"] if command == "generate" else ["MODEL"]
+    args = parser.parse_args([command, *positional, "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmPeer",
+                              "--request-timeout", "7", "--max-retries", "1", "--blocked-servers", "QmA", "QmB"])
+    built = config.client_config_from(args, names)
+    assert (built.request_timeout, built.max_retries, built.blocked_servers) == (7.0, 1, ("QmA", "QmB"))
+    assert config.client_config_from(parser.parse_args([command, *positional, "--initial-peers", "x"]), names) == config.CLIENT

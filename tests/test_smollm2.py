@@ -86,7 +86,7 @@ def test_finetune_on_shipped_data_then_generate_with_the_adapter(smollm2_path, s
 
     prompt, new_tokens = "Write 'river' in uppercase.", 8
     generated = swarm_cli("generate", smollm2_path, prompt, "--chat", "--max-new-tokens", str(new_tokens),
-                          "--initial-peers", *peers, "--adapter", str(out), "--codec", "none")
+                          "--initial-peers", *peers, "--adapter", str(out), "--inference-codec", "none")
     assert generated.returncode == 0, generated.stderr
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
