@@ -25,9 +25,9 @@ def test_two_models_in_one_process_keep_their_own_settings(tiny_swarm, tiny_mode
     sent = []  # (connection, what, codec, later hops named) for every step and span request, as sent
     submit, send = SpanStream.submit, SwarmConnection.send
 
-    def spy_submit(self, tensors, forward=()):
+    def spy_submit(self, tensors, forward=(), *rest):
         sent.append((self.connection, "step", self.codec, len(forward)))
-        return submit(self, tensors, forward)
+        return submit(self, tensors, forward, *rest)
 
     async def spy_send(self, kind, step, meta, tensors, codecs=()):
         sent.append((self, kind, codecs[0] if codecs else None, meta.reply_codec))
