@@ -16,8 +16,10 @@ from swarm.join import (
     SwarmUnreachable,
     address_problem,
     check_initial_peers,
+    interrupted_if_join_fails,
     join_error,
     join_swarm,
+    start_joining,
 )
 
 # A well-formed peer id; nothing listens at the addresses the tests build with it.
@@ -93,6 +95,32 @@ def test_unreachable_peer_fails_fast_in_process():
     with pytest.raises(SwarmUnreachable, match="could not connect to any initial peer"):
         join_swarm([f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{PEER_ID}"], client_mode=True)
     assert time.monotonic() - began < 15
+
+
+def test_a_failed_join_interrupts_the_work_it_overlaps():
+    dht = start_joining([f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{PEER_ID}"], client_mode=True)
+    began = time.monotonic()
+    with pytest.raises(SwarmUnreachable, match="could not connect to any initial peer"):
+        with interrupted_if_join_fails(dht):
+            while time.monotonic() - began < 60:  # stands for imports and loading that would go on for long
+                time.sleep(0.05)
+    assert time.monotonic() - began < 15
+    assert not dht.is_alive()
+
+
+def test_a_join_that_succeeds_interrupts_nothing():
+    first = join_swarm([], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        dht = start_joining([str(a) for a in first.get_visible_maddrs()], client_mode=True)
+        try:
+            with interrupted_if_join_fails(dht):
+                time.sleep(1.0)
+            time.sleep(0.3)  # nor later
+            assert dht.is_alive() and dht.peer_id != first.peer_id
+        finally:
+            dht.shutdown()
+    finally:
+        first.shutdown()
 
 
 def test_from_pretrained_says_what_was_wrong(tiny_model_path):

@@ -51,16 +51,15 @@ def test_finetune_lowers_held_out_loss_and_saves_a_peft_adapter(tiny_swarm, tiny
     assert (with_adapter - without_adapter).abs().max() > 1e-3  # the trained adapter changes the model
 
 
-# Well formed, reachable by no one: the data is checked before the swarm is joined.
-UNREACHABLE = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
-
-
 def test_malformed_jsonl_names_the_line(tiny_model_path, tmp_path):
+    # A well-formed address that nothing answers at: the data is checked before the swarm is joined (a malformed
+    # address would be refused first, see tests/test_cli_errors.py).
+    peer = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWH2C6vk6Dt2ezMxaBCLQiUw55mL9nGt28D7jDGmXd9W8c"
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c"}\n')
-    result = swarm_cli("finetune", tiny_model_path, "--initial-peers", UNREACHABLE, "--data", str(data))
+    result = swarm_cli("finetune", tiny_model_path, "--initial-peers", peer, "--data", str(data))
     assert result.returncode == 2
     assert f"{data}, line 3" in result.stderr and '"completion"' in result.stderr, result.stderr
     data.write_text('{"text": "fine"}\n{"text": "broken\n')
-    result = swarm_cli("finetune", tiny_model_path, "--initial-peers", UNREACHABLE, "--data", str(data))
+    result = swarm_cli("finetune", tiny_model_path, "--initial-peers", peer, "--data", str(data))
     assert result.returncode == 2 and f"{data}, line 2: not valid JSON" in result.stderr, result.stderr
