@@ -77,13 +77,18 @@ class ClientConfig:
         return dataclasses.replace(self, **changes)
 
     def check_codecs(self, available) -> None:
-        """Raise ValueError naming any codec field whose value is not among `available` (swarm.compression)."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name.endswith("_codec") and value and value not in available:
-                raise ValueError(f"unknown codec {value!r} for {f.name}; choose from {sorted(available)}")
+        """Raise ValueError naming the role of any codec that is not among `available` (swarm.compression)."""
+        for role, name in CODEC_FIELDS.items():
+            value = getattr(self, name)
+            if value and value not in available:
+                raise ValueError(f"unknown codec {value!r} for {role.replace('_reply', ' replies')}; "
+                                 f"choose from {list(available)}")
 
 
+# The codec roles (client.requests.Codecs) and the field of each.
+CODEC_FIELDS = {"inference": "inference_codec", "activations": "activation_codec", "gradients": "gradient_codec",
+                "delta": "delta_codec", "inference_reply": "inference_reply_codec",
+                "activations_reply": "activation_reply_codec", "gradients_reply": "gradient_reply_codec"}
 CLIENT = ClientConfig()  # the defaults; never mutated (a model's own config is a replaced copy)
 # The settings `swarm generate` and `swarm finetune` take as flags (the others are for the Python API).
 COMMON_FLAGS = ("request_timeout", "connect_timeout", "max_retries", "allowed_servers", "blocked_servers",

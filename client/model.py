@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from client.base_model import DistributedBaseModel, RemoteSessionCache
-from client.config import ClientConfig
+from client.config import CODEC_FIELDS, ClientConfig
 from client.connection import SwarmConnection
 from client.generation_modes import generation_config_of, unsupported_generation
 from client.inference_session import InferenceSession
@@ -140,22 +140,15 @@ class DistributedCausalLMMixin(DistributedModelForCausalLM):
         """
         from swarm import compression
 
-        changes = {}
-        for role, field, codec in (("inference", "inference_codec", inference), ("activations", "activation_codec", activations),
-                                   ("gradients", "gradient_codec", gradients), ("delta", "delta_codec", delta)):
-            if codec is not None:
-                if codec not in compression.available():
-                    raise ValueError(f"unknown codec {codec!r} for {role}; choose from {compression.available()}")
-                changes[field] = codec
-        reply_fields = {"inference": "inference_reply_codec", "activations": "activation_reply_codec",
-                        "gradients": "gradient_reply_codec"}
+        roles = {"inference": inference, "activations": activations, "gradients": gradients, "delta": delta}
+        changes = {CODEC_FIELDS[role]: codec for role, codec in roles.items() if codec is not None}
         for role, codec in (replies or {}).items():
-            if role not in reply_fields:
+            if role not in ("inference", "activations", "gradients"):
                 raise ValueError(f"replies names role {role!r}; roles: inference, activations, gradients")
-            if codec and codec not in compression.available():
-                raise ValueError(f"unknown codec {codec!r} for {role} replies; choose from {compression.available()}")
-            changes[reply_fields[role]] = codec
-        self.remote_layers.configure(**changes)
+            changes[CODEC_FIELDS[f"{role}_reply"]] = codec
+        config = self.remote_layers.config.replace(**changes)
+        config.check_codecs(compression.available())
+        self.remote_layers.config = config
 
     def _freeze_local_weights(self) -> None:
         """As peft does: once an adapter or prompts are added, only they train (not embeddings or the LM head)."""

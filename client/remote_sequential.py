@@ -190,6 +190,16 @@ class _RemoteChain(torch.autograd.Function):
         return (grad_input, None, None, None, None, *lora_grads, *deep_grad)
 
 
+def _deprecated_setting(name: str) -> property:
+    """remote_layers.<name>: reads the config's field; setting it still works, with a DeprecationWarning."""
+    def set_value(self, value) -> None:
+        warnings.warn(f"setting remote_layers.{name} is deprecated: pass client_config=ClientConfig({name}=...) to "
+                      f"from_pretrained, or call remote_layers.configure({name}=...)", DeprecationWarning, stacklevel=2)
+        self.configure(**{name: bool(value)})
+
+    return property(lambda self: getattr(self.config, name), set_value)
+
+
 class RemoteSequential(nn.Module):
     """Blocks [start, end) of a model served by the swarm.
 
@@ -228,23 +238,8 @@ class RemoteSequential(nn.Module):
         return Additions(self.codecs, self.lora, self.adapter or "", self.prompts, self.start)
 
     # Deprecated setters: settings live in the chain's config (from_pretrained(client_config=...), configure()).
-    @property
-    def forwarding(self) -> bool:
-        return self.config.forwarding
-
-    @forwarding.setter
-    def forwarding(self, value: bool) -> None:
-        _deprecated("forwarding")
-        self.configure(forwarding=bool(value))
-
-    @property
-    def keep_activations(self) -> bool:
-        return self.config.keep_activations
-
-    @keep_activations.setter
-    def keep_activations(self, value: bool) -> None:
-        _deprecated("keep_activations")
-        self.configure(keep_activations=bool(value))
+    forwarding = _deprecated_setting("forwarding")
+    keep_activations = _deprecated_setting("keep_activations")
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -363,8 +358,3 @@ class RemoteSequential(nn.Module):
 
     def extra_repr(self) -> str:
         return f"blocks {self.start}:{self.end} of {self.connection.prefix!r} (remote)"
-
-
-def _deprecated(name: str) -> None:
-    warnings.warn(f"setting remote_layers.{name} is deprecated: pass client_config=ClientConfig({name}=...) to "
-                  f"from_pretrained, or call remote_layers.configure({name}=...)", DeprecationWarning, stacklevel=3)

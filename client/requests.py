@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from client.config import CLIENT, ClientConfig
+from client.config import CLIENT, CODEC_FIELDS, ClientConfig
 from client.routing import RouteStep
 from swarm.protocol import DeltaInfo, InferenceOpen, SpanRequest
 
@@ -36,8 +36,7 @@ class Codecs:
 
     @classmethod
     def of(cls, config: ClientConfig) -> Codecs:
-        return cls(config.inference_codec, config.activation_codec, config.gradient_codec, config.delta_codec,
-                   config.inference_reply_codec, config.activation_reply_codec, config.gradient_reply_codec)
+        return cls(**{role: getattr(config, name) for role, name in CODEC_FIELDS.items()})
 
     @classmethod
     def uncompressed(cls) -> Codecs:
