@@ -15,6 +15,7 @@ import hivemind
 import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import as_aiter
 
 from client import aio
 from client.compatibility import Compatibility
@@ -66,10 +67,6 @@ class SwarmConnection:
         self.pinger = Pinger(self._ping, config.ping_period_s, config.ping_timeout_s, config.ping_smoothing)
         self.pinger.start()
 
-    @property
-    def request_timeout(self) -> float:
-        return self.config.request_timeout
-
     # ------------------------------------------------------------------------------------ discovery
 
     def servers(self, refresh: bool = False) -> list[ServerInfo]:
@@ -97,19 +94,16 @@ class SwarmConnection:
         logger.info("server %s failed; leaving it out of routes for %.0f s", peer_id, seconds)
         return seconds
 
-    def failed(self, peer_id, refresh: bool = False) -> None:
+    async def afailed(self, peer_id, refresh: bool = False) -> None:
         """A server failed a call. Gone (no answer): banned for a while. Leaving or moved to other blocks (it said
         so, and its DHT record says so too; `refresh`): the view of the swarm is read again instead, so its new
-        blocks stay usable. Blocking (a DHT read): async code calls `afailed`."""
+        blocks stay usable. The read runs off the client's event loop: there it would stall every open stream and
+        the pinger."""
         if refresh:
             logger.info("server %s is leaving or moved; refreshing the view of the swarm", peer_id)
-            self.servers(refresh=True)
+            await asyncio.to_thread(self.servers, True)
         else:
             self.ban(peer_id)
-
-    # Off the client's event loop: a DHT read there would stall every open stream and the pinger.
-    async def afailed(self, peer_id, refresh: bool = False) -> None:
-        await asyncio.to_thread(self.failed, peer_id, refresh)
 
     async def aplan(self, *args, **kwargs) -> list[RouteStep]:
         return await asyncio.to_thread(self.plan, *args, **kwargs)
@@ -210,32 +204,25 @@ class SwarmConnection:
         for a forward; for a backward, the gradients w.r.t. the input, each LoRA tensor and the deep prompts.
         """
         stub = self.stub(step.peer_id)
+        packed = pack_inputs(tensors, codecs)
         try:
-            packed = pack_inputs(tensors, codecs)
             if sum(len(p.buffer) for p in packed) <= MAX_UNARY_PAYLOAD_BYTES:
-                method = stub.rpc_forward if kind == "forward" else stub.rpc_backward
                 request = runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed)
-                response = await method(request, timeout=self.request_timeout)
-                self.count(packed, response.tensors)
-                return [unpack_tensor(t, "server output") for t in response.tensors]
-            method = stub.rpc_forward_stream if kind == "forward" else stub.rpc_backward_stream
-            messages = split_message(meta, packed)
-
-            async def requests():
-                for message in messages:
-                    yield message
-
-            async def call():
-                replies = [reply async for reply in await method(requests())]
-                if not replies:
-                    raise RemoteError("transport", "server closed the stream without replying")
-                received = join_message(replies[0], replies[1:])
-                self.count(packed, received)
-                return [unpack_tensor(t, "server output") for t in received]
-
-            return await asyncio.wait_for(call(), timeout=self.request_timeout)
+                received = (await getattr(stub, f"rpc_{kind}")(request, timeout=self.config.request_timeout)).tensors
+            else:
+                received = await asyncio.wait_for(self._send_stream(getattr(stub, f"rpc_{kind}_stream"), meta, packed),
+                                                  timeout=self.config.request_timeout)
         except TRANSPORT_ERRORS as exc:
             raise RemoteError.from_exception(exc, str(step.peer_id)) from None
+        self.count(packed, received)
+        return [unpack_tensor(t, "server output") for t in received]
+
+    @staticmethod
+    async def _send_stream(method, meta: SpanRequest, packed: list[runtime_pb2.Tensor]) -> list[runtime_pb2.Tensor]:
+        replies = [reply async for reply in await method(as_aiter(*split_message(meta, packed)))]
+        if not replies:
+            raise RemoteError("transport", "server closed the stream without replying")
+        return join_message(replies[0], replies[1:])
 
     def shutdown(self) -> None:
         self.pinger.stop()

@@ -68,17 +68,14 @@ class InferenceSession:
                 await stream.open()
             return streams
         except BaseException as exc:
-            for stream in streams:
-                await stream.close()
+            await _close(streams)
             if isinstance(exc, RemoteError):
                 exc.opening = True
             raise
 
     async def _open(self, batch_size: int) -> None:
-        async def attempt(_: int) -> list[SpanStream]:
-            return await self._open_route(self.start, self.end, batch_size)
-
-        self.streams = await with_failover(self.connection, f"opening blocks {self.start}:{self.end} failed", attempt,
+        self.streams = await with_failover(self.connection, f"opening blocks {self.start}:{self.end} failed",
+                                           lambda _: self._open_route(self.start, self.end, batch_size),
                                            self.config.max_retries)
         logger.debug("opened inference session through %s", [(str(s.step.peer_id)[-6:], s.step.start, s.step.end) for s in self.streams])
 
@@ -103,15 +100,14 @@ class InferenceSession:
                     raise
                 output, count = await self._recover(index, inputs, hypo_ids, exc)
                 index, pushed = index + count, False
-                inputs = [_input_for(output, self.streams[index] if index < len(self.streams) else None), *tensors[1:]]
-                continue
-            pushed = index < chain_end and reply.forwarded
-            if index < chain_end and not reply.forwarded:
-                following = self.streams[index + 1]
-                following.accepts_pushes = False  # the client sends it its steps from now on
-                logger.info("server %s could not push to %s (%s); sending that hop from the client instead",
-                            str(stream.step.peer_id)[-6:], str(following.step.peer_id)[-6:], reply.forward_error[:200])
-            index += 1
+            else:
+                pushed = index < chain_end and reply.forwarded
+                if index < chain_end and not reply.forwarded:
+                    following = self.streams[index + 1]
+                    following.accepts_pushes = False  # the client sends it its steps from now on
+                    logger.info("server %s could not push to %s (%s); sending that hop from the client instead",
+                                str(stream.step.peer_id)[-6:], str(following.step.peer_id)[-6:], reply.forward_error[:200])
+                index += 1
             inputs = [_input_for(output, self.streams[index] if index < len(self.streams) else None), *tensors[1:]]
         return inputs[0]  # decoded: no stream follows
 
@@ -161,8 +157,7 @@ class InferenceSession:
                         stream.submit(step, (), rows)
                         hidden, _ = await stream.result(step)
             except BaseException:
-                for stream in streams:
-                    await stream.close()
+                await _close(streams)
                 raise
             return hidden, streams
 
@@ -229,12 +224,7 @@ class InferenceSession:
         if self.closed:
             return
         self.closed = True
-
-        async def close_all():
-            for stream in self.streams:
-                await stream.close()
-
-        aio.run(close_all())
+        aio.run(_close(self.streams))
 
     def __enter__(self) -> InferenceSession:
         return self
@@ -247,3 +237,8 @@ def _input_for(output: runtime_pb2.Tensor, stream: SpanStream | None) -> runtime
     """A server's packed output as the input of `stream` (see `relayed`: the same bytes with forwarding or without),
     or decoded as the route's result when no stream follows."""
     return relayed(output, stream.codec) if stream is not None else unpack_tensor(output, "server output")
+
+
+async def _close(streams: Sequence[SpanStream]) -> None:
+    for stream in streams:
+        await stream.close()

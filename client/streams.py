@@ -28,24 +28,56 @@ if TYPE_CHECKING:
 TRANSPORT_ERRORS = (P2PHandlerError, P2PDaemonError, asyncio.TimeoutError, ConnectionError, OSError)
 
 
-class SpanStream:
+class _Stream:
+    """A streaming RPC with one server: requests go through a queue (None ends them), replies are read as they come."""
+
+    def __init__(self, connection: SwarmConnection, step: RouteStep):
+        self.connection, self.step = connection, step
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._replies = None
+
+    async def _open(self, method: str) -> None:
+        async def requests():
+            while (message := await self._queue.get()) is not None:
+                yield message
+
+        try:
+            self._replies = await asyncio.wait_for(
+                open_stream(self.connection.p2p, self.connection.prefix, self.step.peer_id, method, requests()),
+                self.connection.config.connect_timeout)
+        except TRANSPORT_ERRORS as exc:
+            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
+
+    async def _next_reply(self, what: str) -> runtime_pb2.ExpertResponse:
+        """The next message of the server's replies, with transport failures and an early end as RemoteError."""
+        try:
+            reply = await asyncio.wait_for(anext(self._replies, None), self.connection.config.request_timeout)
+        except TRANSPORT_ERRORS as exc:
+            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
+        if reply is None:
+            raise RemoteError("transport", f"server closed the {what}", str(self.step.peer_id))
+        return reply
+
+    def abandon(self) -> None:
+        """End the request (call on the client's loop); a training stream's server frees the activations it kept."""
+        self._queue.put_nowait(None)
+
+
+class SpanStream(_Stream):
     """An open inference stream with one server: a KV cache there, one message per step."""
 
     def __init__(self, connection: SwarmConnection, step: RouteStep, batch_size: int, max_length: int,
                  additions: Additions | None = None):
-        self.connection, self.step = connection, step
+        super().__init__(connection, step)
         self.additions = additions if additions is not None else Additions(Codecs.uncompressed())
         self.codec = self.additions.codecs.inference  # of the hidden states this stream takes
         self.traffic = Traffic()  # this stream's steps, raw and on the wire
         self.batch_size, self.max_length = batch_size, max_length
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._replies = None
         self.position = 0
         self.step_id = 0
         # Every step's inputs, to replay on a replacement server. The hidden states may be a packed wire tensor: the
         # exact bytes the server took (pushed by the previous server, or relayed as that server sent them).
         self.history: list[list[torch.Tensor | runtime_pb2.Tensor]] = []
-        self.failed = False
         # The id the previous server of the route pushes steps into this session under (swarm.forwarding); False
         # once a push into it failed, after which the client sends this stream its steps itself.
         self.session_id = secrets.token_hex(16)
@@ -55,35 +87,18 @@ class SpanStream:
         self._results: asyncio.Queue = asyncio.Queue()
         self._push_failures: dict[int, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
-        self._ended: BaseException | None = None
+        self._ended: str | None = None  # why pushes can no longer be confirmed, once the stream ended
 
     async def open(self) -> None:
-        async def requests():
-            while (message := await self._queue.get()) is not None:
-                yield message
-
         meta, opening = session_opening(self.additions, self.step, self.batch_size, self.max_length, self.session_id)
         try:
-            self._replies = await asyncio.wait_for(
-                open_stream(self.connection.p2p, self.connection.prefix, self.step.peer_id, "rpc_inference", requests()),
-                self.connection.config.connect_timeout)
+            await self._open("rpc_inference")
             self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=[pack_tensor(t) for t in opening]))
-            await self._next_reply()
+            await self._next_reply("inference stream")
             self._reader = asyncio.create_task(self._read())
-        except TRANSPORT_ERRORS as exc:
-            self._queue.put_nowait(None)
-            self.failed = True
-            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
-        except RemoteError as exc:
-            self._queue.put_nowait(None)
-            self.failed = exc.server_gone
-            raise
         except BaseException:
-            self._queue.put_nowait(None)
+            self.abandon()
             raise
-
-    async def _next_reply(self) -> runtime_pb2.ExpertResponse:
-        return await _next_reply(self._replies, self.connection.request_timeout, self.step, "inference stream")
 
     async def _read(self) -> None:
         """Sort the server's messages into step replies and push-failure reports until the stream ends."""
@@ -102,16 +117,16 @@ class SpanStream:
             ended = RemoteError("bad_reply", f"{type(exc).__name__}: {exc}", peer)
         self._results.put_nowait(ended)
         # A push of a stream that ended cannot be confirmed any more: its sender drives that hop itself.
+        self._ended = f"the stream of the server that pushes ended ({ended})"
         for future in self._push_failures.values():
             if not future.done():
-                future.set_result(f"the stream of the server that pushes ended ({ended})")
-        self._ended = ended
+                future.set_result(self._ended)
 
     def _push_failure(self, step: int) -> asyncio.Future:
         if step not in self._push_failures:
             self._push_failures[step] = asyncio.get_running_loop().create_future()
             if self._ended is not None:
-                self._push_failures[step].set_result(f"the stream of the server that pushes ended ({self._ended})")
+                self._push_failures[step].set_result(self._ended)
         return self._push_failures[step]
 
     async def push_failed(self, step: int) -> str:
@@ -132,13 +147,11 @@ class SpanStream:
         """The output of the next step, submitted here or pushed by the previous server, as the server packed it; the
         step's `tensors` (its inputs) go into the history."""
         try:
-            item = await asyncio.wait_for(self._results.get(), self.connection.request_timeout)
+            item = await asyncio.wait_for(self._results.get(), self.connection.config.request_timeout)
         except asyncio.TimeoutError as exc:
-            self.failed = True
             raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
         if isinstance(item, BaseException):
             self._results.put_nowait(item)  # the stream is over: every later call gets the same error
-            self.failed = isinstance(item, RemoteError) and item.server_gone  # not a refusal
             raise item
         reply, meta = item
         if len(reply.tensors) != 1:
@@ -155,7 +168,7 @@ class SpanStream:
         return unpack_tensor(output, "server output")
 
     async def close(self) -> None:
-        self._queue.put_nowait(None)
+        self.abandon()
         if self._reader is not None:  # the server ends the stream once it has seen the end of ours
             try:
                 await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
@@ -163,35 +176,24 @@ class SpanStream:
                 self._reader.cancel()
 
 
-class TrainStream:
+class TrainStream(_Stream):
     """A forward whose backward follows on the same stream (rpc_train), so the server need not recompute it.
 
     The server keeps the activations only while this request is open; `abandon()` ends it without a backward.
     """
 
     def __init__(self, connection: SwarmConnection, step: RouteStep, grad_codec: str | None = None):
-        self.connection, self.step = connection, step
+        super().__init__(connection, step)
         self.grad_codec = grad_codec  # codec of the gradient message
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._replies = None
 
     async def forward(self, meta: SpanRequest, tensors: Sequence[torch.Tensor | runtime_pb2.Tensor],
                       codecs: Sequence[str | None] = (), decode_reply=None) -> torch.Tensor:
         """Send the forward and return its output (`decode_reply(reply)` when given, e.g. for delta-coded replies)."""
-        async def requests():
-            while (message := await self._queue.get()) is not None:
-                yield message
-
         packed = pack_inputs(tensors, codecs)
         self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=meta.encode(), tensors=packed))
         try:
-            self._replies = await asyncio.wait_for(open_stream(self.connection.p2p, self.connection.prefix, self.step.peer_id,
-                                                                   "rpc_train", requests()),
-                                                   self.connection.config.connect_timeout)
-            reply = await self._next_reply()
-        except TRANSPORT_ERRORS as exc:
-            self.abandon()
-            raise RemoteError.from_exception(exc, str(self.step.peer_id)) from None
+            await self._open("rpc_train")
+            reply = await self._next_reply("training stream")
         except BaseException:
             self.abandon()
             raise
@@ -206,18 +208,11 @@ class TrainStream:
         message = runtime_pb2.ExpertRequest(metadata=TrainGrad().encode(), tensors=pack_inputs([grad_output], [self.grad_codec]))
         self._queue.put_nowait(message)
         try:
-            reply = await self._next_reply()
+            reply = await self._next_reply("training stream")
         finally:
             self.abandon()
         self.connection.count(message.tensors, reply.tensors)
         return list(reply.tensors)
-
-    def abandon(self) -> None:
-        """End the request (call on the client's loop); the server frees the activations it kept."""
-        self._queue.put_nowait(None)
-
-    async def _next_reply(self) -> runtime_pb2.ExpertResponse:
-        return await _next_reply(self._replies, self.connection.request_timeout, self.step, "training stream")
 
 
 async def open_stream(p2p: P2P, prefix: str, peer_id, method: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
@@ -254,17 +249,6 @@ async def open_stream(p2p: P2P, prefix: str, peer_id, method: str, requests: Asy
 
     writing = asyncio.create_task(write())
     return read()
-
-
-async def _next_reply(replies, timeout: float, step: RouteStep, what: str) -> runtime_pb2.ExpertResponse:
-    """The next message of a server's reply stream, with transport failures and an early end as RemoteError."""
-    try:
-        reply = await asyncio.wait_for(anext(replies, None), timeout)
-    except TRANSPORT_ERRORS as exc:
-        raise RemoteError.from_exception(exc, str(step.peer_id)) from None
-    if reply is None:
-        raise RemoteError("transport", f"server closed the {what}", str(step.peer_id))
-    return reply
 
 
 def relayed(packed: runtime_pb2.Tensor, codec: str | None, what: str = "server output") -> runtime_pb2.Tensor | torch.Tensor:
