@@ -52,10 +52,9 @@ class ServerChoice:
         if choice.allowed is not None and not choice.allowed:
             raise ValueError("allowed_servers is empty: give at least one peer id, or None to allow every server")
         for name, peers in (("allowed_servers", choice.allowed or ()), ("blocked_servers", choice.blocked)):
-            for peer in sorted(peers):
+            for peer in sorted(peers) if check is not None else ():
                 try:
-                    if check is not None:
-                        check(peer)
+                    check(peer)
                 except ValueError:
                     raise ValueError(f"{name}: {peer!r} is not a peer id (as `swarm status` shows them)") from None
         return choice
@@ -117,6 +116,15 @@ def _short(peer: object) -> str:
     return text if len(text) <= 10 else "..." + text[-8:]
 
 
+# What a user can do about servers left out for these reasons, in the order the error names them.
+_ADVICE = (({"blocked", "not_allowed"}, "allow one of them (allowed_servers / blocked_servers)"),
+           ({"banned"}, "retry once its ban ends"),
+           ({"cache"}, "use a smaller max_length or batch, or wait for sessions to end"),
+           ({"protocol"}, "upgrade the older side, this client or those servers (`swarm status` shows their versions)"),
+           ({"model"}, "serve the checkpoint this client loaded, or load the one those servers serve"),
+           ({"batch"}, "use a smaller batch"))
+
+
 def _no_route(servers: Sequence[ServerInfo], block: int, start: int, end: int, usable: int, adapter: str | None,
               why: Mapping[str, tuple[str, str]]) -> NoRouteError:
     """The error for a block that no usable server hosts, naming why each of its servers was left out."""
@@ -130,20 +138,7 @@ def _no_route(servers: Sequence[ServerInfo], block: int, start: int, end: int, u
         message = (f"no online server{with_adapter} hosts block {block} ({needed}{left_out}). "
                    "Start a server for it or wait for one to join")
     else:
-        advice = []
-        if reasons & {"blocked", "not_allowed"}:
-            advice.append("allow one of them (allowed_servers / blocked_servers)")
-        if "banned" in reasons:
-            advice.append("retry once its ban ends")
-        if "cache" in reasons:
-            advice.append("use a smaller max_length or batch, or wait for sessions to end")
-        if "protocol" in reasons:
-            advice.append("upgrade the older side, this client or those servers (`swarm status` shows their versions)")
-        if "model" in reasons:
-            advice.append("serve the checkpoint this client loaded, or load the one those servers serve")
-        if "batch" in reasons:
-            advice.append("use a smaller batch")
-        advice_text = "; or ".join(advice)
+        advice_text = "; or ".join(advice for codes, advice in _ADVICE if reasons & codes)
         message = (f"block {block} is served only by servers left out of routes here ({needed}): {details}. "
                    f"{advice_text[:1].upper()}{advice_text[1:]}, or wait for another server to join")
     return NoRouteError(message, block, reasons)
@@ -158,16 +153,6 @@ def _usable(servers: Sequence[ServerInfo], **rules) -> tuple[list[ServerInfo], d
         else:
             why[str(server.peer_id)] = reason
     return usable, why
-
-
-def hop_cost_ms(peer: str, rtt_ms: Mapping[str, float], hop_ms: float = CLIENT.hop_overhead_ms,
-                unreachable_ms: float = CLIENT.unreachable_rtt_ms) -> float:
-    """The network part of one hop: the measured round trip, `hop_ms` before one is measured, `unreachable_ms` for a
-    server whose last ping failed (so it is used only where nothing else serves its blocks)."""
-    rtt = rtt_ms.get(peer)
-    if rtt is None:
-        return hop_ms
-    return unreachable_ms if math.isinf(rtt) else rtt
 
 
 def plan_route(
@@ -187,8 +172,8 @@ def plan_route(
 ) -> list[RouteStep]:
     """The chain covering blocks [start, end) with the least expected latency per token.
 
-    Each hop costs the client's round trip to that server (`rtt_ms` by peer id; `hop_ms` when not measured, a large
-    penalty when unreachable) plus its blocks times the server's ms_per_block. A server may be entered in the middle
+    Each hop costs the client's round trip to that server (`rtt_ms` by peer id; `hop_ms` when not measured; when
+    unreachable, a penalty that makes it used only where nothing else serves its blocks) plus its blocks times the server's ms_per_block. A server may be entered in the middle
     of its span and left before its end. Ties prefer fewer hops. With `adapter`, only servers that host that named
     adapter are used; with `session_tokens` (batch x max_length of an inference session), only servers that announce
     that much free KV cache; with `batch_size`, only servers that take batches that large. `choice` applies the
@@ -206,7 +191,8 @@ def plan_route(
             if not server.record.start <= i < server.record.end:
                 continue
             ms_per_block = server.record.ms_per_block or default_ms_per_block
-            network = hop_cost_ms(str(server.peer_id), rtt_ms, hop_ms)
+            network = rtt_ms.get(str(server.peer_id), hop_ms)
+            network = CLIENT.unreachable_rtt_ms if math.isinf(network) else network
             for j in range(i + 1, min(server.record.end, end) + 1):
                 candidate = (cost_i + network + (j - i) * ms_per_block, hops_i + 1, i, server)
                 if j not in best or candidate[:2] < best[j][:2]:
@@ -227,12 +213,6 @@ def block_throughput(server: ServerInfo) -> float | None:
     return record.forward_tokens_per_s * (record.end - record.start) if record.forward_tokens_per_s else None
 
 
-def training_weight(server: ServerInfo, in_flight: int, default_block_tps: float) -> float:
-    """How much training work to send a server: its throughput per block (`default_block_tps` when it reports
-    none), divided by 1 + the requests this client already has in flight there."""
-    return (block_throughput(server) or default_block_tps) / (1 + max(in_flight, 0))
-
-
 def plan_training_route(
     servers: Sequence[ServerInfo],
     start: int,
@@ -250,8 +230,8 @@ def plan_training_route(
     """A chain covering [start, end) for one training request, spread over replicas by throughput.
 
     From the first uncovered block, the next server is drawn among the usable ones hosting it with probability
-    proportional to training_weight (throughput, less the load `in_flight` says this client has there); it runs
-    to the end of its span or `end`. Servers whose last ping failed are drawn only if no other hosts the block.
+    proportional to its throughput per block over 1 + the requests `in_flight` says this client has there; it runs to
+    the end of its span or `end`. Servers whose last ping failed are drawn only if no other hosts the block.
     Servers that report no throughput count as the average of those that do; servers that take batches smaller than
     `batch_size` are left out. Deterministic given `draw`'s state.
     """
@@ -267,19 +247,10 @@ def plan_training_route(
         hosts = reachable or hosts
         known = [tps for tps in map(block_throughput, hosts) if tps]
         default = sum(known) / len(known) if known else 1.0
-        weights = [training_weight(s, in_flight.get(str(s.peer_id), 0), default) for s in hosts]
-        chosen = hosts[_pick(weights, draw.random())]
+        weights = [(block_throughput(s) or default) / (1 + max(in_flight.get(str(s.peer_id), 0), 0)) for s in hosts]
+        chosen = draw.choices(hosts, weights)[0]
         j = min(chosen.record.end, end)
         steps.append(RouteStep(chosen.peer_id, i, j, chosen.record.max_chunk_tokens))
         i = j
     return steps
 
-
-def _pick(weights: Sequence[float], u: float) -> int:
-    """The index that a uniform draw `u` in [0, 1) selects with probability proportional to its weight."""
-    target, total = u * sum(weights), 0.0
-    for index, weight in enumerate(weights):
-        total += weight
-        if target < total:
-            return index
-    return len(weights) - 1
