@@ -90,9 +90,6 @@ class RemoteLora(nn.Module):
         names, params = self.for_blocks(start, end)
         return digest(names, params)
 
-    def index(self, name: str) -> int:
-        return self._index[name]
-
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         result = {}
         for name, param in self.named_lora().items():

@@ -30,19 +30,17 @@ from swarm.tensors import unpack_tensor
 logger = logging.getLogger(__name__)
 
 
-def _span_tensors(hidden, position_ids, attention_mask) -> list[torch.Tensor]:
-    tensors = [hidden, position_ids]
-    if attention_mask is not None:
-        tensors.append(attention_mask)
-    return tensors
+def _extras(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, where: slice) -> list[torch.Tensor]:
+    """A chunk's positions and mask (if any): what each span request sends after the hidden states."""
+    return [position_ids[where]] + ([] if attention_mask is None else [attention_mask[where]])
+
+
+def _decoded(tensor):
+    return unpack_tensor(tensor, "server gradient") if isinstance(tensor, runtime_pb2.Tensor) else tensor
 
 
 async def _gather(coroutines) -> list:
     return await asyncio.gather(*coroutines)
-
-
-def _part(tensor, where: slice):
-    return None if tensor is None else tensor[where]
 
 
 class _OpenStreams:
@@ -62,11 +60,9 @@ def _abandon(items: dict) -> None:
 
 
 class _RemoteChain(torch.autograd.Function):
-    """Forward through every route step, keeping each step's input on the client for the backward pass.
-
-    The batch travels in chunks, concurrently; the chain's trainable tensors (LoRA, deep prompts) are inputs of
-    the function, so autograd hands them their gradients (summed over chunks).
-    """
+    """Forward through every route step, keeping each step's input on the client for the backward pass. The batch
+    travels in chunks, concurrently; the chain's trainable tensors (LoRA, deep prompts) are inputs of the function,
+    so autograd hands them their gradients (summed over chunks)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask, chain: RemoteSequential,
@@ -79,24 +75,23 @@ class _RemoteChain(torch.autograd.Function):
         spans = {(step.start, step.end) for route in routes for step in route}
         digests = {span: chain.lora.digest(*span) for span in spans} if chain.lora is not None else {}
         # With a backward to come, each step's forward opens a training stream whose backward reuses its activations.
-        streams = _OpenStreams() if chain.config.keep_activations and expect_backward else None
+        keep = chain.config.keep_activations and expect_backward
+        streams = _OpenStreams()
         additions = chain.additions()  # one value for the whole call: its backward adds the same
         # The chain's input needs no gradient (the output of a frozen embedding): the first step's backward skips it.
         input_grad = ctx.needs_input_grad[0]
 
         async def run_chunk(index: int, where: slice):
-            h, step_inputs = hidden[where], []
+            h, step_inputs, extras = hidden[where], [], _extras(position_ids, attention_mask, where)
             # Delta coding names each sample by its input row (see swarm.compression.delta).
-            keys = row_keys(h, position_ids[where], _part(attention_mask, where)) if streams is not None and chain.delta_coder() else None
+            keys = row_keys(h, *extras) if keep and chain.delta_coder() else None
             for position, step in enumerate(list(routes[index])):
                 step_inputs.append(h)
-                inputs = _span_tensors(h, position_ids[where], _part(attention_mask, where))
-                seed, digest = base_seed + index, digests.get((step.start, step.end))
-                wants_grad = input_grad or position > 0
 
-                async def forward(step: RouteStep, inputs=inputs, seed=seed, digest=digest, h=h, wants_grad=wants_grad):
-                    call = span_call(additions, step, inputs, seed=seed, digest=digest or "", input_grad=wants_grad)
-                    if streams is not None and chain.fits_one_message(h, step):
+                async def forward(step: RouteStep, h=h, wants_grad=input_grad or position > 0):
+                    call = span_call(additions, step, [h, *extras], seed=base_seed + index,
+                                     digest=digests.get((step.start, step.end), ""), input_grad=wants_grad)
+                    if keep and chain.fits_one_message(h, step):
                         try:
                             stream, output = await chain.atrain_forward(step, call, keys)
                             streams.items[(index, step.start)] = stream
@@ -112,24 +107,18 @@ class _RemoteChain(torch.autograd.Function):
         try:
             results = aio.run(_gather(run_chunk(i, where) for i, where in enumerate(slices)))
         except BaseException:
-            if streams is not None:
-                _abandon(streams.items)
+            _abandon(streams.items)
             raise
         ctx.chain, ctx.routes, ctx.slices, ctx.base_seed, ctx.digests = chain, routes, slices, base_seed, digests
-        ctx.additions = additions
-        ctx.input_grad = input_grad
-        ctx.streams = streams
+        ctx.additions, ctx.input_grad, ctx.streams = additions, input_grad, streams
         ctx.chunk_inputs = [inputs for inputs, _ in results]
         ctx.position_ids, ctx.attention_mask = position_ids, attention_mask
         return torch.cat([output for _, output in results], dim=0)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        chain = ctx.chain
-        additions = ctx.additions
+        chain, additions, open_streams = ctx.chain, ctx.additions, ctx.streams.items
         lora, prompts = additions.lora, additions.prompts
-        position_ids, attention_mask = ctx.position_ids, ctx.attention_mask
-        open_streams = ctx.streams.items if ctx.streams is not None else {}
 
         async def step_backward(index: int, step: RouteStep, inputs: list[torch.Tensor], grad, input_grad: bool) -> list:
             """[the input's gradient (a packed slot, to relay to the previous step, or a tensor), if `input_grad`;
@@ -143,7 +132,7 @@ class _RemoteChain(torch.autograd.Function):
                     return ([packed[0]] if input_grad else []) + params
                 except RemoteError as exc:  # the server lost it: recompute from the inputs kept here
                     logger.info("training stream to %s failed in backward (%s); recomputing", step.peer_id, exc)
-            grad = unpack_tensor(grad, "server gradient") if isinstance(grad, runtime_pb2.Tensor) else grad
+            grad = _decoded(grad)
 
             async def backward(step: RouteStep):
                 call = span_call(additions, step, inputs, grad, seed=ctx.base_seed + index,
@@ -153,41 +142,35 @@ class _RemoteChain(torch.autograd.Function):
             return (await chain.on_replica(step, backward))[1]
 
         async def run_chunk(index: int, where: slice, step_inputs: list[torch.Tensor]):
-            grad, lora_grads, prompt_grads = grad_output[where], {}, {}
+            """(the gradient of the chunk's input, [(each step, its LoRA and deep-prompt gradients)])"""
+            grad, extras, param_grads = grad_output[where], _extras(ctx.position_ids, ctx.attention_mask, where), []
             steps = list(enumerate(zip(ctx.routes[index], step_inputs, strict=True)))
             for position, (step, hidden) in reversed(steps):  # the last span first
-                inputs = _span_tensors(hidden, position_ids[where], _part(attention_mask, where))
                 wants_grad = ctx.input_grad or position > 0  # as in the forward
-                grads = await step_backward(index, step, inputs, grad, wants_grad)
+                grads = await step_backward(index, step, [hidden, *extras], grad, wants_grad)
                 grad = grads.pop(0) if wants_grad else None
-                if prompts is not None and prompts.deep is not None:
-                    prompt_grads[step.start] = (step.end, grads.pop()[:, 0])
-                if lora is not None:
-                    names, _ = lora.for_blocks(step.start, step.end)
-                    lora_grads.update(zip(names, grads, strict=True))
-            if isinstance(grad, runtime_pb2.Tensor):
-                grad = unpack_tensor(grad, "server gradient")
-            return grad, lora_grads, prompt_grads
+                param_grads.append((step, grads))
+            return _decoded(grad), param_grads
 
         chunks = zip(ctx.slices, ctx.chunk_inputs, strict=True)
         try:
             results = aio.run(_gather(run_chunk(i, w, inputs) for i, (w, inputs) in enumerate(chunks)))
         finally:
             _abandon(open_streams)
-        grad_input = torch.cat([grad for grad, _, _ in results], dim=0) if ctx.input_grad else None
-        lora_grads: list[torch.Tensor | None] = [None] * (len(lora.names) if lora is not None else 0)
-        for _, chunk_grads, _ in results:
-            for name, value in chunk_grads.items():
-                index = lora.index(name)
-                lora_grads[index] = value if lora_grads[index] is None else lora_grads[index] + value
-        deep_grad = []
-        if prompts is not None and prompts.deep is not None:
-            total = torch.zeros_like(prompts.deep)
-            for _, _, chunk_grads in results:
-                for start, (end, value) in chunk_grads.items():
-                    total[start - additions.first_block : end - additions.first_block] += value.to(total.dtype)
-            deep_grad = [total]
-        return (grad_input, None, None, None, None, *lora_grads, *deep_grad)
+        grad_input = torch.cat([grad for grad, _ in results], dim=0) if ctx.input_grad else None
+        # Summed in chunk order, so that the same batch gives the same gradients.
+        lora_sums: dict[str, torch.Tensor] = {}
+        deep = torch.zeros_like(prompts.deep) if prompts is not None and prompts.deep is not None else None
+        for _, param_grads in results:
+            for step, grads in param_grads:
+                if deep is not None:
+                    blocks = slice(step.start - additions.first_block, step.end - additions.first_block)
+                    deep[blocks] += grads.pop()[:, 0].to(deep.dtype)
+                if lora is not None:
+                    for name, value in zip(lora.for_blocks(step.start, step.end)[0], grads, strict=True):
+                        lora_sums[name] = lora_sums[name] + value if name in lora_sums else value
+        lora_grads = [lora_sums.get(name) for name in lora.names] if lora is not None else []
+        return (grad_input, None, None, None, None, *lora_grads, *([deep] if deep is not None else []))
 
 
 def _deprecated_setting(name: str) -> property:
@@ -201,17 +184,13 @@ def _deprecated_setting(name: str) -> property:
 
 
 class RemoteSequential(nn.Module):
-    """Blocks [start, end) of a model served by the swarm.
+    """Blocks [start, end) of a model served by the swarm: hidden states [batch, length, hidden] to the output of
+    those blocks, differentiable; `inference_session()` opens KV-cached sessions for generation."""
 
-    Calling it maps hidden states [batch, length, hidden] to the output of those blocks, with autograd
-    support for the input; `inference_session()` opens KV-cached sessions for generation.
-    """
-
-    def __init__(self, connection: SwarmConnection, start: int = 0, end: int | None = None,
-                 config: ClientConfig | None = None):
+    def __init__(self, connection: SwarmConnection, start: int = 0, end: int | None = None):
         super().__init__()
         self.connection = connection
-        self.config = connection.config if config is None else config  # replace it (configure) to change settings
+        self.config: ClientConfig = connection.config  # replace it (configure) to change settings
         self.start, self.end = start, connection.num_blocks if end is None else end
         self.lora = None  # a client.lora.RemoteLora once an adapter is attached
         self.adapter: str | None = None  # or the name of an adapter that servers host
@@ -234,7 +213,6 @@ class RemoteSequential(nn.Module):
         return self.codecs.reply(role)
 
     def additions(self) -> Additions:
-        """What this chain adds to each request: its adapter or LoRA tensors, prompts and codecs."""
         return Additions(self.codecs, self.lora, self.adapter or "", self.prompts, self.start)
 
     # Deprecated setters: settings live in the chain's config (from_pretrained(client_config=...), configure()).
@@ -287,7 +265,6 @@ class RemoteSequential(nn.Module):
                                    self.config.max_retries)
 
     def delta_coder(self) -> ClientDelta | None:
-        """The delta coder for the current codecs (None when codecs["delta"] is "none")."""
         codec, full = self.config.delta_codec, self.config.activation_codec
         if codec in ("", "none"):
             return None
@@ -296,35 +273,28 @@ class RemoteSequential(nn.Module):
         return self.delta
 
     async def atrain_forward(self, step: RouteStep, call: SpanCall, keys: list[str] | None = None):
-        """A forward that opens a training stream: returns (the stream, for the backward; the output).
-
-        With `keys` (one per batch row) and a delta codec, the hidden states go as deltas against the references
-        both ends hold; if the server lacks them, the rows are sent again in full.
-        """
+        """(a training stream, for the backward; its forward's output). With `keys` (one per batch row) and a delta
+        codec, the hidden states go as deltas against the references both ends hold (in full if the server lacks them)."""
         delta = self.delta_coder() if keys is not None else None
         if delta is None:
             return await self.connection.train_forward(step, call)
-        for attempt in range(2):
+        for retried in (False, True):
             info, slots, commit = delta.encode_input(keys, step.start, step.end, call.tensors[0])
             decode = functools.partial(delta.decode_output, info, step.start, step.end)
             try:
                 result = await self.connection.train_forward(step, call.with_delta(slots, info), decode)
             except RemoteError as exc:
-                if exc.code != "delta_state_missing" or attempt:
+                if exc.code != "delta_state_missing" or retried:
                     raise
                 logger.info("server %s lacks references of delta-coded rows; sending them in full", step.peer_id)
                 delta.forget_inputs(keys, step.start, step.end)
                 continue
             commit()
             return result
-        raise AssertionError("unreachable")
 
     def fits_one_message(self, hidden: torch.Tensor, step: RouteStep) -> bool:
-        """Whether a training stream's messages stay under the unary limit (each is one message, not chunked).
-
-        The largest are the forward request (hidden, positions, mask, prompts, LoRA) and the backward's reply
-        (gradients of the hidden states, prompts and LoRA).
-        """
+        """Whether a training stream's messages (one each, not chunked) stay under the unary limit: the largest are the
+        forward request and the backward's reply (hidden states, positions, mask, prompts, LoRA or their gradients)."""
         extra = 0
         if self.lora is not None:
             extra += sum(p.numel() * p.element_size() for p in self.lora.for_blocks(step.start, step.end)[1])
@@ -354,7 +324,7 @@ class RemoteSequential(nn.Module):
                           forwarding: bool | None = None) -> InferenceSession:
         """A KV-cached session; `forwarding` (default: the config's) has servers push each step to the next one."""
         return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.additions(),
-                                self.config.forwarding if forwarding is None else forwarding, self.config)
+                                forwarding, self.config)
 
     def extra_repr(self) -> str:
         return f"blocks {self.start}:{self.end} of {self.connection.prefix!r} (remote)"
