@@ -37,12 +37,9 @@ logger = logging.getLogger(__name__)
 
 
 class SwarmConnection:
-    """Joins the DHT as a client (it accepts no incoming connections) and talks to servers, as `config` says.
-
-    `config.allowed_servers` (only these; None: any) and `config.blocked_servers` (never these) are peer ids;
-    servers left out by them are never contacted, not even pinged. `dht`: a client DHT peer already joining through
-    `initial_peers` (swarm.join.start_joining(..., client_mode=True)), so the caller can do other work meanwhile.
-    """
+    """Joins the DHT as a client (it accepts no incoming connections) and talks to servers, as `config` says; servers
+    that its allowed/blocked lists leave out are never contacted, not even pinged. `dht`: a client DHT peer already
+    joining (swarm.join.start_joining), so the caller can do other work meanwhile."""
 
     def __init__(self, initial_peers: Sequence[str], prefix: str, num_blocks: int, config: ClientConfig = CLIENT,
                  identity=None, dht: hivemind.DHT | None = None):
@@ -113,15 +110,12 @@ class SwarmConnection:
         return {peer for peer, (until, _) in self._bans.items() if until > now}
 
     def _rules(self, adapter: str | None) -> dict:
-        """What both planners leave out or weigh: bans, the adapter, measured round trips, allowed/blocked servers,
-        servers this client cannot work with (versions, model identity)."""
         return dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice,
                     compatibility=self.compatibility)
 
     def plan(self, start: int = 0, end: int | None = None, adapter: str | None = None, *,
              session_tokens: int = 0, batch_size: int = 0) -> list[RouteStep]:
-        """The least-latency route (client.routing.plan_route) over the measured pings; `session_tokens`
-        (batch x max_length) leaves out servers that announce less free KV cache, `batch_size` smaller batches."""
+        """The least-latency route (client.routing.plan_route); `session_tokens`: batch x max_length."""
         end = self.num_blocks if end is None else end
         rules = dict(self._rules(adapter), hop_ms=self.config.hop_overhead_ms,
                      default_ms_per_block=self.config.default_ms_per_block, batch_size=batch_size)
@@ -140,8 +134,7 @@ class SwarmConnection:
 
     def plan_training(self, start: int = 0, end: int | None = None, adapter: str | None = None,
                       planned: Mapping[str, int] | None = None, batch_size: int = 0) -> list[RouteStep]:
-        """A training route drawn by throughput (client.routing.plan_training_route), counting the requests this
-        client has in flight and `planned` ones (by peer id) as load; for requests of `batch_size` sequences."""
+        """A training route (client.routing.plan_training_route); requests in flight and `planned` ones count as load."""
         end = self.num_blocks if end is None else end
         load = Counter(self.in_flight.counts())
         load.update(planned or {})
@@ -155,7 +148,6 @@ class SwarmConnection:
         return BlockService.get_stub(self.p2p, peer_id, namespace=self.prefix)
 
     def count(self, sent: Sequence[runtime_pb2.Tensor], received: Sequence[runtime_pb2.Tensor]) -> Traffic:
-        """Add a call's tensors to the traffic totals; returns that call's traffic."""
         step = Traffic.of(sent, received)
         self.traffic += step
         self.hidden_traffic += Traffic.of(hidden_slots(sent), hidden_slots(received))
@@ -184,12 +176,10 @@ class SwarmConnection:
         return result
 
     async def call(self, kind: str, step: RouteStep, call: SpanCall) -> list[torch.Tensor]:
-        """A forward or backward request (client.requests.span_call) through one route step, its LoRA tensors
-        sent only when the server does not hold them yet."""
+        """A forward or backward request (client.requests.span_call), its LoRA tensors sent once per server."""
         return await self._upload_once(step, call, functools.partial(self.send, kind, step))
 
     async def train_forward(self, step: RouteStep, call: SpanCall, decode_reply=None) -> tuple[TrainStream, torch.Tensor]:
-        """Open a training stream (see TrainStream) and run its forward; LoRA tensors go by digest when uploaded."""
         async def send(meta, tensors, codecs):
             stream = TrainStream(self, step, call.grad_codec)
             return stream, await stream.forward(meta, tensors, codecs, decode_reply)
@@ -198,11 +188,9 @@ class SwarmConnection:
 
     async def send(self, kind: str, step: RouteStep, meta: SpanRequest, tensors: Sequence, codecs: Sequence = ()
                    ) -> list[torch.Tensor]:
-        """Send one forward or backward request as it is; payloads over the unary limit go over a stream.
-
-        `tensors` are laid out as swarm.protocol.SpanRequest describes. Returns the server's tensors: [output]
-        for a forward; for a backward, the gradients w.r.t. the input, each LoRA tensor and the deep prompts.
-        """
+        """Send one forward or backward request (laid out as swarm.protocol.SpanRequest describes) as it is; payloads
+        over the unary limit go over a stream. Returns the server's tensors: [output] for a forward; for a backward,
+        the gradients w.r.t. the input, each LoRA tensor and the deep prompts."""
         stub = self.stub(step.peer_id)
         packed = pack_inputs(tensors, codecs)
         try:

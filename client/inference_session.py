@@ -26,11 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 class InferenceSession:
-    """Sends new tokens' hidden states through a chain of servers that keep the past in their KV caches.
-
-    Usable as a context manager; the streams open on the first step (when the batch size is known).
-    `token_ids` keeps the tokens a model-level caller has fed, so `generate()` can continue the session.
-    """
+    """Sends new tokens' hidden states through a chain of servers that keep the past in their KV caches. The streams
+    open on the first step (when the batch size is known)."""
 
     def __init__(self, connection: SwarmConnection, max_length: int, start: int = 0, end: int | None = None,
                  batch_size: int | None = None, additions: Additions | None = None, forwarding: bool | None = None,
@@ -80,8 +77,6 @@ class InferenceSession:
         logger.debug("opened inference session through %s", [(str(s.step.peer_id)[-6:], s.step.start, s.step.end) for s in self.streams])
 
     async def _step(self, tensors: list[torch.Tensor], hypo_ids: list[int]) -> torch.Tensor:
-        if not self.streams:
-            await self._open(tensors[0].shape[0])
         step_bytes = sum(t.numel() * t.element_size() for t in tensors)
         inputs: list = list(tensors)  # of the stream at `index`; its hidden states may be a server's packed output
         index, pushed, chain_end = 0, False, 0  # streams index+1..chain_end were named in a forwarded step
@@ -234,8 +229,7 @@ class InferenceSession:
 
 
 def _input_for(output: runtime_pb2.Tensor, stream: SpanStream | None) -> runtime_pb2.Tensor | torch.Tensor:
-    """A server's packed output as the input of `stream` (see `relayed`: the same bytes with forwarding or without),
-    or decoded as the route's result when no stream follows."""
+    """A server's packed output as the input of `stream` (see `relayed`), or decoded when no stream follows."""
     return relayed(output, stream.codec) if stream is not None else unpack_tensor(output, "server output")
 
 

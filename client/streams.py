@@ -177,10 +177,8 @@ class SpanStream(_Stream):
 
 
 class TrainStream(_Stream):
-    """A forward whose backward follows on the same stream (rpc_train), so the server need not recompute it.
-
-    The server keeps the activations only while this request is open; `abandon()` ends it without a backward.
-    """
+    """A forward whose backward follows on the same stream (rpc_train), so the server need not recompute it; it keeps
+    the activations only while this request is open (`abandon()` ends it without a backward)."""
 
     def __init__(self, connection: SwarmConnection, step: RouteStep, grad_codec: str | None = None):
         super().__init__(connection, step)
@@ -217,12 +215,10 @@ class TrainStream(_Stream):
 
 async def open_stream(p2p: P2P, prefix: str, peer_id, method: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-    """Call a streaming RPC of BlockService: as `BlockService.get_stub(p2p, peer_id, namespace=prefix).<method>(requests)`,
-    except that the replies end as soon as the connection closes.
-
-    hivemind's stream call, on a closed connection, waits for the request stream to end before it ends the replies;
-    ours waits for a reply before it sends more, so a server killed mid-session went unnoticed until the request timeout.
-    """
+    """Call a streaming RPC of BlockService as its stub does, except that the replies end as soon as the connection
+    closes. hivemind's stream call, on a closed connection, waits for the request stream to end before it ends the
+    replies; ours waits for a reply before it sends more, so a server killed mid-session went unnoticed until the
+    request timeout."""
     name = BlockService._get_handle_name(prefix, method)
     _, reader, writer = await p2p.call_binary_stream_handler(peer_id, name)
 
