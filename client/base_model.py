@@ -15,10 +15,8 @@ from swarm.models import CACHE_KWARG, ModelFamily
 
 
 class RemoteSessionCache(DynamicCache):
-    """Stands in for the KV cache during `generate()`: the real one lives on the servers.
-
-    It only tells transformers how many tokens the session has seen, so new calls send only new tokens.
-    """
+    """Stands in for the KV cache during `generate()`, the real one living on the servers: it tells transformers how
+    many tokens the session has seen (so new calls send only new tokens) and carries beam reorders to the servers."""
 
     def __init__(self, session: InferenceSession):
         super().__init__()
@@ -50,8 +48,6 @@ class RemoteSessionCache(DynamicCache):
 
 
 class DistributedBaseModel(nn.Module):
-    """The base model (embeddings, remote blocks, final norm) of a distributed causal LM."""
-
     def __init__(self, config: PretrainedConfig, family: ModelFamily, embed_tokens: nn.Module, norm: nn.Module,
                  layers: RemoteSequential):
         super().__init__()
@@ -94,9 +90,7 @@ class DistributedBaseModel(nn.Module):
                 position_ids = torch.cat([torch.arange(virtual).expand(batch, virtual), position_ids], dim=1)
         if session is not None:
             new_mask = attention_mask[:, -(virtual + length):] if attention_mask is not None else None
-            if new_mask is not None and bool(new_mask.all()):
-                new_mask = None
-            hidden = session.step(inputs_embeds, position_ids, new_mask)
+            hidden = session.step(inputs_embeds, position_ids, None if new_mask is None or bool(new_mask.all()) else new_mask)
             session.virtual_tokens = session.virtual_tokens or virtual
         else:
             if past_key_values is not None and past_key_values.get_seq_length() > 0:

@@ -28,10 +28,8 @@ def generation_config_of(default: GenerationConfig, kwargs: Mapping[str, object]
 
 
 def unsupported_generation(config: GenerationConfig, assistant: bool = False) -> str | None:
-    """Why generate() with `config` (and an assistant model, if `assistant`) cannot be served exactly; None if it can.
-
-    Served: greedy search, sampling and beam search (with sampling, num_return_sequences, length penalty, ...).
-    """
+    """Why generate() with `config` (and an assistant model, if `assistant`) cannot be served exactly; None if it can
+    (greedy search, sampling and beam search, with sampling, num_return_sequences, length penalty, ...)."""
     if assistant or config.prompt_lookup_num_tokens is not None or config.assistant_early_exit is not None \
             or getattr(config, "use_mtp", False):
         return ("assisted generation (assistant_model, prompt_lookup_num_tokens, assistant_early_exit, use_mtp) crops "

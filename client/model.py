@@ -1,8 +1,6 @@
-"""Distributed causal LMs: real transformers models whose transformer blocks run in the swarm.
-
-Embeddings, the final norm and the LM head stay on the client. Forward with `labels` gives the loss,
-and `generate()` keeps Hugging Face semantics, with the KV cache held by the servers.
-"""
+"""Distributed causal LMs: real transformers models whose transformer blocks run in the swarm, while embeddings, the
+final norm and the LM head stay on the client; `generate()` keeps Hugging Face semantics, the servers holding the KV
+cache."""
 
 from __future__ import annotations
 
@@ -38,11 +36,8 @@ logger = logging.getLogger(__name__)
 
 
 class DistributedModelForCausalLM:
-    """Entry point: `DistributedModelForCausalLM.from_pretrained(MODEL, initial_peers=[...])`.
-
-    Returns an instance of a subclass of the model's own transformers class (e.g. LlamaForCausalLM) and of this
-    class, whose blocks are a RemoteSequential.
-    """
+    """Entry point: `DistributedModelForCausalLM.from_pretrained(MODEL, initial_peers=[...])` returns an instance of
+    a subclass of the model's own transformers class (e.g. LlamaForCausalLM) and of this class."""
 
     @staticmethod
     def from_pretrained(model: str, initial_peers: Sequence[str], *, dht_prefix: str | None = None,
@@ -130,14 +125,9 @@ class DistributedCausalLMMixin(DistributedModelForCausalLM):
 
     def set_codecs(self, inference: str | None = None, activations: str | None = None, gradients: str | None = None,
                    delta: str | None = None, *, replies: dict[str, str] | None = None) -> None:
-        """Choose how hidden states travel, by role (codec ids from swarm.compression; "none" sends them as they are).
-
-        inference: both ways in inference sessions; activations: a training forward's input and output;
-        gradients: a backward's output and input gradients; delta: a training forward's hidden states from the
-        second epoch on, as the change since the sample's previous pass ("none": every pass with `activations`).
-        Roles left as None keep their codec. `replies` chooses another codec for what servers send back, by role
-        (e.g. {"gradients": "int8_outlier"}); an empty string there means the same as the role's.
-        """
+        """Choose how hidden states travel, by role (see client.requests.Codecs); roles left as None keep their codec.
+        `replies` chooses another codec for what servers send back, by role (e.g. {"gradients": "int8_outlier"}); an
+        empty string there means the same as the role's."""
         from swarm import compression
 
         roles = {"inference": inference, "activations": activations, "gradients": gradients, "delta": delta}
@@ -159,11 +149,9 @@ class DistributedCausalLMMixin(DistributedModelForCausalLM):
                 param.requires_grad_(False)
 
     def add_prompt_tuning(self, num_virtual_tokens: int, deep: bool = False) -> RemotePrompts:
-        """Trainable virtual tokens before every sequence (shallow), and with `deep` also at every block's input.
-
-        The logits then start with the virtual tokens' positions, as with peft's prompt tuning; labels are padded
-        to match. Returns the module holding the parameters (`shallow` [P, hidden], `deep` [blocks, P, hidden]).
-        """
+        """Trainable virtual tokens before every sequence (shallow), and with `deep` also at every block's input. The
+        logits then start with the virtual tokens' positions, as with peft's prompt tuning; labels are padded to match.
+        Returns the module holding the parameters (`shallow` [P, hidden], `deep` [blocks, P, hidden])."""
         if self.remote_layers.prompts is not None:
             raise RuntimeError("this model already has prompt tuning")
         self._freeze_local_weights()
@@ -173,11 +161,8 @@ class DistributedCausalLMMixin(DistributedModelForCausalLM):
         return self.remote_layers.prompts
 
     def add_lora_adapter(self, lora_config) -> RemoteLora:
-        """Create LoRA tensors (a peft LoraConfig: r, lora_alpha, target_modules) for every remote block.
-
-        They are ordinary parameters of this model (train them with any torch optimizer); the servers apply
-        them to each forward and backward request and keep nothing.
-        """
+        """LoRA tensors (from a peft LoraConfig) for every remote block: ordinary parameters of this model, which the
+        servers apply to each forward and backward request and keep nothing of."""
         if self.remote_layers.lora is not None:
             raise RuntimeError("this model already has a LoRA adapter")
         self._freeze_local_weights()
@@ -194,10 +179,8 @@ class DistributedCausalLMMixin(DistributedModelForCausalLM):
         return self.remote_layers.lora
 
     def use_hosted_adapter(self, name: str | None) -> None:
-        """Run with an adapter the servers host (`swarm server --adapters NAME=PATH`); None for the plain model.
-
-        Routes then use only servers that announce it; if none does, calls fail with a clear error.
-        """
+        """Run with an adapter the servers host (`swarm server --adapters NAME=PATH`), on servers that announce it;
+        None for the plain model."""
         if name is not None and self.remote_layers.lora is not None:
             raise RuntimeError("this model has its own LoRA adapter; remove it before using a hosted one")
         self.remote_layers.adapter = name
@@ -211,11 +194,8 @@ class DistributedCausalLMMixin(DistributedModelForCausalLM):
     @contextlib.contextmanager
     def inference_session(self, max_length: int | None = None, batch_size: int | None = None,
                           forwarding: bool | None = None):
-        """Open KV-cached streams through the swarm; `generate()` calls inside continue one another.
-
-        `max_length` defaults to the client config's. `forwarding`: servers push each step straight to the next
-        server of the route (default: the client config's) or, when False, return it to the client each hop.
-        """
+        """Open KV-cached streams through the swarm; `generate()` calls inside continue one another. `max_length` and
+        `forwarding` default to the client config's."""
         if self._active_session is not None:
             raise RuntimeError("an inference session is already open on this model")
         prompts = self.remote_layers.prompts
@@ -238,11 +218,10 @@ class DistributedCausalLMMixin(DistributedModelForCausalLM):
                 raise ValueError("use_cache=False cannot run inside an inference session, which keeps a KV cache")
             return super().generate(inputs, *args, **kwargs)
         if self._active_session is None:
-            generation_config = kwargs.get("generation_config") or self.generation_config
             prompt = inputs if inputs is not None else kwargs.get("input_ids")
             prompt_length = prompt.shape[1] if prompt is not None else 1
-            max_new = kwargs.get("max_new_tokens") or generation_config.max_new_tokens
-            max_length = prompt_length + max_new if max_new is not None else (kwargs.get("max_length") or generation_config.max_length)
+            new = config.max_new_tokens
+            max_length = config.max_length if new is None else prompt_length + new
             with self.inference_session(max_length=max_length):
                 return self.generate(inputs, *args, **kwargs)
 
@@ -251,20 +230,17 @@ class DistributedCausalLMMixin(DistributedModelForCausalLM):
             raise ValueError("this inference session ran a beam search: the servers' caches hold its last running beams, "
                              "not the sequences it returned, so generate() cannot continue it; open a new inference_session()")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        attention_mask = kwargs.pop("attention_mask", None)
-        if session.token_ids is not None and input_ids is not None:
-            history = session.token_ids
-            continues = input_ids.shape[1] >= history.shape[1] and torch.equal(input_ids[:, : history.shape[1]], history)
-            if not continues:  # only new tokens were given: they follow what the session already holds
-                if attention_mask is not None:
-                    attention_mask = torch.cat([torch.ones_like(history), attention_mask], dim=1)
+        history, mask = session.token_ids, kwargs.pop("attention_mask", None)
+        if history is not None:
+            if input_ids is None:
+                input_ids = history
+            elif not (input_ids.shape[1] >= history.shape[1] and torch.equal(input_ids[:, : history.shape[1]], history)):
+                # Only new tokens were given: they follow what the session already holds.
+                mask = None if mask is None else torch.cat([torch.ones_like(history), mask], dim=1)
                 input_ids = torch.cat([history, input_ids], dim=1)
-        elif session.token_ids is not None and input_ids is None:
-            input_ids = session.token_ids
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        if session.token_ids is not None and "attention_mask" not in kwargs:
-            kwargs["attention_mask"] = torch.ones_like(input_ids)
+            mask = torch.ones_like(input_ids) if mask is None else mask
+        if mask is not None:
+            kwargs["attention_mask"] = mask
         kwargs[CACHE_KWARG] = cache = RemoteSessionCache(session)
         kwargs.setdefault("use_cache", True)
         output = super().generate(input_ids, *args, **kwargs)
@@ -291,12 +267,9 @@ def _distributed_class(family: ModelFamily) -> type:
 
 
 def _forward_with_signature_of(base: type):
-    """The model's forward: `base.forward` with prompt tuning's label padding, showing base's own signature.
-
-    Hugging Face Trainer passes a model only the batch keys that its forward's signature names
-    (remove_unused_columns, on by default), so a generic `(*args, **kwargs)` signature would make it drop
-    attention_mask and labels without a word.
-    """
+    """`base.forward` with prompt tuning's label padding, showing base's own signature: Hugging Face Trainer passes a
+    model only the batch keys that its forward's signature names (remove_unused_columns, on by default), so a generic
+    `(*args, **kwargs)` signature would make it drop attention_mask and labels without a word."""
     signature = inspect.signature(base.forward)
 
     def forward(self, *args, **kwargs):

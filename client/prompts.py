@@ -1,9 +1,7 @@
-"""Prompt tuning for a distributed model: trainable virtual tokens the client owns.
-
-Shallow prompts (as peft's PromptTuning) are P embeddings put before every sequence; the servers just see longer
-inputs. Deep prompts (as Petals' deep prompt tuning) add a trainable vector to the input of every block at those P
-positions; each request carries its span's slice and the backward returns its gradient.
-"""
+"""Prompt tuning: trainable virtual tokens the client owns. Shallow prompts (as peft's PromptTuning) are P embeddings
+put before every sequence; the servers just see longer inputs. Deep prompts (as Petals' deep prompt tuning) add a
+trainable vector to the input of every block at those P positions; each request carries its span's slice and the
+backward returns its gradient."""
 
 from __future__ import annotations
 
