@@ -1,8 +1,6 @@
-"""`swarm finetune`: train a LoRA adapter through the swarm; the servers apply it and keep nothing.
-
-The adapter's tensors live on this client: every forward and backward request carries them, the local
-AdamW updates them, and the result is saved in the peft format (adapter_config.json + adapter_model.safetensors).
-"""
+"""`swarm finetune`: train a LoRA adapter through the swarm. Its tensors live on this client: every forward and backward
+request carries them (the servers apply them and keep nothing), the local AdamW updates them, and the result is saved
+in the peft format."""
 
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.config import FINETUNE_FLAGS, add_client_arguments, client_config_from
+from client.data import INSTRUCTIONS
 
 IGNORE = -100
 
@@ -28,18 +27,12 @@ DATA_HELP = (
 )
 
 
-def _default_data() -> str:
-    from client.data import INSTRUCTIONS
-
-    return str(INSTRUCTIONS)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from swarm.cli import add_swarm_arguments
 
     parser.add_argument("model", help="folder (or hub repo id) with the model's config, tokenizer and client-side weights")
     add_swarm_arguments(parser)
-    parser.add_argument("--data", default=_default_data(), metavar="FILE", help=DATA_HELP)
+    parser.add_argument("--data", default=str(INSTRUCTIONS), metavar="FILE", help=DATA_HELP)
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
     parser.add_argument("--lora-dropout", type=float, default=0.0,
@@ -126,8 +119,8 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[list
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if example.text is not None:
         ids = tokenizer(example.text, add_special_tokens=True)["input_ids"] + eos
-        labels = list(ids)
-    elif getattr(tokenizer, "chat_template", None):
+        return ids[:max_length], ids[:max_length]
+    if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": example.prompt}]
         prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": example.completion}],
@@ -138,13 +131,11 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[list
         else:  # a template that rewrites earlier turns: fall back to the token count of the prompt
             full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
             completion_ids = full_ids[len(prompt_ids):]
-        ids = prompt_ids + completion_ids
-        labels = [IGNORE] * len(prompt_ids) + completion_ids
     else:
         prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
         completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + eos
-        ids = prompt_ids + completion_ids
-        labels = [IGNORE] * len(prompt_ids) + completion_ids
+    ids = prompt_ids + completion_ids
+    labels = [IGNORE] * len(prompt_ids) + completion_ids
     return ids[:max_length], labels[:max_length]
 
 
@@ -235,14 +226,11 @@ def run(args: argparse.Namespace) -> int:
                                                         client_config=client_config_from(args, FINETUNE_FLAGS))
     try:
         pad_to = args.max_length if args.delta_codec != "none" else None
-        for param in model.parameters():
-            param.requires_grad_(False)
         torch.manual_seed(args.seed)
+        # Only the adapter trains: add_lora_adapter freezes the client-side weights.
         lora = model.add_lora_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
                                                  target_modules=list(args.target_modules), lora_dropout=args.lora_dropout))
         params = list(lora.parameters())
-        for param in params:
-            param.requires_grad_(True)
         print(f"adapter: r={args.lora_r}, alpha={args.lora_alpha:g}, {', '.join(args.target_modules)}: "
               f"{sum(p.numel() for p in params):,} trainable parameters", flush=True)
 
@@ -259,10 +247,9 @@ def run(args: argparse.Namespace) -> int:
             epoch += 1
             order = list(range(len(train)))
             rng.shuffle(order)
-            epoch_loss, epoch_tokens, epoch_steps = 0.0, 0, 0
-            for start in range(0, len(order), args.batch_size):
-                if step >= total_steps:
-                    break
+            epoch_loss, epoch_tokens = 0.0, 0
+            batches = range(0, len(order), args.batch_size)[: total_steps - step]
+            for start in batches:
                 input_ids, mask, labels = collate([train[i] for i in order[start: start + args.batch_size]], pad_id, pad_to)
                 loss_sum, n = batch_loss(model, input_ids, mask, labels)
                 loss = loss_sum / max(n, 1)
@@ -272,14 +259,13 @@ def run(args: argparse.Namespace) -> int:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 step += 1
-                epoch_steps += 1
                 epoch_loss, epoch_tokens = epoch_loss + float(loss_sum), epoch_tokens + n
                 seen_tokens += int(mask.sum())
                 tokens_per_s = seen_tokens / max(time.perf_counter() - started, 1e-9)
                 progress.set_postfix(loss=f"{float(loss):.4f}", tok_s=f"{tokens_per_s:.0f}")
                 progress.update(1)
-            progress.write(f"epoch {epoch}: {epoch_steps} steps, train loss {epoch_loss / max(epoch_tokens, 1):.4f}"
-                           + ("" if epoch_steps * args.batch_size >= len(train) else " (partial)"), file=sys.stdout)
+            progress.write(f"epoch {epoch}: {len(batches)} steps, train loss {epoch_loss / max(epoch_tokens, 1):.4f}"
+                           + ("" if len(batches) * args.batch_size >= len(train) else " (partial)"), file=sys.stdout)
         progress.close()
         elapsed = time.perf_counter() - started
         traffic = model.remote_layers.connection.hidden_traffic

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from client.config import GENERATE_FLAGS, add_client_arguments, client_config_from
 
@@ -51,17 +52,12 @@ def run(args: argparse.Namespace) -> int:
         raise
     try:
         if args.adapter is not None:
-            from pathlib import Path
-
             if Path(args.adapter).is_dir():
                 model.load_lora_adapter(args.adapter)
             else:
                 model.use_hosted_adapter(args.adapter)
-        if args.chat:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-        else:
-            text = args.prompt
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True) if args.chat else args.prompt
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat)
         if args.seed is not None:
             torch.manual_seed(args.seed)

@@ -16,22 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="show only this model (its DHT prefix); default: every model")
 
 
-def block_coverage(num_blocks: int, servers: list[ServerInfo]) -> list[int]:
+def coverage_ranges(num_blocks: int, servers: list[ServerInfo]) -> list[tuple[int, int, int]]:
+    """Runs of blocks served by the same number of online servers: (start, end, servers)."""
     from swarm.dht_records import ServerState
 
-    counts = [0] * num_blocks
-    for server in servers:
-        if server.record.state == ServerState.ONLINE:
-            for index in range(server.record.start, min(server.record.end, num_blocks)):
-                counts[index] += 1
-    return counts
-
-
-def coverage_ranges(counts: list[int]) -> list[tuple[int, int, int]]:
-    """Runs of equal coverage: (start, end, servers)."""
+    online = [s.record for s in servers if s.record.state == ServerState.ONLINE]
     runs: list[tuple[int, int, int]] = []
-    for index, count in enumerate(counts):
-        if runs and runs[-1][2] == count and runs[-1][1] == index:
+    for index in range(num_blocks):
+        count = sum(r.start <= index < r.end for r in online)
+        if runs and runs[-1][2] == count:
             runs[-1] = (runs[-1][0], index + 1, count)
         else:
             runs.append((index, index + 1, count))
@@ -64,7 +57,7 @@ def render(models: dict[str, tuple[int, list[ServerInfo]]]):
         cover = Table(title=f"{prefix}: coverage")
         cover.add_column("blocks")
         cover.add_column("online servers")
-        for start, end, count in coverage_ranges(block_coverage(num_blocks, servers)):
+        for start, end, count in coverage_ranges(num_blocks, servers):
             cover.add_row(f"{start}:{end}", str(count) if count else "[bold red]0 (not served)[/]")
         parts.append(cover)
     return Group(*parts)
