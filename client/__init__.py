@@ -1,18 +1,17 @@
 """The client side of the swarm: routing, remote blocks with autograd, inference sessions, model classes."""
 
+import importlib
+
 from client.config import ClientConfig
 
 __all__ = ["ClientConfig", "DistributedModelForCausalLM", "RemoteSequential"]
 
 
+# Imported on first use, so `swarm --help` and the pure policies load without torch and hivemind.
+_LAZY = {"DistributedModelForCausalLM": "client.model", "RemoteSequential": "client.remote_sequential"}
+
+
 def __getattr__(name: str):
-    # Imported on first use, so `swarm --help` and the pure policies load without torch and hivemind.
-    if name == "DistributedModelForCausalLM":
-        from client.model import DistributedModelForCausalLM
-
-        return DistributedModelForCausalLM
-    if name == "RemoteSequential":
-        from client.remote_sequential import RemoteSequential
-
-        return RemoteSequential
-    raise AttributeError(name)
+    if name not in _LAZY:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(_LAZY[name]), name)

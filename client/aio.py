@@ -7,6 +7,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import uvloop
+
 T = TypeVar("T")
 
 _lock = threading.Lock()
@@ -17,12 +19,7 @@ def get_loop() -> asyncio.AbstractEventLoop:
     global _loop
     with _lock:
         if _loop is None or _loop.is_closed():
-            try:
-                import uvloop
-
-                loop = uvloop.new_event_loop()
-            except ImportError:  # pragma: no cover
-                loop = asyncio.new_event_loop()
+            loop = uvloop.new_event_loop()
             thread = threading.Thread(target=loop.run_forever, name="swarm-client-loop", daemon=True)
             thread.start()
             _loop = loop
@@ -30,7 +27,6 @@ def get_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-    """Run a coroutine on the client's loop from synchronous code and wait for its result."""
     loop = get_loop()
     if threading.current_thread().name == "swarm-client-loop":
         raise RuntimeError("client.aio.run() called from inside the client loop; await the coroutine instead")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from swarm.options import option
+from swarm.options import add_arguments, option
 
 CODEC_HELP = " (see swarm.compression: int8_outlier, bfloat16, float16, 'none' for float32 as it is, ...)"
 
@@ -100,12 +100,9 @@ FINETUNE_FLAGS = (*COMMON_FLAGS, "activation_codec", "gradient_codec", "delta_co
 
 def add_client_arguments(parser, names) -> None:
     """The flags of ClientConfig fields `names`, each named after its field (--request-timeout, ...)."""
-    from swarm.options import add_arguments
-
     group = parser.add_argument_group("client settings", "fields of client.ClientConfig, as from_pretrained takes them")
     add_arguments(group, ClientConfig, only=names)
 
 
 def client_config_from(args, names) -> ClientConfig:
-    """The ClientConfig that parsed flags `names` (see add_client_arguments) describe."""
     return CLIENT.replace(**{name: getattr(args, name) for name in names})

@@ -48,7 +48,6 @@ class Decision:
 
 
 def describe(tried: Sequence[Attempt]) -> str:
-    """Each server tried and why it failed, in order."""
     return "; ".join(f"{a.peer[-8:]} ({a.message[:120]})" for a in tried)
 
 
@@ -66,16 +65,13 @@ def counted(tried: Sequence[Attempt]) -> int:
 
 
 def decide(tried: Sequence[Attempt], max_retries: int, what: str) -> Decision:
-    """The policy, given every failure so far (the last one is the newest). `what` begins the final error
-    (e.g. "blocks 0:4 failed")."""
+    """The policy, given every failure so far (newest last); `what` begins the final error ("blocks 0:4 failed")."""
     last = tried[-1]
     if last.code not in RemoteError.SERVER_GONE:  # a refusal (bad input, a full cache): retrying elsewhere won't help
         return Decision(retry=False)
-    moved = last.code in RemoteError.SERVER_MOVED
-    if counted(tried) > max_retries:
-        return Decision(False, ban=not moved, refresh=moved,
-                        give_up=f"{what}; tried: {describe(tried)}")
-    return Decision(True, ban=not moved, refresh=moved)
+    moved, exhausted = last.code in RemoteError.SERVER_MOVED, counted(tried) > max_retries
+    give_up = f"{what}; tried: {describe(tried)}" if exhausted else ""
+    return Decision(not exhausted, ban=not moved, refresh=moved, give_up=give_up)
 
 
 async def with_failover(connection: SwarmConnection, what: str, attempt: Callable[[int], Awaitable[T]],

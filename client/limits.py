@@ -36,12 +36,9 @@ def route_limit(steps: Sequence[RouteStep]) -> int | None:
 
 
 def split_batch(batch: int, length: int, max_chunk_tokens: int, max_batch_size: int | None = None) -> list[slice]:
-    """Chunks of whole sequences, each within the per-request token limit (and batch size), of nearly equal size.
-
-    The chunks travel the route concurrently. Splitting further to pipeline a batch that fits in one request
-    was measured slower when the servers share the client's cores (SmolLM2 step 1.77x local against 1.62x).
-    A sequence longer than the limit still goes alone (see forward_needs_session).
-    """
+    """Chunks of whole sequences, each within the per-request token limit (and batch size), of nearly equal size, to
+    travel the route concurrently. Splitting further to pipeline a batch that fits in one request was measured slower
+    when the servers share the client's cores (SmolLM2 step 1.77x local against 1.62x)."""
     per_chunk_limit = max(1, min(max_chunk_tokens // max(length, 1), max_batch_size or batch))
     chunks = min(batch, math.ceil(batch / per_chunk_limit))
     size = math.ceil(batch / max(chunks, 1))
@@ -77,9 +74,8 @@ def forward_needs_session(length: int, limits: RequestLimits, needs_grad: bool) 
 
 def forward_in_sessions(layers, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         limits: RequestLimits) -> torch.Tensor:
-    """A no-grad forward of `layers` (a client.remote_sequential.RemoteSequential) through a temporary inference
-    session per chunk of the batch, each step sent in length chunks (InferenceSession.step): equal to one forward
-    (its hidden states go in the inference codec)."""
+    """A no-grad forward of `layers` (a RemoteSequential) through a temporary inference session per chunk of the batch,
+    each step sent in length chunks: equal to one forward (its hidden states go in the inference codec)."""
     batch, length, _ = hidden.shape
     outputs = []
     for where in split_batch(batch, 1, limits.max_chunk_tokens, limits.max_batch_size):

@@ -19,11 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 class Pinger:
-    """Pings every watched server once per `period` and at once when a new one is watched.
-
-    `ping(peer_id)` does one small call and raises on failure (the caller decides which call); a failure or a
-    timeout marks that server unreachable (routing.UNREACHABLE) until it answers again. Nothing here is fatal.
-    """
+    """Pings every watched server once per `period` and at once when a new one is watched, with `ping(peer_id)` (one
+    small call that raises on failure); a failure or a timeout marks that server unreachable until it answers again."""
 
     def __init__(self, ping: Callable[[object], Awaitable[object]], period: float = CLIENT.ping_period_s,
                  timeout: float = CLIENT.ping_timeout_s, smoothing: float = CLIENT.ping_smoothing):
@@ -33,7 +30,6 @@ class Pinger:
         self._rtt: dict[str, float] = {}  # str(peer id) -> smoothed round trip in ms
         self._wake: asyncio.Event | None = None
         self._task = None
-        self.rounds = 0
 
     @property
     def rtt_ms(self) -> dict[str, float]:
@@ -60,32 +56,27 @@ class Pinger:
             self._task.cancel()
             self._task = None
 
-    async def measure(self, peer_id) -> float | None:
-        """One round trip in ms, or None if the server did not answer in time."""
-        began = time.perf_counter()
-        try:
-            await asyncio.wait_for(self._ping(peer_id), self.timeout)
-        except Exception as exc:  # noqa: BLE001 - any failure only means "unreachable for now"
-            logger.debug("ping to %s failed: %s", peer_id, exc or type(exc).__name__)
-            return None
+    async def measure(self, peer_id, known: bool = True) -> float | None:
+        """One round trip in ms, or None if the server did not answer in time. The first call to a server that is not
+        `known` also dials it (measured: 8 ms, then 2): it is timed again."""
+        for _ in range(1 if known else 2):
+            began = time.perf_counter()
+            try:
+                await asyncio.wait_for(self._ping(peer_id), self.timeout)
+            except Exception as exc:  # noqa: BLE001 - any failure only means "unreachable for now"
+                logger.debug("ping to %s failed: %s", peer_id, exc or type(exc).__name__)
+                return None
         return (time.perf_counter() - began) * 1000.0
-
-    async def _sample(self, peer_id, known: bool) -> float | None:
-        first = await self.measure(peer_id)
-        if known or first is None:
-            return first
-        return await self.measure(peer_id)  # the first call to a new server also dialed it (measured: 8 ms, then 2)
 
     async def ping_round(self) -> None:
         with self._lock:
             targets = list(self._targets.items())
             known = [peer in self._rtt for peer, _ in targets]
-        samples = await asyncio.gather(*(self._sample(peer_id, k) for (_, peer_id), k in zip(targets, known, strict=True)))
+        samples = await asyncio.gather(*(self.measure(peer_id, k) for (_, peer_id), k in zip(targets, known, strict=True)))
         with self._lock:
             for (peer, _), sample in zip(targets, samples, strict=True):
                 if peer in self._targets:  # not dropped while we waited
                     self._rtt[peer] = smooth_rtt(self._rtt.get(peer), sample, self.smoothing)
-        self.rounds += 1
 
     async def _run(self) -> None:
         self._wake = asyncio.Event()

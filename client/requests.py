@@ -16,9 +16,6 @@ if TYPE_CHECKING:
     from client.lora import RemoteLora
     from client.prompts import RemotePrompts
 
-ROLES = ("inference", "activations", "gradients")
-
-
 @dataclass(frozen=True)
 class Codecs:
     """Codecs of hidden states on the wire by role (swarm.compression ids; "none" sends float32 as it is):
@@ -72,9 +69,8 @@ class Additions:
 
 @dataclass(frozen=True)
 class SpanCall:
-    """One forward or backward request to a route step, ready to send: its metadata, its tensors (the hidden states,
-    positions, mask, deep prompts, output gradient) with their codecs, and the LoRA tensors that follow them
-    unless the server already holds them by digest. `grad_codec`: a training stream's gradient message."""
+    """One forward or backward request to a route step, ready to send; the LoRA tensors follow `tensors` unless the
+    server already holds them by digest. `grad_codec`: a training stream's gradient message."""
 
     meta: SpanRequest
     tensors: list

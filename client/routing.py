@@ -60,7 +60,6 @@ class ServerChoice:
         return choice
 
     def refusal(self, peer: str) -> tuple[str, str] | None:
-        """(code, text) when this choice excludes the peer, else None."""
         if peer in self.blocked:
             return "blocked", "in blocked_servers"
         if self.allowed is not None and peer not in self.allowed:
@@ -127,7 +126,6 @@ _ADVICE = (({"blocked", "not_allowed"}, "allow one of them (allowed_servers / bl
 
 def _no_route(servers: Sequence[ServerInfo], block: int, start: int, end: int, usable: int, adapter: str | None,
               why: Mapping[str, tuple[str, str]]) -> NoRouteError:
-    """The error for a block that no usable server hosts, naming why each of its servers was left out."""
     hosts = [s for s in servers if s.record.start <= block < s.record.end]
     reasons = frozenset(why[str(s.peer_id)][0] for s in hosts if str(s.peer_id) in why)
     details = ", ".join(f"{_short(s.peer_id)} ({why[str(s.peer_id)][1]})" for s in hosts if str(s.peer_id) in why)
@@ -170,15 +168,11 @@ def plan_route(
     batch_size: int = 0,
     compatibility: CompatibilityRule | None = None,
 ) -> list[RouteStep]:
-    """The chain covering blocks [start, end) with the least expected latency per token.
-
-    Each hop costs the client's round trip to that server (`rtt_ms` by peer id; `hop_ms` when not measured; when
-    unreachable, a penalty that makes it used only where nothing else serves its blocks) plus its blocks times the server's ms_per_block. A server may be entered in the middle
-    of its span and left before its end. Ties prefer fewer hops. With `adapter`, only servers that host that named
-    adapter are used; with `session_tokens` (batch x max_length of an inference session), only servers that announce
-    that much free KV cache; with `batch_size`, only servers that take batches that large. `choice` applies the
-    client's allowed/blocked lists, `compatibility` leaves out servers the client cannot work with.
-    """
+    """The chain covering blocks [start, end) with the least expected latency per token. Each hop costs the client's
+    round trip to that server (`rtt_ms` by peer id; `hop_ms` when not measured; when unreachable, a penalty that makes
+    it used only where nothing else serves its blocks) plus its blocks times the server's ms_per_block. A server may be
+    entered in the middle of its span and left before its end; ties prefer fewer hops. Servers that `exclusion` leaves
+    out are not used (`session_tokens`: batch x max_length of an inference session)."""
     rtt_ms = rtt_ms or {}
     usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter, session_tokens=session_tokens,
                           batch_size=batch_size, compatibility=compatibility)
@@ -227,14 +221,11 @@ def plan_training_route(
     batch_size: int = 0,
     compatibility: CompatibilityRule | None = None,
 ) -> list[RouteStep]:
-    """A chain covering [start, end) for one training request, spread over replicas by throughput.
-
-    From the first uncovered block, the next server is drawn among the usable ones hosting it with probability
-    proportional to its throughput per block over 1 + the requests `in_flight` says this client has there; it runs to
-    the end of its span or `end`. Servers whose last ping failed are drawn only if no other hosts the block.
-    Servers that report no throughput count as the average of those that do; servers that take batches smaller than
-    `batch_size` are left out. Deterministic given `draw`'s state.
-    """
+    """A chain covering [start, end) for one training request, spread over replicas by throughput: from the first
+    uncovered block, the next server is drawn among the usable ones hosting it with probability proportional to its
+    throughput per block (the average of the others' if it reports none) over 1 + the requests `in_flight` says this
+    client has there; it runs to the end of its span or `end`. Servers whose last ping failed are drawn only if no
+    other hosts the block. Deterministic given `draw`'s state."""
     rtt_ms, in_flight = rtt_ms or {}, in_flight or {}
     usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter, batch_size=batch_size,
                           compatibility=compatibility)
