@@ -73,7 +73,6 @@ class SpanStream(_Stream):
         self.codec = self.additions.codecs.inference  # of the hidden states this stream takes
         self.traffic = Traffic()  # this stream's steps, raw and on the wire
         self.batch_size, self.max_length = batch_size, max_length
-        self.position = 0
         self.step_id = 0
         # Every step's inputs, to replay on a replacement server. The hidden states may be a packed wire tensor: the
         # exact bytes the server took (pushed by the previous server, or relayed as that server sent them).
@@ -158,7 +157,6 @@ class SpanStream(_Stream):
             raise RemoteError("bad_reply", f"an inference step's reply has {len(reply.tensors)} tensors, not 1", str(self.step.peer_id))
         self.history.append(list(tensors))
         self.traffic += self.connection.count((), reply.tensors)
-        self.position = meta.position
         self.step_id += 1
         return reply.tensors[0], meta
 
