@@ -239,9 +239,19 @@ def plan_training_route(
         known = [tps for tps in map(block_throughput, hosts) if tps]
         default = sum(known) / len(known) if known else 1.0
         weights = [(block_throughput(s) or default) / (1 + max(in_flight.get(str(s.peer_id), 0), 0)) for s in hosts]
-        chosen = draw.choices(hosts, weights)[0]
+        chosen = hosts[_pick(weights, draw.random())]
         j = min(chosen.record.end, end)
         steps.append(RouteStep(chosen.peer_id, i, j, chosen.record.max_chunk_tokens))
         i = j
     return steps
 
+
+def _pick(weights: Sequence[float], u: float) -> int:
+    """The index that a uniform draw `u` in [0, 1) selects with probability proportional to its weight (never an
+    error, unlike random.choices, whatever throughput a record announces)."""
+    target, total = u * sum(weights), 0.0
+    for index, weight in enumerate(weights):
+        total += weight
+        if target < total:
+            return index
+    return len(weights) - 1
