@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from swarm.compression.base import Codec, Layout, check_finite, check_tensors, expect, saturating_cast
+from swarm.compression.base import Codec, Layout, check_finite, expect, saturating_cast
 
 
 class CastCodec(Codec):
@@ -26,8 +26,8 @@ class CastCodec(Codec):
     def _encode(self, rows: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], dict[str, Any]]:
         return [saturating_cast(rows, self.wire_dtype or rows.dtype).reshape(layout.shape)], {}
 
-    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
-        (data,) = check_tensors(tensors, 1)
+    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout, shapes: list) -> torch.Tensor:
+        (data,) = tensors
         expect(data, "data", self.wire_dtype or layout.dtype, layout.shape)
         check_finite(data, "data")
         return data.reshape(layout.rows, layout.cols)

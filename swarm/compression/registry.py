@@ -13,13 +13,13 @@ _ID = re.compile(r"[a-z0-9][a-z0-9_+.\-]{0,63}")
 _CODECS: dict[str, Codec] = {}
 
 
-def register(codec: Codec, *, replace: bool = False) -> Codec:
-    """Make `codec` available under its id; CodecError on a bad id or one already taken (unless `replace`)."""
+def register(codec: Codec) -> Codec:
+    """Make `codec` available under its id; CodecError on a bad id or one already taken."""
     if not isinstance(codec, Codec):
         raise CodecError(f"can only register a Codec, got {type(codec).__name__}")
     if not isinstance(codec.id, str) or not _ID.fullmatch(codec.id):
         raise CodecError(f"codec id {codec.id!r:.80} must be 1-64 of [a-z0-9_+.-], starting with a letter or digit")
-    if codec.id in _CODECS and _CODECS[codec.id] is not codec and not replace:
+    if codec.id in _CODECS and _CODECS[codec.id] is not codec:
         raise CodecError(f"codec id {codec.id!r} is already registered")
     _CODECS[codec.id] = codec
     return codec
