@@ -78,12 +78,12 @@ class SpanBackend:
         if not (self.start <= start < end <= self.end):
             raise BlocksNotServed(f"this server hosts blocks {self.start}:{self.end}; the request asked for {start}:{end}")
 
-    def check_inputs(self, tensors: list[torch.Tensor], extra: int = 0) -> SpanInputs:
-        """Validate [hidden, position_ids, attention_mask?] (+ `extra` tensors shaped like hidden)."""
-        if len(tensors) not in (2 + extra, 3 + extra):
+    def check_inputs(self, tensors: list[torch.Tensor]) -> SpanInputs:
+        """Validate [hidden, position_ids, attention_mask?]."""
+        if len(tensors) not in (2, 3):
             raise BadRequest(f"expected hidden states, position ids and an optional attention mask, got {len(tensors)} tensors")
         hidden, position_ids = tensors[0], tensors[1]
-        mask = tensors[2] if len(tensors) == 3 + extra else None
+        mask = tensors[2] if len(tensors) == 3 else None
         self.check_hidden(hidden, "hidden states")
         batch, length, _ = hidden.shape
         if position_ids.dtype not in (torch.int64, torch.int32) or tuple(position_ids.shape) != (batch, length):
@@ -157,11 +157,8 @@ class SpanBackend:
     def backward(self, inputs: SpanInputs, grad_output: torch.Tensor, start: int, end: int,
                  adapt: Adaptation = NONE, input_grad: bool = True) -> list[torch.Tensor | None]:
         """Gradients w.r.t. the span's input (unless `input_grad` is False), each LoRA tensor and the deep prompts
-        (if any), in that order.
-
-        The forward is recomputed (servers keep no activations between requests), with the same dropout masks
-        as the forward request.
-        """
+        (if any), in that order. The forward is recomputed (servers keep no activations between requests), with the
+        same dropout masks as the forward request."""
         self.check_hidden(grad_output, "output gradient")
         return self.backward_kept(self.forward_for_backward(inputs, start, end, adapt, input_grad), grad_output)
 
@@ -224,10 +221,8 @@ class InferenceState:
             raise BadRequest(f"session was opened for batch size {self.batch_size}, step has {batch}")
         check_hypo_ids(hypo_ids, batch)
         if self.position + length > self.max_length:
-            raise MaxLengthExceeded(
-                f"session holds {self.position} tokens and max_length={self.max_length}; "
-                f"{length} more do not fit. Open the session with a larger max_length"
-            )
+            raise MaxLengthExceeded(f"session holds {self.position} tokens and max_length={self.max_length}; "
+                                    f"{length} more do not fit. Open the session with a larger max_length")
         if hypo_ids:
             self._reorder(torch.tensor(hypo_ids, dtype=torch.int64))
         new_mask = inputs.attention_mask if inputs.attention_mask is not None else torch.ones(batch, length, dtype=torch.int64)

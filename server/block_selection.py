@@ -32,10 +32,8 @@ def choose_span(num_blocks: int, span_length: int, spans: Sequence[tuple[int, in
     if not 1 <= span_length <= num_blocks:
         raise ValueError(f"cannot host {span_length} blocks of a model with {num_blocks}")
     counts = coverage(num_blocks, spans)
-    best = min(
-        range(num_blocks - span_length + 1),
-        key=lambda s: (min(counts[s : s + span_length]), sum(counts[s : s + span_length]), s),
-    )
+    best = min(range(num_blocks - span_length + 1),
+               key=lambda s: (min(counts[s : s + span_length]), sum(counts[s : s + span_length]), s))
     return best, best + span_length
 
 
@@ -79,15 +77,14 @@ def best_move(num_blocks: int, servers: Sequence[HostedSpan]) -> Move | None:
     return best
 
 
-def plan_rebalance(num_blocks: int, servers: Sequence[HostedSpan], max_moves: int | None = None) -> list[Move]:
+def plan_rebalance(num_blocks: int, servers: Sequence[HostedSpan]) -> list[Move]:
     """The moves, one at a time, that best_move would make if every server followed it on an unchanging swarm.
 
-    Each move strictly improves the sorted coverage, so the plan is finite; `max_moves` (default: four per server)
-    only bounds the work.
+    Each move strictly improves the sorted coverage, so the plan is finite; four moves per server only bound the work.
     """
     state = list(servers)
     moves: list[Move] = []
-    for _ in range(4 * len(state) if max_moves is None else max_moves):
+    for _ in range(4 * len(state)):
         move = best_move(num_blocks, state)
         if move is None:
             break

@@ -4,7 +4,6 @@ sample, bounded in memory; decoding a request's rows and encoding the output's."
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -17,20 +16,13 @@ from swarm.protocol import DeltaInfo
 from swarm.tensors import pack_payload, unpack_tensor
 
 
-@dataclass
-class DeltaStats:
-    rows_full: int = 0  # rows received or sent in full, a delta, or not at all ("same")
-    rows_delta: int = 0
-    rows_same: int = 0
-    refused: int = 0  # requests refused for a missing or different reference (the client then sends in full)
-
-
 class ServerDelta:
     """References of the inputs ("in") and outputs ("out") this server exchanged with each peer, by sample key."""
 
     def __init__(self, max_bytes: int, ttl: float):
         self.store = DeltaStore(max_bytes, ttl)
-        self.stats = DeltaStats()
+        self.rows = dict.fromkeys(("full", "delta", "same"), 0)  # rows received or sent in each mode
+        self.refused = 0  # requests refused for a missing or different reference (the client then sends in full)
 
     def decode_input(self, info: DeltaInfo, full: runtime_pb2.Tensor, delta: runtime_pb2.Tensor, peer: str,
                      start: int, end: int) -> tuple[torch.Tensor, Callable[[], None]]:
@@ -45,7 +37,7 @@ class ServerDelta:
                 missing += 1
             refs.append(ref.tensor if ref is not None else None)
         if missing:
-            self.stats.refused += 1
+            self.refused += 1
             raise DeltaStateMissing(f"{missing} of {len(keys)} rows refer to activations this server does not hold "
                                     "(evicted, restarted or a new route); send them in full")
         try:
@@ -78,14 +70,12 @@ class ServerDelta:
         return encoded.modes, [pack_payload(encoded.full, output), pack_payload(encoded.delta, output)]
 
     def _count(self, modes: str) -> None:
-        self.stats.rows_full += modes.count("f")
-        self.stats.rows_delta += modes.count("d")
-        self.stats.rows_same += modes.count("s")
+        for mode in self.rows:
+            self.rows[mode] += modes.count(mode[0])
 
     def info(self) -> dict:
-        return {"delta_refs": len(self.store), "delta_ref_bytes": self.store.bytes, "delta_rows_full": self.stats.rows_full,
-                "delta_rows_delta": self.stats.rows_delta, "delta_rows_same": self.stats.rows_same,
-                "delta_refused": self.stats.refused}
+        return {"delta_refs": len(self.store), "delta_ref_bytes": self.store.bytes,
+                **{f"delta_rows_{mode}": count for mode, count in self.rows.items()}, "delta_refused": self.refused}
 
 
 def _rows(proto: runtime_pb2.Tensor, what: str) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -35,13 +36,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TrafficStats:
     requests: int = 0
-    errors: int = 0
+    errors: int = 0  # requests refused or failed (counted apart from `requests`)
     sessions_open: int = 0
     bytes_in: int = 0  # on the wire
     bytes_out: int = 0
     raw_in: int = 0  # the same tensors uncompressed
     raw_out: int = 0
-    by_kind: dict[str, int] = field(default_factory=dict)
+    by_kind: dict[str, int] = field(default_factory=dict)  # requests served, by kind
     compute_s: dict[str, float] = field(default_factory=dict)  # seconds on the compute thread, by request kind
 
 
@@ -66,15 +67,15 @@ class BlockHandler(InferenceRpcs):
         self._init_inference(config.push_timeout)
 
     async def _compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, fn, *args)
+        def timed():
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                kind = fn.__name__
+                self.stats.compute_s[kind] = self.stats.compute_s.get(kind, 0.0) + time.perf_counter() - started
 
-    def _timed(self, fn, *args):
-        started = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            kind = fn.__name__
-            self.stats.compute_s[kind] = self.stats.compute_s.get(kind, 0.0) + time.perf_counter() - started
+        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
 
     def _count(self, kind: str, request_tensors, response_tensors=()) -> None:
         self.stats.requests += 1
@@ -110,12 +111,8 @@ class BlockHandler(InferenceRpcs):
     # ------------------------------------------------------------------------------------ forward / backward
 
     def _prepare(self, kind: str, meta: SpanRequest, tensors: list[torch.Tensor], peer: str):
-        """Validate a forward/backward request: (inputs, output gradient or None, adaptation, reference tensors).
-
-        Request tensors: hidden, position ids, mask (optional), deep prompts (if meta.deep_prompts), the output
-        gradient (backward), then the LoRA tensors (unless named by digest). The reference tensors give each
-        gradient's dtype: the input, each LoRA tensor, the deep prompts.
-        """
+        """Validate a forward/backward request (its tensors: see SpanRequest): (inputs, output gradient or None,
+        adaptation, reference tensors, which give each gradient's dtype: the input, each LoRA tensor, the prompts)."""
         self.backend.check_span(meta.start, meta.end)
         check_codec(meta.reply_codec)
         check_codec(meta.grad_reply_codec)
@@ -184,14 +181,12 @@ class BlockHandler(InferenceRpcs):
             rest, total = [], 0
             async for message in requests:  # stop keeping messages as soon as the stream outgrows any valid request
                 total += sum(len(chunk.buffer) for chunk in message.tensors)
-                if total > self.max_request_bytes:
-                    # Read (and drop) a bounded rest, so a client that is still writing gets this error, not a reset.
-                    async for message in requests:
-                        total += sum(len(chunk.buffer) for chunk in message.tensors)
-                        if total > 2 * self.max_request_bytes:
-                            break
-                    raise BadRequest(f"streamed request exceeds this server's limit of {self.max_request_bytes} bytes")
-                rest.append(message)
+                if total <= self.max_request_bytes:
+                    rest.append(message)
+                elif total > 2 * self.max_request_bytes:
+                    break  # a bounded rest was read (and dropped), so a client still writing gets the error, not a reset
+            if total > self.max_request_bytes:
+                raise BadRequest(f"streamed request exceeds this server's limit of {self.max_request_bytes} bytes")
             protos = join_message(first, rest)
             return protos, await self._span_call(kind, first.metadata, protos, str(context.remote_id))
 
@@ -201,19 +196,10 @@ class BlockHandler(InferenceRpcs):
         for message in messages:
             yield message
 
-    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
-        return await self._unary("forward", request, context)
-
-    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
-        return await self._unary("backward", request, context)
-
-    async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
-        async for message in self._stream("forward", requests, context):
-            yield message
-
-    async def rpc_backward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # noqa: E501
-        async for message in self._stream("backward", requests, context):
-            yield message
+    rpc_forward = functools.partialmethod(_unary, "forward")
+    rpc_backward = functools.partialmethod(_unary, "backward")
+    rpc_forward_stream = functools.partialmethod(_stream, "forward")
+    rpc_backward_stream = functools.partialmethod(_stream, "backward")
 
     # ------------------------------------------------------------------------------------ training stream
 

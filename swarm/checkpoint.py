@@ -21,7 +21,6 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-
 def resolve_dtype(name: str, config: PretrainedConfig) -> torch.dtype:
     """'auto' takes the checkpoint's own dtype (float32 when it names none)."""
     if name == "auto":
@@ -60,10 +59,9 @@ class Checkpoint:
         try:
             return Path(hf_hub_download(self.model, filename, revision=self.revision))
         except Exception as exc:
-            raise FileNotFoundError(
-                f"{self.model!r} is not a local folder and could not be fetched from the Hugging Face hub "
-                f"({type(exc).__name__}). Pass the path of a folder that holds config.json and *.safetensors."
-            ) from None
+            raise FileNotFoundError(f"{self.model!r} is not a local folder and could not be fetched from the Hugging Face "
+                                    f"hub ({type(exc).__name__}). Pass the path of a folder that holds config.json and "
+                                    "*.safetensors.") from None
 
     def local_file(self, filename: str) -> Path | None:
         """The file on this machine (in the folder, or already in the hub cache); None rather than a download."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,15 +32,11 @@ OMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 def user_omp_env() -> dict[str, str]:
     """The user's own OpenMP waiting settings (read them before apply_colocated_omp_env)."""
-    import os
-
     return {k: os.environ[k] for k in OMP_WAIT_VARIABLES if k in os.environ}
 
 
 def apply_colocated_omp_env() -> None:
     """Set COLOCATED_OMP_ENV in this process where the user has not; call before torch starts its thread pool."""
-    import os
-
     for name, value in COLOCATED_OMP_ENV.items():
         os.environ.setdefault(name, value)
 
@@ -61,7 +58,8 @@ class ServerConfig:
     host_maddrs: tuple[str, ...] = option(("/ip4/0.0.0.0/tcp/0",), "addresses to listen on, e.g. /ip4/127.0.0.1/tcp/0",
                                           metavar="MADDR")
     announce_maddrs: tuple[str, ...] | None = option(None, "public addresses others should dial", metavar="MADDR")
-    identity_path: str | None = option(None, "private key file; keeps this server's peer ID stable")
+    identity_path: str | None = option(None, "file with this peer's private key; keeps its peer ID (and so its join "
+                                             "address) stable across restarts")
     dht_prefix: str | None = option(None, "name the model is announced under (default: the folder or repo name)")
     public_name: str = option("", "a name shown to others in `swarm status`")
     torch_dtype: str = option("auto", "dtype to compute in; auto takes the checkpoint's",

@@ -106,18 +106,11 @@ def block_key(prefix: str, index: int) -> str:
 # ---------------------------------------------------------------------------------------------- writes
 
 
-async def _store_span(
-    dht: DHT, node: DHTNode, prefix: str, num_blocks: int, record: dict, expiration_time: float
-) -> None:
-    subkey = node.peer_id.to_base58()
+async def _store_span(dht: DHT, node: DHTNode, prefix: str, num_blocks: int, record: dict, expiration_time: float) -> None:
     keys = [block_key(prefix, i) for i in range(record["start"], record["end"])]
-    await node.store_many(
-        keys=keys + [MODEL_INDEX_KEY],
-        values=[record] * len(keys) + [{"num_blocks": num_blocks}],
-        expiration_time=expiration_time,
-        subkeys=[subkey] * len(keys) + [prefix],
-        num_workers=8,
-    )
+    await node.store_many(keys=keys + [MODEL_INDEX_KEY], values=[record] * len(keys) + [{"num_blocks": num_blocks}],
+                          expiration_time=expiration_time, subkeys=[node.peer_id.to_base58()] * len(keys) + [prefix],
+                          num_workers=8)
 
 
 def announce_span(dht: DHT, prefix: str, num_blocks: int, record: ServerRecord, expiration: float,

@@ -78,11 +78,6 @@ class RemoteError(RuntimeError):
     def server_gone(self) -> bool:
         return self.code in self.SERVER_GONE
 
-    @property
-    def server_moved(self) -> bool:
-        """The server is alive and said it is leaving or no longer serves these blocks."""
-        return self.code in self.SERVER_MOVED
-
     @classmethod
     def from_exception(cls, exc: BaseException, peer: str | None = None) -> RemoteError:
         match = _REMOTE_ERROR.search(str(exc))

@@ -67,16 +67,11 @@ def address_problem(address: str) -> str | None:
         if index + 1 >= len(parts) or not parts[index + 1]:
             return f"gives no value after /{name}"
         value, index = parts[index + 1], index + 2
-        if name == "ip4":
+        if name in ("ip4", "ip6"):
             try:
-                ipaddress.IPv4Address(value)
+                (ipaddress.IPv4Address if name == "ip4" else ipaddress.IPv6Address)(value)
             except ValueError:
-                return f"has {value!r} where an IPv4 address belongs"
-        elif name == "ip6":
-            try:
-                ipaddress.IPv6Address(value)
-            except ValueError:
-                return f"has {value!r} where an IPv6 address belongs"
+                return f"has {value!r} where an IPv{name[-1]} address belongs"
         elif name in ("tcp", "udp") and not (value.isdigit() and 0 < int(value) < 65536):
             return f"has {value!r} where a {name} port (1-65535) belongs"
         elif name in ("p2p", "ipfs"):
@@ -130,6 +125,13 @@ def wait_joined(dht: hivemind.DHT, timeout: float = JOIN_TIMEOUT) -> hivemind.DH
 def join_swarm(initial_peers: Sequence[str], timeout: float = JOIN_TIMEOUT, **dht_kwargs) -> hivemind.DHT:
     """A DHT peer that has joined the swarm through `initial_peers` (none: a new swarm), or one clear error."""
     return wait_joined(start_joining(initial_peers, **dht_kwargs), timeout)
+
+
+def join_as_configured(o) -> hivemind.DHT:
+    """join_swarm for a peer's --new-swarm or --initial-peers, --host-maddrs, --announce-maddrs and --identity-path
+    (the attributes of a swarm.config.ServerConfig or of parsed `swarm dht` arguments)."""
+    return join_swarm([] if o.new_swarm else list(o.initial_peers), host_maddrs=list(o.host_maddrs),
+                      announce_maddrs=list(o.announce_maddrs) if o.announce_maddrs else None, identity_path=o.identity_path)
 
 
 @contextlib.contextmanager

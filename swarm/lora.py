@@ -65,7 +65,6 @@ class SavedAdapter:
 
     tensors: dict[str, torch.Tensor]
     scaling: float
-    config: dict
 
 
 def read_peft_adapter(directory: str | Path, blocks: range | None = None) -> SavedAdapter:
@@ -89,7 +88,7 @@ def read_peft_adapter(directory: str | Path, blocks: range | None = None) -> Sav
                 raise ValueError(f"{directory}: tensor {key!r} is not a LoRA matrix of a decoder block")
             if blocks is None or block_of(name) in blocks:
                 tensors[name] = f.get_tensor(key)
-    return SavedAdapter(tensors, scaling, config)
+    return SavedAdapter(tensors, scaling)
 
 
 def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:

@@ -71,25 +71,29 @@ class DeltaInfo(BaseModel):
         return self
 
 
-class SpanRequest(_Meta):
-    """Forward or backward through blocks [start, end) of the model."""
+class _SpanMeta(_Meta):
+    """What every request to blocks [start, end) carries: the blocks and what the client adds to them."""
 
     start: int = Field(ge=0)
     end: int = Field(ge=1)
-    # LoRA tensors ride after the inputs, in this order (names as in swarm.lora); scaling = alpha / rank.
+    # The client's own LoRA tensors, in this order (names as in swarm.lora); scaling = alpha / rank.
     lora: list[str] = Field(default_factory=list, max_length=4096)
     lora_scaling: float = 1.0
     adapter: str = Field(default="", max_length=256)  # a named adapter the server hosts (instead of `lora`)
+    deep_prompts: bool = False  # deep prompt tuning: a tensor [blocks, batch or 1, P, hidden] rides along
+    reply_codec: str = Field(default="", max_length=64)  # codec of the reply's hidden states (or their gradient); "" = none
+
+
+class SpanRequest(_SpanMeta):
+    """Forward or backward through blocks [start, end) of the model. Its tensors: the inputs (hidden states, position
+    ids, an optional mask), the deep prompts, a backward's output gradient, then the LoRA tensors."""
+
     # swarm.lora.digest of the LoRA tensors. With the tensors: the server may keep them under it for a while.
     # With lora_by_digest and no tensors: use the ones this peer uploaded under it (or fail with lora_not_cached).
     lora_digest: str = Field(default="", max_length=64, pattern=r"^[0-9a-f]*$")
     lora_by_digest: bool = False
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # masks drawn from dropout_seed (see swarm.lora.dropout_mask)
     dropout_seed: int = Field(default=0, ge=0, lt=1 << 63)
-    # Deep prompt tuning: a tensor [blocks, batch or 1, P, hidden] follows the inputs (before a backward's gradient).
-    deep_prompts: bool = False
-    # Codec for the hidden-state tensor of the reply (the output, or the gradient w.r.t. the input); "" = none.
-    reply_codec: str = Field(default="", max_length=64)
     grad_reply_codec: str = Field(default="", max_length=64)  # rpc_train only: codec of the backward's input gradient
     # Backward: whether the reply starts with the gradient w.r.t. the input hidden states. A client whose input
     # needs none (the first span, after a frozen embedding) saves that tensor on the wire.
@@ -97,19 +101,12 @@ class SpanRequest(_Meta):
     delta: DeltaInfo | None = None  # rpc_train only: delta-coded hidden states (the output answered likewise)
 
 
-class InferenceOpen(_Meta):
-    """First message of an inference stream: reserve a KV cache for the session."""
+class InferenceOpen(_SpanMeta):
+    """First message of an inference stream: reserve a KV cache for the session. Its tensors: the deep prompts, then
+    the LoRA tensors for the whole session; `reply_codec` is each step's output's."""
 
-    start: int = Field(ge=0)
-    end: int = Field(ge=1)
     max_length: int = Field(ge=1)
     batch_size: int = Field(ge=1)
-    # A client's own LoRA tensors for the session ride in the opening message (names as in swarm.lora).
-    lora: list[str] = Field(default_factory=list, max_length=4096)
-    lora_scaling: float = 1.0
-    adapter: str = Field(default="", max_length=256)
-    deep_prompts: bool = False  # the opening message then carries them first, before the LoRA tensors
-    reply_codec: str = Field(default="", max_length=64)  # codec for each step's output hidden states; "" = none
     # Forwarding (swarm.forwarding): the id the previous server of the route pushes steps into this session under
     # ("" = none are accepted), and the codec those pushed hidden states must come in.
     session_id: str = Field(default="", pattern=r"^([0-9a-f]{32})?$")

@@ -13,11 +13,8 @@ from swarm.protocol import _Meta
 
 
 def split_message(meta: _Meta, packed: Sequence[runtime_pb2.Tensor], message_type=runtime_pb2.ExpertRequest) -> list:
-    """Cut packed tensors (see pack_tensor) into stream messages of at most STREAM_CHUNK_BYTES of payload each.
-
-    The first message carries the metadata and a header tensor per input (shape and dtype with an empty
-    buffer), the rest only carry chunks.
-    """
+    """Cut packed tensors (see pack_tensor) into stream messages of at most STREAM_CHUNK_BYTES of payload each: the
+    first carries the metadata and a header per tensor (shape and dtype, no buffer), the rest only chunks."""
     headers = [runtime_pb2.Tensor(size=p.size, dtype=p.dtype) for p in packed]
     chunks: list[runtime_pb2.Tensor] = []
     for index, p in enumerate(packed):

@@ -3,9 +3,9 @@ codec payloads (swarm.compression); and the byte counts of what was sent."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -43,9 +43,9 @@ def pack_payload(payload: Payload | None, like: torch.Tensor) -> runtime_pb2.Ten
 
 
 def unpack_tensor(proto: runtime_pb2.Tensor, what: str = "tensor") -> torch.Tensor:
+    if proto.compression != runtime_pb2.CompressionType.NONE:
+        raise BadRequest(f"{what}: unsupported compression {proto.compression}")
     if wire.is_payload_dtype(proto.dtype):  # compressed: the codec checks the payload before decoding it
-        if proto.compression != runtime_pb2.CompressionType.NONE:
-            raise BadRequest(f"{what}: unsupported compression {proto.compression}")
         try:
             return wire.decode_slot(proto.dtype, proto.buffer, list(proto.size))
         except CodecError as exc:
@@ -53,8 +53,6 @@ def unpack_tensor(proto: runtime_pb2.Tensor, what: str = "tensor") -> torch.Tens
     dtype = WIRE_DTYPES.get(proto.dtype)
     if dtype is None:
         raise BadRequest(f"{what}: dtype {proto.dtype!r} is not one of {sorted(WIRE_DTYPES)}")
-    if proto.compression != runtime_pb2.CompressionType.NONE:
-        raise BadRequest(f"{what}: unsupported compression {proto.compression}")
     shape = list(proto.size)
     if len(shape) > 8 or any(d < 0 for d in shape):
         raise BadRequest(f"{what}: invalid shape {shape}")
@@ -85,7 +83,7 @@ def hidden_slots(tensors: Iterable[runtime_pb2.Tensor]) -> list[runtime_pb2.Tens
     return [t for t in tensors if len(t.size) == 3 and (wire.is_payload_dtype(t.dtype) or t.dtype in FLOAT_DTYPES)]
 
 
-@dataclass
+@dataclasses.dataclass
 class Traffic:
     """Bytes of tensors sent and received: raw (uncompressed) and on the wire."""
 
@@ -100,10 +98,8 @@ class Traffic:
         return cls(raw_bytes(sent), payload_bytes(sent), raw_bytes(received), payload_bytes(received))
 
     def __iadd__(self, other: Traffic) -> Traffic:
-        self.sent_raw += other.sent_raw
-        self.sent_wire += other.sent_wire
-        self.received_raw += other.received_raw
-        self.received_wire += other.received_wire
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         return self
 
     @property

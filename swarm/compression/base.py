@@ -71,10 +71,6 @@ class Layout:
     def rows(self) -> int:
         return math.prod(self.shape[:-1])
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
 
 # ------------------------------------------------------------------------------------------- validation helpers
 
@@ -223,8 +219,8 @@ class Codec(ABC):
             raise CodecError(f"payload has shape {list(layout.shape)}, expected {list(shape)}")
         if dtype is not None and dtype not in FLOAT_DTYPES.values():
             raise CodecError(f"cannot decode to dtype {dtype}; supported: {sorted(FLOAT_DTYPES)}")
-        tensors = check_tensors(payload.tensors)
-        rows = self._decode(tensors, meta, layout)
+        shapes = self._shapes(meta, layout)
+        rows = self._decode(check_tensors(payload.tensors, len(shapes)), meta, layout, shapes)
         if tuple(rows.shape) != (layout.rows, layout.cols):  # a bug in a codec, not in the payload
             raise AssertionError(f"{self.id} decoded {list(rows.shape)}, expected {[layout.rows, layout.cols]}")
         if not all_finite(rows):  # checked before the cast, which would clamp inf to a finite value
@@ -245,8 +241,9 @@ class Codec(ABC):
         """Encode [rows, cols] (in the input's dtype) into payload tensors and codec-specific metadata."""
 
     @abstractmethod
-    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
-        """Validate payload tensors and metadata fields, and return [rows, cols] in any float dtype."""
+    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout, shapes: list) -> torch.Tensor:
+        """Validate the payload tensors (as many as `shapes`, which _shapes gave for the already checked metadata),
+        and return [rows, cols] in any float dtype."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r})"

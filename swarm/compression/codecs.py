@@ -6,26 +6,7 @@ from typing import Any
 
 import torch
 
-from swarm.compression.base import Codec, Layout, check_finite, check_tensors, expect, saturating_cast
-
-
-class NoneCodec(Codec):
-    """Identity: the tensor travels as it is, in its own dtype (float32, float16 or bfloat16); decoding returns
-    the payload tensor itself (reshaped, not copied) unless another dtype is asked for."""
-
-    id = "none"
-
-    def _shapes(self, meta: dict[str, Any], layout: Layout) -> list[tuple[int, ...]]:
-        return [layout.shape]
-
-    def _encode(self, rows: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        return [rows.reshape(layout.shape)], {}
-
-    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
-        (data,) = check_tensors(tensors, 1)
-        expect(data, "data", layout.dtype, layout.shape)
-        check_finite(data, "data")
-        return data.reshape(layout.rows, layout.cols)
+from swarm.compression.base import Codec, Layout, check_finite, expect, saturating_cast
 
 
 class CastCodec(Codec):
@@ -36,25 +17,26 @@ class CastCodec(Codec):
     below about 6e-8 to zero; bfloat16 keeps float32's range with 8 bits of mantissa (relative error <= 2^-9).
     """
 
-    def __init__(self, wire_dtype: torch.dtype, id: str):
-        self.wire_dtype, self.id = wire_dtype, id
+    def __init__(self, wire_dtype: torch.dtype | None, id: str):
+        self.wire_dtype, self.id = wire_dtype, id  # None: the tensor's own dtype
 
     def _shapes(self, meta: dict[str, Any], layout: Layout) -> list[tuple[int, ...]]:
         return [layout.shape]
 
     def _encode(self, rows: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        return [saturating_cast(rows, self.wire_dtype).reshape(layout.shape)], {}
+        return [saturating_cast(rows, self.wire_dtype or rows.dtype).reshape(layout.shape)], {}
 
-    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
-        (data,) = check_tensors(tensors, 1)
-        expect(data, "data", self.wire_dtype, layout.shape)
+    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout, shapes: list) -> torch.Tensor:
+        (data,) = tensors
+        expect(data, "data", self.wire_dtype or layout.dtype, layout.shape)
         check_finite(data, "data")
         return data.reshape(layout.rows, layout.cols)
 
 
-def float16() -> CastCodec:
-    return CastCodec(torch.float16, "float16")
+class NoneCodec(CastCodec):
+    """Identity: the tensor travels as it is, in its own dtype (float32, float16 or bfloat16); decoding returns
+    the payload tensor itself (reshaped, not copied) unless another dtype is asked for."""
 
+    def __init__(self):
+        super().__init__(None, "none")
 
-def bfloat16() -> CastCodec:
-    return CastCodec(torch.bfloat16, "bfloat16")

@@ -22,12 +22,11 @@ server.handler).
 from __future__ import annotations
 
 import hashlib
-import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from swarm.bounded import BoundedStore
 from swarm.compression.base import Codec, CodecError, Payload
 
 MODES = frozenset("fds")
@@ -62,54 +61,15 @@ class Reference:
     tensor: torch.Tensor  # the reconstruction both ends hold
     digest: str  # of `tensor`
     source: str = ""  # the sender's digest of the row that produced it ("" on the receiving end)
-    used: float = field(default_factory=time.monotonic)
 
 
-class DeltaStore:
+class DeltaStore(BoundedStore):
     """References by key, bounded in bytes (least recently used first out) and expiring after `ttl` s unused."""
 
-    def __init__(self, max_bytes: int, ttl: float = float("inf")):
-        self.max_bytes, self.ttl = max_bytes, ttl
-        self._items: OrderedDict[tuple, Reference] = OrderedDict()
-        self.bytes = 0
-        self.evicted = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: tuple) -> Reference | None:
-        self._expire()
-        ref = self._items.get(key)
-        if ref is not None:
-            ref.used = time.monotonic()
-            self._items.move_to_end(key)
+    def put(self, key: tuple, tensor: torch.Tensor, source: str = "") -> Reference:  # type: ignore[override]
+        ref = Reference(tensor, digest(tensor), source)
+        super().put(key, ref, tensor.numel() * tensor.element_size())
         return ref
-
-    def put(self, key: tuple, tensor: torch.Tensor, source: str = "") -> Reference:
-        self.drop(key)
-        size = tensor.numel() * tensor.element_size()
-        if size > self.max_bytes:
-            return Reference(tensor, digest(tensor), source)
-        while self.bytes + size > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= old.tensor.numel() * old.tensor.element_size()
-            self.evicted += 1
-        ref = self._items[key] = Reference(tensor, digest(tensor), source)
-        self.bytes += size
-        return ref
-
-    def drop(self, key: tuple) -> None:
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.bytes -= old.tensor.numel() * old.tensor.element_size()
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        while self._items:
-            key, ref = next(iter(self._items.items()))
-            if now - ref.used <= self.ttl:
-                break
-            self.drop(key)
 
 
 @dataclass

@@ -31,9 +31,7 @@ def _signs(seed: int, cols: int) -> torch.Tensor:
 
 def block_size(cols: int, max_block: int) -> int:
     """The largest power of two that divides `cols` and is at most `max_block` (1 for odd or zero cols)."""
-    if cols == 0:
-        return 1
-    return min(cols & -cols, max_block)
+    return min(cols & -cols, max_block) if cols else 1
 
 
 def rotate(x: torch.Tensor, seed: int, block: int, inverse: bool = False) -> torch.Tensor:
@@ -84,8 +82,7 @@ class Hadamard(Codec):
         tensors, inner_meta = self.inner._encode(rotated, Layout(layout.shape, torch.float32))
         return tensors, {"seed": self.seed, "block": block, "inner": inner_meta}
 
-    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
-        self._shapes(meta, layout)
+    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout, shapes: list) -> torch.Tensor:
         seed, block, inner_meta = meta["seed"], meta["block"], meta["inner"]
-        rotated = self.inner._decode(tensors, inner_meta, Layout(layout.shape, torch.float32))
+        rotated = self.inner._decode(tensors, inner_meta, Layout(layout.shape, torch.float32), shapes)
         return rotate(rotated.float(), seed, block, inverse=True)

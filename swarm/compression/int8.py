@@ -15,7 +15,6 @@ from swarm.compression.base import (
     CodecError,
     Layout,
     check_finite,
-    check_tensors,
     expect,
     read_str,
 )
@@ -37,12 +36,6 @@ from swarm.compression.outliers import (
 
 QMAX = 127
 GROUPS = (0, 32, 64, 128, 256)  # 0: one scale per token
-
-
-def _quantize_rows(rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: (q int8, scale float32 = max|row| / 127)."""
-    scale = row_absmax(rest) / QMAX
-    return quantize(rest, scale[:, None], QMAX).to(torch.int8), scale
 
 
 def _check_scale(scale: torch.Tensor, rows: int) -> None:
@@ -108,11 +101,10 @@ class Int8Outlier(Codec):
             codes = x.new_zeros((n, 0), dtype=torch.uint8)
         return [q, scale, codes, vals.to(value_dtype(vals)), *pack_indices(idx, cols)], {"k": k, "group": group}
 
-    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
+    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout, shapes: list) -> torch.Tensor:
         n, cols = layout.rows, layout.cols
-        shapes = self._shapes(meta, layout)
         k, group = meta["k"], meta["group"]
-        q, scale, codes, vals, low, high = check_tensors(tensors, 6)
+        q, scale, codes, vals, low, high = tensors
         expect(q, "q", torch.int8, shapes[0])
         _check_scale(scale, n)
         expect(codes, "group_codes", torch.uint8, shapes[2])
@@ -175,14 +167,14 @@ class Int8StaticOutlier(Codec):
     def _encode(self, rows: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], dict[str, Any]]:
         x = rows.float()
         out_idx, keep_idx = self._indices(x.shape[1], x.device)
-        vals = x.index_select(1, out_idx)
-        q, scale = _quantize_rows(x.index_select(1, keep_idx))
+        vals, rest = x.index_select(1, out_idx), x.index_select(1, keep_idx)
+        scale = row_absmax(rest) / QMAX  # float32: symmetric int8 per token
+        q = quantize(rest, scale[:, None], QMAX).to(torch.int8)
         return [q, scale, vals.to(value_dtype(vals))], {"channels": self.fingerprint}
 
-    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
+    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout, shapes: list) -> torch.Tensor:
         n, cols = layout.rows, layout.cols
-        shapes = self._shapes(meta, layout)
-        q, scale, vals = check_tensors(tensors, 3)
+        q, scale, vals = tensors
         expect(q, "q", torch.int8, shapes[0])
         _check_scale(scale, n)
         expect(vals, "outlier_vals", (torch.float16, torch.float32), shapes[2])

@@ -16,7 +16,6 @@ from swarm.compression.base import (
     CodecError,
     Layout,
     check_finite,
-    check_tensors,
     expect,
 )
 from swarm.compression.outliers import (
@@ -87,12 +86,10 @@ class LowBitOutlier(Codec):
         vals = outliers_for_wire(vals, token_scale * self.qmax)
         return [pack_bits(q & 15, 4), *high, token_scale, codes, vals, *pack_indices(idx, cols)], {"k": k, "group": g}
 
-    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout) -> torch.Tensor:
+    def _decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], layout: Layout, shapes: list) -> torch.Tensor:
         n, cols = layout.rows, layout.cols
-        shapes = self._shapes(meta, layout)
         k, g = meta["k"], meta["group"]
         groups = -(-cols // g)
-        tensors = check_tensors(tensors, len(shapes))
         packed, high = tensors[0], tensors[1] if self.extra else None
         token_scale, codes, vals, low, high_idx = tensors[1 + bool(self.extra):]
         expect(packed, "packed", torch.uint8, shapes[0])

@@ -58,7 +58,7 @@ def pack_indices(idx: torch.Tensor, cols: int) -> list[torch.Tensor]:
 
 
 def unpack_indices(low: torch.Tensor, high: torch.Tensor, cols: int) -> torch.Tensor:
-    """Inverse of pack_indices: int64 [rows, k]; the caller checks range and distinctness (check_outliers)."""
+    """Inverse of pack_indices: int64 [rows, k]; the caller checks range and distinctness (read_outliers)."""
     bits = high_bits(cols)
     idx = low.long()
     if bits == 0 or idx.numel() == 0:
@@ -161,24 +161,16 @@ def read_params(meta: dict, cols: int, groups: tuple[int, ...]) -> tuple[int, in
 
 
 def read_outliers(vals: torch.Tensor, low: torch.Tensor, high: torch.Tensor, rows: int, cols: int, k: int) -> torch.Tensor:
-    """The checked outlier channel indices (int64 [rows, k]) of a payload's values and packed index tensors."""
+    """The outlier channel indices (int64 [rows, k]) of a payload's values and packed index tensors, checked: in
+    [0, cols) and distinct per row, with values finite, [rows, k] in float16/32."""
     low_shape, high_shape = index_shapes(rows, k, cols)
     expect(low, "outlier_idx_low", torch.uint8, low_shape)
     expect(high, "outlier_idx_high", torch.uint8, high_shape)
     idx = unpack_indices(low, high, cols)
-    check_outliers(idx, vals, rows, cols, k)
-    return idx
-
-
-def check_outliers(idx: torch.Tensor, vals: torch.Tensor, rows: int, cols: int, k: int) -> None:
-    """Outlier indices (unpacked, int64) in [0, cols) and distinct per row; values finite, [rows, k] in float16/32."""
     expect(vals, "outlier_vals", (torch.float16, torch.float32), (rows, k))
     check_finite(vals, "outlier_vals")
-    if idx.numel() == 0:
-        return
-    if int(idx.min()) < 0 or int(idx.max()) >= cols:
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cols):
         raise CodecError(f"payload outlier indices name channels outside [0, {cols})")
-    if k > 1:
-        ordered = idx.sort(dim=1).values
-        if not bool((ordered[:, 1:] != ordered[:, :-1]).all()):
-            raise CodecError("payload outlier indices repeat a channel within a token")
+    if idx.numel() and k > 1 and not bool((idx.sort(dim=1).values.diff(dim=1) != 0).all()):
+        raise CodecError("payload outlier indices repeat a channel within a token")
+    return idx

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from swarm.compression.base import Codec, CodecError
 
 _ID = re.compile(r"[a-z0-9][a-z0-9_+.\-]{0,63}")
 _CODECS: dict[str, Codec] = {}
 
 
-def register(codec: Codec, *, replace: bool = False) -> Codec:
-    """Make `codec` available under its id; CodecError on a bad id or one already taken (unless `replace`)."""
+def register(codec: Codec) -> Codec:
+    """Make `codec` available under its id; CodecError on a bad id or one already taken."""
     if not isinstance(codec, Codec):
         raise CodecError(f"can only register a Codec, got {type(codec).__name__}")
     if not isinstance(codec.id, str) or not _ID.fullmatch(codec.id):
         raise CodecError(f"codec id {codec.id!r:.80} must be 1-64 of [a-z0-9_+.-], starting with a letter or digit")
-    if codec.id in _CODECS and _CODECS[codec.id] is not codec and not replace:
+    if codec.id in _CODECS and _CODECS[codec.id] is not codec:
         raise CodecError(f"codec id {codec.id!r} is already registered")
     _CODECS[codec.id] = codec
     return codec
@@ -37,12 +39,13 @@ def available() -> list[str]:
 
 
 def _register_builtins() -> None:
-    from swarm.compression.codecs import NoneCodec, bfloat16, float16
+    from swarm.compression.codecs import CastCodec, NoneCodec
     from swarm.compression.hadamard import Hadamard
     from swarm.compression.int8 import Int8Outlier
     from swarm.compression.lowbit import LowBitOutlier
 
-    for codec in (NoneCodec(), float16(), bfloat16(), Int8Outlier(), LowBitOutlier(4), LowBitOutlier(5), LowBitOutlier(6),
+    for codec in (NoneCodec(), CastCodec(torch.float16, "float16"), CastCodec(torch.bfloat16, "bfloat16"),
+                  Int8Outlier(), LowBitOutlier(4), LowBitOutlier(5), LowBitOutlier(6),
                   LowBitOutlier(4, k=4, id="int4_outlier_k4"),  # for gradients: fewer exact channels, 10% fewer bytes
                   Hadamard(Int8Outlier(k=0, id="int8"), id="hadamard_int8")):
         register(codec)

@@ -14,12 +14,17 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import PretrainedConfig
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 # transformers 5.24 renamed the KV-cache argument of models, layers and mask functions from `past_key_values` to
 # `cache` (the old name still works for models, with a warning, but not for decoder layers or mask functions).
 # Every call that passes a cache uses this name, so both sides of the rename work.
 CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def causal_mask_for(config: PretrainedConfig) -> Callable:
+    """create_causal_mask, or its sliding-window variant when the config sets a window (as Mistral does)."""
+    return create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class ModelFamily:
     causal_lm_class: type  # the transformers class the client model derives from
     decoder_layer_class: type
     rotary_class: type
-    mask_function: Callable[[PretrainedConfig], Callable]  # picks create_causal_mask or a sliding-window variant
+    mask_function: Callable[[PretrainedConfig], Callable] = causal_mask_for  # the mask function for a config
     block_prefix: str = "model.layers.{index}."
     base_model_attr: str = "model"  # attribute of the causal LM that holds embeddings, layers and norm
     client_prefixes: tuple[str, ...] = field(default=("model.embed_tokens.", "model.norm.", "lm_head."))

@@ -3,23 +3,9 @@
 from __future__ import annotations
 
 from transformers import LlamaForCausalLM
-from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from swarm.models import ModelFamily, register
 
-
-def _llama_mask(config):
-    return create_causal_mask
-
-
-LLAMA = register(
-    ModelFamily(
-        name="llama",
-        model_types=("llama",),
-        causal_lm_class=LlamaForCausalLM,
-        decoder_layer_class=LlamaDecoderLayer,
-        rotary_class=LlamaRotaryEmbedding,
-        mask_function=_llama_mask,
-    )
-)
+LLAMA = register(ModelFamily(name="llama", model_types=("llama",), causal_lm_class=LlamaForCausalLM,
+                             decoder_layer_class=LlamaDecoderLayer, rotary_class=LlamaRotaryEmbedding))

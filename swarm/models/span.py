@@ -38,15 +38,8 @@ class BlockSpan(nn.Module):
         self._mask_function = family.mask_function(self.config)
 
     @classmethod
-    def from_state_dict(
-        cls,
-        family: ModelFamily,
-        config: PretrainedConfig,
-        start: int,
-        end: int,
-        tensors: dict[str, torch.Tensor],
-        dtype: torch.dtype,
-    ) -> BlockSpan:
+    def from_state_dict(cls, family: ModelFamily, config: PretrainedConfig, start: int, end: int,
+                        tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> BlockSpan:
         """Build the span from checkpoint tensors named as in the full model (e.g. 'model.layers.3.mlp...')."""
         layers = []
         for index in range(start, end):
@@ -65,17 +58,9 @@ class BlockSpan(nn.Module):
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: DynamicCache | None = None,
-        start: int | None = None,
-        end: int | None = None,
-        prompts: torch.Tensor | None = None,
-        first_token: int = 0,
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: DynamicCache | None = None, start: int | None = None, end: int | None = None,
+                prompts: torch.Tensor | None = None, first_token: int = 0) -> torch.Tensor:
         """Run blocks [start, end) of the span (all by default).
 
         `attention_mask` is the 2-D padding mask over cached + new tokens (1 = attend); `cache` is one
@@ -85,26 +70,14 @@ class BlockSpan(nn.Module):
         """
         first = (self.start if start is None else start) - self.start
         last = (self.end if end is None else end) - self.start
-        mask = self._mask_function(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            layer_idx=first,
-            **{CACHE_KWARG: cache},
-        )
+        mask = self._mask_function(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                   position_ids=position_ids, layer_idx=first, **{CACHE_KWARG: cache})
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for index, layer in enumerate(self.layers[first:last]):
             if prompts is not None:
                 hidden = add_prompt(hidden, prompts[index], first_token)
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                use_cache=cache is not None,
-                **{CACHE_KWARG: cache},
-            )
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
+                           use_cache=cache is not None, **{CACHE_KWARG: cache})
         return hidden
 
 
