@@ -31,7 +31,7 @@ def faulty_push_swarm(tiny_swarm, tiny_model_path):
     from tests.conftest import JoinedSwarm, own_prefix
 
     swarm = JoinedSwarm(tiny_swarm.initial_peers)
-    args = ["--torch-dtype", "float32", "--shutdown-timeout", "2", *own_prefix(PUSHES)]
+    args = ["--torch-dtype", "float32", *own_prefix(PUSHES)]
     try:
         started = swarm.start_servers(tiny_model_path, [(0, 3)], args, env=faults({DELAYED: DELAY}, {LOST: LOST_AFTER}),
                                       python_args=ENTRY, wait=False)

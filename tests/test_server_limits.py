@@ -135,7 +135,7 @@ def limited_swarm(tiny_swarm, tiny_model_path):
     shared swarm, in its DHT)."""
     from tests.conftest import JoinedSwarm, own_prefix
 
-    common = ["--torch-dtype", "float32", "--cache-tokens", "2048", "--shutdown-timeout", "2", *own_prefix(LIMITED)]
+    common = ["--torch-dtype", "float32", "--cache-tokens", "2048", *own_prefix(LIMITED)]
     swarm = JoinedSwarm(tiny_swarm.initial_peers)
     try:
         started = [*swarm.start_servers(tiny_model_path, [(0, 3)], [*common, "--max-chunk-tokens", "64"], wait=False),
