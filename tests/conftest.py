@@ -3,9 +3,13 @@ server processes on 127.0.0.1 that the whole session shares (starting peers is t
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from swarm.launch import LocalSwarm
 
 TINY_SPANS = [(0, 2), (2, 4), (4, 6)]
 TINY_CACHE_TOKENS = 4096
@@ -56,8 +60,6 @@ def reference_model(tiny_model_path) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="session")
 def tiny_swarm(tiny_model_path):
-    from swarm.launch import LocalSwarm
-
     swarm = LocalSwarm()
     try:
         swarm.start_bootstrap()
@@ -66,6 +68,33 @@ def tiny_swarm(tiny_model_path):
         yield swarm
     finally:
         swarm.stop()
+
+
+class JoinedSwarm(LocalSwarm):
+    """A LocalSwarm for a module's own servers (a fault-injecting one, other versions, other limits) that joins the
+    shared swarm's DHT through `peers`: no bootstrap node of its own to wait for. Its servers must be started with
+    `own_prefix(name)`, so that no other test's client sees them, and it is stopped in the module's teardown."""
+
+    def __init__(self, peers):
+        super().__init__()
+        self._peers = list(peers)
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return self._peers
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Kill the servers at once, without the seconds a graceful leave takes: how they leave is not what the tests
+        of such a module are about, and their records (own prefix, short-lived) vanish by themselves soon after."""
+        for server in self.servers:
+            server.stop(signal.SIGKILL)
+        self.servers = []
+
+
+def own_prefix(name: str) -> list[str]:
+    """Server flags for a JoinedSwarm: announce under DHT prefix `name` (clients pass dht_prefix=name), in records
+    that expire seconds after the server stops, so `swarm status` of the shared swarm soon lists its model alone."""
+    return ["--dht-prefix", name, "--update-period", "2", "--expiration-factor", "3"]
 
 
 EXACT = dict(inference="none", activations="none", gradients="none", delta="none")

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from swarm.config import JOIN_TIMEOUT
 from swarm.join import (
     ADDRESS_FORM,
     BadPeerAddress,
@@ -132,9 +133,12 @@ def test_from_pretrained_says_what_was_wrong(tiny_model_path):
         DistributedModelForCausalLM.from_pretrained(tiny_model_path, [f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{PEER_ID}"])
 
 
-def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_cli(*args: str, join_timeout: float | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """`swarm ARGS` in a subprocess, and how long it took; `join_timeout` replaces swarm.config.JOIN_TIMEOUT in it."""
+    python = ("-m", "swarm.cli") if join_timeout is None else (
+        "-c", f"import swarm.config as c; c.JOIN_TIMEOUT = {join_timeout}; from swarm.cli import main; raise SystemExit(main())")
     began = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "swarm.cli", *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, *python, *args], capture_output=True, text=True, timeout=60)
     return result, time.monotonic() - began
 
 
@@ -165,7 +169,10 @@ def test_commands_report_an_unreachable_swarm(command, tiny_model_path):
 
 
 def test_status_gives_up_on_a_peer_that_never_answers():
-    """A listener that accepts the connection and then says nothing (as a hung peer would): the join ends anyway."""
+    """A listener that accepts the connection and then says nothing (as a hung peer would): the join ends anyway, when
+    its timeout ends it. JOIN_TIMEOUT is under the 30 s a command may take; the run shortens it to 5 s, which the
+    daemon's dial still fits in."""
+    assert JOIN_TIMEOUT < 30
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -184,8 +191,8 @@ def test_status_gives_up_on_a_peer_that_never_answers():
     thread.start()
     try:
         address = f"/ip4/127.0.0.1/tcp/{listener.getsockname()[1]}/p2p/{PEER_ID}"
-        result, elapsed = run_cli("status", "--initial-peers", address)
-        assert_one_line_error(result, elapsed, address, ADDRESS_FORM)
+        result, elapsed = run_cli("status", "--initial-peers", address, join_timeout=5.0)
+        assert_one_line_error(result, elapsed, "got no answer from the initial peers in 5 s", address, ADDRESS_FORM)
         assert accepted, "the daemon never connected: this test did not test a silent peer"
     finally:
         stop.set()

@@ -20,11 +20,11 @@ from client.model import DistributedModelForCausalLM
 from client.routing import NoRouteError, ServerChoice, plan_route
 from swarm import versions
 from swarm.errors import RemoteError
-from swarm.launch import LOCALHOST, LocalSwarm, PeerProcess
+from swarm.launch import LOCALHOST, PeerProcess
 from swarm.protocol import InferenceOpen, SpanRequest
 from swarm.service import BlockService
 from swarm.tensors import pack_tensor
-from tests.conftest import exact
+from tests.conftest import JoinedSwarm, exact, own_prefix
 
 # A server whose swarm.config speaks other protocol versions: set before anything reads them, then the usual command.
 SHIFTED = ("import sys, swarm.config as c; c.MIN_PROTOCOL_VERSION += {low}; c.PROTOCOL_VERSION += {high}; "
@@ -32,22 +32,24 @@ SHIFTED = ("import sys, swarm.config as c; c.MIN_PROTOCOL_VERSION += {low}; c.PR
 OURS = versions.ours()
 AHEAD = (OURS[0], OURS[1] + 1)  # one version ahead, still speaks ours
 FUTURE = (OURS[1] + 1, OURS[1] + 2)  # speaks none of ours
+MIXED = "tiny-llama-mixed"  # its own DHT prefix: no other test's client routes through these servers
 
 
 @pytest.fixture(scope="module")
-def mixed_swarm(tiny_model_path, tmp_path_factory):
+def mixed_swarm(tiny_swarm, tiny_model_path, tmp_path_factory):
     """Blocks 0:3 on a server one version ahead; 3:6 on a server of the real checkpoint and on one that loaded a
-    same-named copy whose block 4 has other weights; 0:6 on a server of protocol versions FUTURE."""
-    other = tmp_path_factory.mktemp("elsewhere") / "tiny-llama"  # the same folder name: the same DHT prefix
+    copy whose block 4 has other weights, announced under the same name; 0:6 on a server of protocol versions FUTURE.
+    Beside the shared swarm, in its DHT."""
+    other = tmp_path_factory.mktemp("elsewhere") / "tiny-llama"
     shutil.copytree(tiny_model_path, other)
     tensors = load_file(other / "model.safetensors")
     tensors["model.layers.4.mlp.down_proj.weight"] = -tensors["model.layers.4.mlp.down_proj.weight"]
     save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
 
-    swarm = LocalSwarm()
+    swarm = JoinedSwarm(tiny_swarm.initial_peers)
     try:
-        swarm.start_bootstrap()
-        common = ["--initial-peers", *swarm.initial_peers, "--host-maddrs", LOCALHOST, "--torch-dtype", "float32"]
+        common = ["--initial-peers", *swarm.initial_peers, "--host-maddrs", LOCALHOST, "--torch-dtype", "float32",
+                  *own_prefix(MIXED)]
 
         def server(name, model, blocks, shift=None):
             python_args = ("-c", SHIFTED.format(low=shift[0], high=shift[1])) if shift else ("-m", "swarm.cli")
@@ -66,7 +68,7 @@ def mixed_swarm(tiny_model_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(mixed_swarm, tiny_model_path):
     swarm, peers = mixed_swarm
-    model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, swarm.initial_peers))
+    model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, swarm.initial_peers, dht_prefix=MIXED))
     connection = model.model.layers.connection
     by_span = {(s.record.start, s.record.end, s.record.protocol_max): s for s in connection.servers()}
     ids = {"ahead": by_span[0, 3, AHEAD[1]].peer_id, "future": by_span[0, 6, FUTURE[1]].peer_id}
@@ -124,7 +126,7 @@ def test_no_route_errors_name_the_servers_left_out_and_why(client, mixed_swarm, 
 
     # And through the public API: a client that may not use the real 3:6 server does not fall back on the other one.
     swarm, _ = mixed_swarm
-    blocked = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, swarm.initial_peers,
+    blocked = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, swarm.initial_peers, dht_prefix=MIXED,
                                                                 blocked_servers=[str(ids["real"])]))
     try:
         with pytest.raises(NoRouteError, match="loaded other weights for blocks 3:6"):
@@ -173,7 +175,7 @@ def test_status_and_records_show_versions_and_digests(client):
     console = Console(width=120, record=True)
     console.print(render({connection.prefix: (6, connection.servers())}))
     text = console.export_text()
-    assert "tiny-llama: 6 blocks, 4 server(s)" in text
+    assert f"{MIXED}: 6 blocks, 4 server(s)" in text
     for name, record in records.items():
         assert f"{record.version} / {versions.describe((record.protocol_min, record.protocol_max))}" in text, name
         assert str(ids[name])[-12:] in text

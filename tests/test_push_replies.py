@@ -20,20 +20,25 @@ DELAYED, DELAY, LOST, LOST_AFTER = 3, 2.0, 6, 0.5  # the steps of every session 
 PROMPT, NEW = 5, 10
 
 
-@pytest.fixture(scope="module")
-def faulty_push_swarm(tiny_model_path):
-    """Blocks 0:3 on a server with faulty pushes, 3:6 on two servers (the second hop has a replica to move to)."""
-    from swarm.launch import LocalSwarm
+PUSHES = "tiny-llama-pushes"  # its own DHT prefix: no other test's client routes through these servers
 
-    swarm = LocalSwarm()
-    args = ["--torch-dtype", "float32", "--shutdown-timeout", "2"]
+
+@pytest.fixture(scope="module")
+def faulty_push_swarm(tiny_swarm, tiny_model_path):
+    """Blocks 0:3 on a server with faulty pushes, 3:6 on two servers (the second hop has a replica to move to), beside
+    the shared swarm, in its DHT. Only the test of a dying server needs the replica: it starts in the background while
+    the tests before it wait out their delayed pushes (`swarm.replica`; that test waits for it)."""
+    from tests.conftest import JoinedSwarm, own_prefix
+
+    swarm = JoinedSwarm(tiny_swarm.initial_peers)
+    args = ["--torch-dtype", "float32", *own_prefix(PUSHES)]
     try:
-        swarm.start_bootstrap()
         started = swarm.start_servers(tiny_model_path, [(0, 3)], args, env=faults({DELAYED: DELAY}, {LOST: LOST_AFTER}),
                                       python_args=ENTRY, wait=False)
-        started += swarm.start_servers(tiny_model_path, [(3, 6), (3, 6)], args, wait=False)
+        started += swarm.start_servers(tiny_model_path, [(3, 6)], args, wait=False)
         for server in started:
             server.wait_ready(180)
+        (swarm.replica,) = swarm.start_servers(tiny_model_path, [(3, 6)], args, wait=False)
         yield swarm
     finally:
         swarm.stop()
@@ -44,7 +49,7 @@ def model(faulty_push_swarm, tiny_model_path):
     from client.model import DistributedModelForCausalLM
 
     model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, faulty_push_swarm.initial_peers,
-                                                              request_timeout=20))
+                                                              dht_prefix=PUSHES, request_timeout=20))
     yield model
     model.remote_layers.connection.shutdown()
 
@@ -106,6 +111,7 @@ def test_beam_search_survives_a_server_dying_mid_generation(model, faulty_push_s
     prompt = torch.randint(3, 320, (1, PROMPT), generator=torch.Generator().manual_seed(23))
     kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, num_beams=3, pad_token_id=0)
     killed = {}
+    faulty_push_swarm.replica.wait_ready(180)
 
     def kill(session):
         victim = str(session.streams[1].step.peer_id)

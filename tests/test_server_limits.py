@@ -126,15 +126,18 @@ def test_server_help_shows_the_declared_default(capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------------- a swarm
 
 
-@pytest.fixture(scope="module")
-def limited_swarm(tiny_model_path):
-    """Blocks 0:3 on a server that takes 64 tokens per request, 3:6 on one that takes 100 and batches of 3."""
-    from swarm.launch import LocalSwarm
+LIMITED = "tiny-llama-limited"  # its own DHT prefix: no other test's client routes through these servers
 
-    common = ["--torch-dtype", "float32", "--cache-tokens", "2048", "--shutdown-timeout", "2"]
-    swarm = LocalSwarm()
+
+@pytest.fixture(scope="module")
+def limited_swarm(tiny_swarm, tiny_model_path):
+    """Blocks 0:3 on a server that takes 64 tokens per request, 3:6 on one that takes 100 and batches of 3 (beside the
+    shared swarm, in its DHT)."""
+    from tests.conftest import JoinedSwarm, own_prefix
+
+    common = ["--torch-dtype", "float32", "--cache-tokens", "2048", *own_prefix(LIMITED)]
+    swarm = JoinedSwarm(tiny_swarm.initial_peers)
     try:
-        swarm.start_bootstrap()
         started = [*swarm.start_servers(tiny_model_path, [(0, 3)], [*common, "--max-chunk-tokens", "64"], wait=False),
                    *swarm.start_servers(tiny_model_path, [(3, 6)], [*common, "--max-chunk-tokens", "100",
                                                                     "--max-batch-size", "3"], wait=False)]
@@ -150,7 +153,8 @@ def limited_model(limited_swarm, tiny_model_path):
     from client.model import DistributedModelForCausalLM
     from tests.conftest import exact
 
-    model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, limited_swarm.initial_peers))
+    model = exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, limited_swarm.initial_peers,
+                                                              dht_prefix=LIMITED))
     yield model
     model.remote_layers.connection.shutdown()
 
