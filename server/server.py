@@ -18,11 +18,13 @@ from server.cache_budget import CacheBudget
 from server.handler import BlockHandler
 from server.rebalance import ActiveHandler, Rebalancer, drain
 from swarm import __version__, compression, versions
+from swarm.auth import warn_if_open
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
 from swarm.config import ServerConfig
 from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_servers
 from swarm.identity import ModelIdentity
 from swarm.join import join_swarm
+from swarm.keyed_p2p import keyed
 from swarm.lora import read_peft_adapter
 from swarm.models import family_for
 from swarm.models.span import BlockSpan
@@ -116,9 +118,11 @@ class Server:
 
     def _start_dht(self) -> hivemind.DHT:
         o = self.options
+        if o.new_swarm:
+            warn_if_open(o.swarm_key)
         return join_swarm([] if o.new_swarm else list(o.initial_peers), host_maddrs=list(o.host_maddrs),
                           announce_maddrs=list(o.announce_maddrs) if o.announce_maddrs else None,
-                          identity_path=o.identity_path)
+                          identity_path=o.identity_path, swarm_key=o.swarm_key)
 
     def _choose_blocks(self) -> tuple[int, int]:
         o = self.options
@@ -265,7 +269,7 @@ class Server:
                 self._loop.add_signal_handler(sig, self._stop_event.set)
         if self._stop.is_set():
             self._stop_event.set()
-        p2p = await self.dht.replicate_p2p()
+        p2p = keyed(await self.dht.replicate_p2p(), self.dht.keyring)  # a private swarm's RPCs are sealed
         self.p2p = p2p
         self.handler.attach(p2p, self.prefix)  # inference steps are pushed on to the next server with it
         self.active = ActiveHandler(self.handler)

@@ -22,10 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from swarm.auth import warn_if_open
     from swarm.join import join_swarm
 
+    if args.new_swarm:
+        warn_if_open(args.swarm_key)
     dht = join_swarm([] if args.new_swarm else args.initial_peers, host_maddrs=args.host_maddrs,
-                     announce_maddrs=args.announce_maddrs, identity_path=args.identity_path)
+                     announce_maddrs=args.announce_maddrs, identity_path=args.identity_path, swarm_key=args.swarm_key)
     print("Bootstrap node ready", flush=True)
     for maddr in dht.get_visible_maddrs():
         print(f"Join with: --initial-peers {maddr}", flush=True)

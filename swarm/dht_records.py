@@ -113,9 +113,11 @@ async def _store_span(
     keys = [block_key(prefix, i) for i in range(record["start"], record["end"])]
     await node.store_many(
         keys=keys + [MODEL_INDEX_KEY],
-        values=[record] * len(keys) + [{"num_blocks": num_blocks}],
+        # The index entry is the server's own too (subkey: its peer id), so that in a private swarm every entry has
+        # one owner who signs it (swarm.record_auth); older servers used the model's name as the subkey.
+        values=[record] * len(keys) + [{"model": prefix, "num_blocks": num_blocks}],
         expiration_time=expiration_time,
-        subkeys=[subkey] * len(keys) + [prefix],
+        subkeys=[subkey] * len(keys) + [subkey],
         num_workers=8,
     )
 
@@ -177,7 +179,10 @@ def fetch_models(dht: DHT) -> dict[str, int]:
     """Models the swarm serves: DHT prefix -> number of blocks."""
     raw = dht.run_coroutine(partial(_get_many, keys=[MODEL_INDEX_KEY])).get(MODEL_INDEX_KEY, {})
     models = {}
-    for prefix, value in raw.items():
-        if isinstance(prefix, str) and isinstance(value, dict) and isinstance(value.get("num_blocks"), int):
+    for subkey, value in raw.items():
+        if not isinstance(value, dict) or not isinstance(value.get("num_blocks"), int):
+            continue
+        prefix = value.get("model", subkey)  # entries of older servers are keyed by the model's name
+        if isinstance(prefix, str):
             models[prefix] = value["num_blocks"]
     return models
