@@ -7,7 +7,7 @@ a timestamp, a random nonce and a digest of the message; the receiver checks it 
 clock skew and remembers the nonces it accepted, so a captured request cannot be replayed, redirected or altered.
 Replies carry an HMAC that echoes the request's nonce, so a reply cannot be forged or taken from another request.
 
-Pure Python (hashlib, hmac, secrets): nothing here knows hivemind; `swarm.keyed_rpc` puts the tokens on the wire.
+Pure Python (hashlib, hmac, secrets): nothing here knows hivemind; `swarm.keyed_p2p` puts the tokens on the wire.
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ def test_a_forged_reply_is_refused(forgery):
 def test_a_member_cannot_overwrite_delete_or_extend_another_servers_record(tiny_swarm, dist_model, honest_generation):
     before = {(str(s.peer_id), s.record.start, s.record.end) for s in
               fetch_servers(dist_model.remote_layers.connection.dht, PREFIX, BLOCKS)}
-    victim = sorted(before)[0][0]
+    victim = next(peer for peer, start, _ in before if start == 0)  # an entry under block 0
     mallory = join_swarm(all_addresses(tiny_swarm), host_maddrs=["/ip4/127.0.0.1/tcp/0"])  # holds the key
     try:
         key, later = block_key(PREFIX, 0), get_dht_time() + 60
@@ -234,19 +234,18 @@ async def _replay_with_a_later_expiry(dht, node, key: str, victim: str) -> list:
     from hivemind.dht.routing import DHTID
 
     key_id = DHTID.generate(source=key)
-    subkey = MSGPackSerializer.dumps(victim)
     results = []
     for peer in [p for p in await node.protocol.p2p.list_peers()][:4]:
         found = await node.protocol.call_find(peer.peer_id, [key_id])
         entry = (found or {}).get(key_id, (None, None))[0]
         if entry is None or not hasattr(entry.value, "get"):
             continue
-        item = entry.value.get(subkey)
+        item = entry.value.get(victim)
         if item is None:
             continue
         stored = await node.protocol.call_store(peer.peer_id, [key_id], [item.value],
-                                                [item.expiration_time + 600], subkeys=[subkey])
-        results.append(stored)
+                                                [item.expiration_time + 600], subkeys=[victim])
+        results.append(list(stored or []))  # (a protobuf repeated field does not pickle back to the caller)
     return results
 
 
@@ -256,8 +255,8 @@ async def _store_signed(dht, node, key: str, size: int) -> list:
     from hivemind.dht.validation import DHTRecord
 
     key_id, expiration = DHTID.generate(source=key), get_dht_time() + 60
-    subkey = MSGPackSerializer.dumps(node.peer_id.to_base58())
-    record = DHTRecord(key_id.to_bytes(), subkey, MSGPackSerializer.dumps(b"x" * size), expiration)
+    owner = node.peer_id.to_base58()
+    record = DHTRecord(key_id.to_bytes(), MSGPackSerializer.dumps(owner), MSGPackSerializer.dumps(b"x" * size), expiration)
     signed = node.protocol.record_validator.sign_value(record)
-    return [await node.protocol.call_store(peer.peer_id, [key_id], [signed], [expiration], subkeys=[subkey])
+    return [list(await node.protocol.call_store(peer.peer_id, [key_id], [signed], [expiration], subkeys=[owner]) or [])
             for peer in (await node.protocol.p2p.list_peers())[:4]]
