@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
           f"{total_steps} steps of {args.batch_size} ({steps_per_epoch} per epoch)", flush=True)
 
     model = DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, dht_prefix=args.dht_prefix,
-                                                        torch_dtype=args.torch_dtype,
+                                                        torch_dtype=args.torch_dtype, swarm_key=args.swarm_key,
                                                         client_config=client_config_from(args, FINETUNE_FLAGS))
     try:
         pad_to = args.max_length if args.delta_codec != "none" else None

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     # The DHT peer joins in its own process while transformers imports and the tokenizer and weights load here; if
     # the join fails, that is said at once.
-    dht = start_joining(args.initial_peers, client_mode=True)
+    dht = start_joining(args.initial_peers, args.swarm_key, client_mode=True)
     try:
         with interrupted_if_join_fails(dht):
             import torch

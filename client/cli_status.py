@@ -66,7 +66,7 @@ def render(models: dict[str, tuple[int, list[ServerInfo]]]):
 def run(args: argparse.Namespace) -> int:
     from swarm.join import start_joining, wait_joined
 
-    joining = start_joining(args.initial_peers, client_mode=True)  # the DHT peer joins while the rest imports
+    joining = start_joining(args.initial_peers, args.swarm_key, client_mode=True)  # the DHT peer joins while the rest imports
     from rich.console import Console
 
     from swarm.dht_records import fetch_models, fetch_servers

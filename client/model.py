@@ -42,12 +42,13 @@ class DistributedModelForCausalLM:
     @staticmethod
     def from_pretrained(model: str, initial_peers: Sequence[str], *, dht_prefix: str | None = None,
                         torch_dtype: str | torch.dtype = "float32", client_config: ClientConfig | None = None,
-                        dht: hivemind.DHT | None = None, **overrides):
+                        dht: hivemind.DHT | None = None, swarm_key=None, **overrides):
         """`client_config` (default: ClientConfig()) says how this model's client talks to the swarm; keyword
         `overrides` replace some of its fields (e.g. request_timeout=20, allowed_servers=[...]). Each model keeps
         its own: two models in one process may differ. `dht`: a client DHT peer already joining through
         `initial_peers` (swarm.join.start_joining(initial_peers, client_mode=True)), started early so that the join
-        overlaps other work; the model's connection owns it."""
+        overlaps other work; the model's connection owns it. `swarm_key`: a private swarm's key (its key file's path
+        or its 32 bytes; default: the SWARM_KEY_FILE environment variable's, else an open swarm)."""
         from swarm import compression
 
         client_config = (client_config or ClientConfig()).replace(**overrides)
@@ -59,7 +60,7 @@ class DistributedModelForCausalLM:
         cls = _distributed_class(family)
 
         # The DHT peer joins in its own process while the client-side weights load here.
-        dht = dht if dht is not None else start_joining(initial_peers, client_mode=True)
+        dht = dht if dht is not None else start_joining(initial_peers, swarm_key, client_mode=True)
         try:
             lm = _client_side_model(cls, checkpoint, family, dtype)
             connection = SwarmConnection(initial_peers, dht_prefix or default_dht_prefix(model), model_config.num_hidden_layers,

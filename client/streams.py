@@ -17,6 +17,7 @@ from client.routing import RouteStep
 from swarm.compression import wire
 from swarm.errors import RemoteError
 from swarm.forwarding import ForwardHop, ForwardStep
+from swarm.keyed_p2p import KeyedP2P, Sealed
 from swarm.protocol import InferenceReply, SpanRequest, TrainGrad
 from swarm.service import BlockService
 from swarm.tensors import Traffic, pack_tensor, unpack_tensor
@@ -218,23 +219,24 @@ async def open_stream(p2p: P2P, prefix: str, peer_id, method: str, requests: Asy
     replies; ours waits for a reply before it sends more, so a server killed mid-session went unnoticed until the
     request timeout."""
     name = BlockService._get_handle_name(prefix, method)
+    call = p2p.call(name, peer_id) if isinstance(p2p, KeyedP2P) else None  # a private swarm's envelopes
     _, reader, writer = await p2p.call_binary_stream_handler(peer_id, name)
 
     async def write() -> None:
         async for request in requests:
-            await P2P.send_protobuf(request, writer)
+            await P2P.send_protobuf(call.seal(request) if call else request, writer)
         await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
 
     async def read() -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
             while True:
                 try:
-                    reply, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+                    reply, error = await P2P.receive_protobuf(Sealed if call else runtime_pb2.ExpertResponse, reader)
                 except asyncio.IncompleteReadError:
                     return  # the connection closed: the server finished, or it is gone
                 if error is not None:  # worded as hivemind's, which RemoteError.from_exception parses
                     raise P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {error.message}")
-                yield reply
+                yield call.open(reply, runtime_pb2.ExpertResponse) if call else reply
         finally:
             writing.cancel()
             if writing.done() and not writing.cancelled():

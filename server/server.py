@@ -23,6 +23,7 @@ from swarm.config import ServerConfig
 from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_servers
 from swarm.identity import ModelIdentity
 from swarm.join import join_as_configured
+from swarm.keyed_p2p import keyed
 from swarm.lora import read_peft_adapter
 from swarm.models import family_for
 from swarm.models.span import BlockSpan
@@ -244,7 +245,7 @@ class Server:
                 self._loop.add_signal_handler(sig, self._stop_event.set)
         if self._stop.is_set():
             self._stop_event.set()
-        p2p = await self.dht.replicate_p2p()
+        p2p = keyed(await self.dht.replicate_p2p(), self.dht.keyring)  # a private swarm's RPCs are sealed
         self.p2p = p2p
         self.handler.attach(p2p, self.prefix)  # inference steps are pushed on to the next server with it
         self.active = ActiveHandler(self.handler)

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "generate": ("client.cli_generate", "generate text through the swarm, streaming tokens as they come"),
     "status": ("client.cli_status", "show the servers of a swarm and the coverage of every block"),
     "finetune": ("client.cli_finetune", "fine-tune a LoRA adapter through the swarm"),
+    "keygen": ("swarm.cli_keygen", "write a new random key for a private swarm to a file (mode 0600)"),
     "demo": ("client.demo", "start a local swarm of SmolLM2-135M-Instruct, ask it a question, show its status"),
 }
 
@@ -67,6 +68,10 @@ def add_swarm_arguments(parser: argparse.ArgumentParser, allow_new_swarm: bool =
                        help="multiaddresses of peers already in the swarm, as printed by `swarm dht` or `swarm server`")
     if allow_new_swarm:
         group.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
+    parser.add_argument("--swarm-key-file", action="append", metavar="FILE", default=None,
+                        help="the private swarm's key, as written by `swarm keygen`; only peers holding it can join, "
+                             "read or call the swarm. Give it twice while rotating keys (the first signs, both are "
+                             "accepted). Default: $SWARM_KEY_FILE, else an open swarm")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             from swarm.join import check_initial_peers
 
             args.initial_peers = check_initial_peers(args.initial_peers)
+        if hasattr(args, "swarm_key_file"):
+            # A key file that is missing, unreadable, readable by all or malformed stops the command here (fail closed).
+            from swarm.auth import Keyring
+
+            args.swarm_key = Keyring.load(args.swarm_key_file)
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:
         return 130

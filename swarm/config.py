@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from swarm.options import option
 
@@ -54,6 +55,9 @@ class ServerConfig:
     initial_peers: Sequence[str] = ()
     new_swarm: bool = False
     adapters: Mapping[str, str] = field(default_factory=dict)
+    # --swarm-key-file (swarm.cli.add_swarm_arguments): a swarm.auth.Keyring or what Keyring.load takes; None: the
+    # SWARM_KEY_FILE environment variable's key, else an open swarm.
+    swarm_key: Any = None
 
     host_maddrs: tuple[str, ...] = option(("/ip4/0.0.0.0/tcp/0",), "addresses to listen on, e.g. /ip4/127.0.0.1/tcp/0",
                                           metavar="MADDR")

@@ -108,9 +108,12 @@ def block_key(prefix: str, index: int) -> str:
 
 async def _store_span(dht: DHT, node: DHTNode, prefix: str, num_blocks: int, record: dict, expiration_time: float) -> None:
     keys = [block_key(prefix, i) for i in range(record["start"], record["end"])]
-    await node.store_many(keys=keys + [MODEL_INDEX_KEY], values=[record] * len(keys) + [{"num_blocks": num_blocks}],
-                          expiration_time=expiration_time, subkeys=[node.peer_id.to_base58()] * len(keys) + [prefix],
-                          num_workers=8)
+    subkey = node.peer_id.to_base58()
+    # The index entry is the server's own too (subkey: its peer id), so that in a private swarm every entry has one
+    # owner who signs it (swarm.record_auth); older servers used the model's name as the subkey.
+    await node.store_many(keys=keys + [MODEL_INDEX_KEY],
+                          values=[record] * len(keys) + [{"model": prefix, "num_blocks": num_blocks}],
+                          expiration_time=expiration_time, subkeys=[subkey] * (len(keys) + 1), num_workers=8)
 
 
 def announce_span(dht: DHT, prefix: str, num_blocks: int, record: ServerRecord, expiration: float,
@@ -170,7 +173,10 @@ def fetch_models(dht: DHT) -> dict[str, int]:
     """Models the swarm serves: DHT prefix -> number of blocks."""
     raw = dht.run_coroutine(partial(_get_many, keys=[MODEL_INDEX_KEY])).get(MODEL_INDEX_KEY, {})
     models = {}
-    for prefix, value in raw.items():
-        if isinstance(prefix, str) and isinstance(value, dict) and isinstance(value.get("num_blocks"), int):
+    for subkey, value in raw.items():
+        if not isinstance(value, dict) or not isinstance(value.get("num_blocks"), int):
+            continue
+        prefix = value.get("model", subkey)  # entries of older servers are keyed by the model's name
+        if isinstance(prefix, str):
             models[prefix] = value["num_blocks"]
     return models

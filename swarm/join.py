@@ -40,6 +40,10 @@ class SwarmUnreachable(RuntimeError):
     """No initial peer could be reached, so this peer could not join the swarm."""
 
 
+class SwarmRefused(SwarmUnreachable):
+    """The initial peers were reached but refused this peer's swarm key (or its lack of one)."""
+
+
 def check_initial_peers(addresses: Sequence[str]) -> list[str]:
     """The addresses as given, if each is a multiaddress that names a peer (.../p2p/PEER_ID); else BadPeerAddress."""
     if isinstance(addresses, str):
@@ -96,15 +100,19 @@ def _is_peer_id(text: str) -> bool:
     return len(raw) >= 3 and raw[1] == len(raw) - 2
 
 
-def start_joining(initial_peers: Sequence[str], **dht_kwargs) -> hivemind.DHT:
+def start_joining(initial_peers: Sequence[str], swarm_key=None, **dht_kwargs) -> hivemind.DHT:
     """Start a DHT peer that joins through `initial_peers` (none: it starts a new swarm) and return it at once, so
-    that other work can overlap the join; `wait_joined` then waits for it. `dht_kwargs` go to hivemind.DHT."""
+    that other work can overlap the join; `wait_joined` then waits for it. `swarm_key`: a private swarm's key (a key
+    file's path, the key's bytes, several of them, or a swarm.auth.Keyring; None: the SWARM_KEY_FILE environment
+    variable's, else an open swarm). `dht_kwargs` go to hivemind.DHT."""
     if not initial_peers and dht_kwargs.get("client_mode"):
         raise BadPeerAddress(f"initial_peers is empty: a client joins an existing swarm; {_HINT}")
     peers = check_initial_peers(initial_peers) if initial_peers else []
-    import hivemind
+    from swarm.auth import Keyring
+    from swarm.keyed_p2p import KeyedDHT
 
-    return hivemind.DHT(initial_peers=peers, start=True, await_ready=False, **dht_kwargs)
+    keyring = swarm_key if isinstance(swarm_key, Keyring) else Keyring.load(swarm_key)
+    return KeyedDHT(initial_peers=peers, start=True, await_ready=False, keyring=keyring, **dht_kwargs)
 
 
 def wait_joined(dht: hivemind.DHT, timeout: float = JOIN_TIMEOUT) -> hivemind.DHT:
@@ -118,7 +126,8 @@ def wait_joined(dht: hivemind.DHT, timeout: float = JOIN_TIMEOUT) -> hivemind.DH
         dht.shutdown()
         if not isinstance(exc, Exception):  # Ctrl-C and the like go on as they are
             raise
-        error = join_error(exc, list(dht.initial_peers or []), timeout)
+        keyring = getattr(dht, "keyring", None)
+        error = join_error(exc, list(dht.initial_peers or []), timeout, keyring.key_id if keyring else None)
     raise error from None  # the message says all: the daemon's traceback would only hide it
 
 
@@ -128,10 +137,15 @@ def join_swarm(initial_peers: Sequence[str], timeout: float = JOIN_TIMEOUT, **dh
 
 
 def join_as_configured(o) -> hivemind.DHT:
-    """join_swarm for a peer's --new-swarm or --initial-peers, --host-maddrs, --announce-maddrs and --identity-path
-    (the attributes of a swarm.config.ServerConfig or of parsed `swarm dht` arguments)."""
+    """join_swarm for a peer's --new-swarm or --initial-peers, --host-maddrs, --announce-maddrs, --identity-path and
+    --swarm-key-file (the attributes of a swarm.config.ServerConfig or of parsed `swarm dht` arguments)."""
+    if o.new_swarm:
+        from swarm.auth import warn_if_open
+
+        warn_if_open(o.swarm_key)
     return join_swarm([] if o.new_swarm else list(o.initial_peers), host_maddrs=list(o.host_maddrs),
-                      announce_maddrs=list(o.announce_maddrs) if o.announce_maddrs else None, identity_path=o.identity_path)
+                      announce_maddrs=list(o.announce_maddrs) if o.announce_maddrs else None, identity_path=o.identity_path,
+                      swarm_key=o.swarm_key)
 
 
 @contextlib.contextmanager
@@ -181,9 +195,9 @@ def _watch_join(dht: hivemind.DHT, stop: threading.Event) -> None:
             return
 
 
-def join_error(exc: Exception, initial_peers: Sequence[str], timeout: float) -> Exception:
-    """The error to show for `exc`, raised while joining through `initial_peers` (hivemind's words kept where they
-    say something the user can act on)."""
+def join_error(exc: Exception, initial_peers: Sequence[str], timeout: float, key_id: str | None = None) -> Exception:
+    """The error to show for `exc`, raised while joining through `initial_peers` with the swarm key `key_id` (None:
+    none) (hivemind's words kept where they say something the user can act on)."""
     peers = " ".join(initial_peers) or "(none)"
     text = str(exc)
     if "multiaddr" in text.lower() or "peer id" in text.lower():  # p2pd or hivemind could not parse an address
@@ -195,8 +209,13 @@ def join_error(exc: Exception, initial_peers: Sequence[str], timeout: float) -> 
         what = f"got no answer from the initial peers in {timeout:.0f} s"
     elif "failed to connect to bootstrap peers" in text:
         what = "could not connect to any initial peer"
+    elif "bootstrap failed" in text and key_id is not None:
+        return SwarmRefused(f"the swarm refused the key (key id {key_id}): the initial peers ({peers}) answered this "
+                            "peer's requests with refusals, so they hold another swarm key (or run an open swarm); pass "
+                            "that swarm's key file with --swarm-key-file (or SWARM_KEY_FILE)")
     elif "bootstrap failed" in text:
-        what = "connected, but no initial peer answered as a DHT peer"
+        what = ("connected, but no initial peer answered as a DHT peer (if that swarm is private, pass its key file "
+                "with --swarm-key-file or SWARM_KEY_FILE)")
     else:
         what = f"could not join the swarm ({_last_line(text) or type(exc).__name__})"
     return SwarmUnreachable(f"{what} ({peers}): check that the peer you join through is running and reachable from "

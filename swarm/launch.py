@@ -101,9 +101,11 @@ class PeerProcess:
 
 
 class LocalSwarm:
-    """A bootstrap node and servers on 127.0.0.1, each its own process."""
+    """A bootstrap node and servers on 127.0.0.1, each its own process; with `swarm_key_file`, a private swarm (else
+    each peer takes SWARM_KEY_FILE's key from the environment, if set)."""
 
-    def __init__(self):
+    def __init__(self, swarm_key_file: str | None = None):
+        self.key_args = ["--swarm-key-file", str(swarm_key_file)] if swarm_key_file else []
         self.bootstrap: PeerProcess | None = None
         self.servers: list[PeerProcess] = []
 
@@ -112,7 +114,7 @@ class LocalSwarm:
         return self.bootstrap.maddrs if self.bootstrap else []
 
     def start_bootstrap(self) -> list[str]:
-        self.bootstrap = PeerProcess(["dht", "--new-swarm", "--host-maddrs", LOCALHOST], "dht")
+        self.bootstrap = PeerProcess(["dht", "--new-swarm", "--host-maddrs", LOCALHOST, *self.key_args], "dht")
         return self.bootstrap.wait_ready()
 
     def start_servers(self, model: str, spans: Sequence[tuple[int, int]], extra_args: Sequence[str] = (),
@@ -123,7 +125,7 @@ class LocalSwarm:
         started = []
         for start, end in spans:
             args = ["server", model, "--blocks", f"{start}:{end}", "--initial-peers", *self.initial_peers,
-                    "--host-maddrs", LOCALHOST, *extra_args]
+                    "--host-maddrs", LOCALHOST, *self.key_args, *extra_args]
             started.append(PeerProcess(args, f"server-{start}-{end}", env, python_args))
         self.servers += started
         for server in started if wait else ():

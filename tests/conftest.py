@@ -3,13 +3,22 @@ server processes on 127.0.0.1 that the whole session shares (starting peers is t
 
 from __future__ import annotations
 
+import os
 import signal
+import tempfile
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from swarm.auth import ENV_VAR, generate_key_file
 from swarm.launch import LocalSwarm
+
+# Every swarm of the suite is private: one key for the session, found by every peer (and every server process the
+# tests start) through SWARM_KEY_FILE, so the whole suite runs the keyed path. Tests of open swarms unset it.
+SWARM_KEY_FILE = os.path.join(tempfile.mkdtemp(prefix="swarm-test-key-"), "swarm.key")
+generate_key_file(SWARM_KEY_FILE)
+os.environ[ENV_VAR] = SWARM_KEY_FILE
 
 TINY_SPANS = [(0, 2), (2, 4), (4, 6)]
 TINY_CACHE_TOKENS = 4096

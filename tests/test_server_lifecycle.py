@@ -7,11 +7,12 @@ import json
 import signal
 import time
 
-import hivemind
 from hivemind.proto import runtime_pb2
 
 from client import aio
 from swarm.dht_records import ServerState, fetch_models, fetch_servers
+from swarm.join import join_swarm
+from swarm.keyed_p2p import keyed
 from swarm.launch import LOCALHOST, LocalSwarm, PeerProcess
 from swarm.service import BlockService
 
@@ -29,8 +30,8 @@ def test_num_blocks_servers_fill_the_model_and_leave_cleanly(tiny_model_path):
         assert "blocks 0:4 of tiny-llama" in first.log()
         assert "blocks 2:6 of tiny-llama" in second.log()  # covers the uncovered 4:6, overlapping least
 
-        dht = hivemind.DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True)
-        p2p = aio.run(dht.replicate_p2p())
+        dht = join_swarm(swarm.initial_peers, client_mode=True)  # with the suite's swarm key (SWARM_KEY_FILE)
+        p2p = keyed(aio.run(dht.replicate_p2p()), dht.keyring)
         try:
             assert fetch_models(dht) == {"tiny-llama": 6}
             servers = fetch_servers(dht, "tiny-llama", 6)
