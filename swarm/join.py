@@ -112,6 +112,8 @@ def start_joining(initial_peers: Sequence[str], swarm_key=None, **dht_kwargs) ->
     from swarm.keyed_p2p import KeyedDHT
 
     keyring = swarm_key if isinstance(swarm_key, Keyring) else Keyring.load(swarm_key)
+    if keyring is not None:
+        logger.info("joining a private swarm with key id %s", keyring.key_id)
     return KeyedDHT(initial_peers=peers, start=True, await_ready=False, keyring=keyring, **dht_kwargs)
 
 

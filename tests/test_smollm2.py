@@ -9,10 +9,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from swarm.auth import ENV_VAR
 from tests.conftest import exact
 from tests.test_finetune_cli import held_out_loss, swarm_cli
 
 SPANS = [(0, 10), (10, 20), (20, 30)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def open_swarm():
+    """This module's swarm is open (no key), as a swarm started without --swarm-key-file is: the rest of the suite
+    runs private swarms, this keeps the open path working end to end (servers, fine-tuning, generation)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(ENV_VAR)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +61,7 @@ def test_smollm2_greedy_answer_is_token_identical(smollm2_path, smollm2_swarm):
 
     model = DistributedModelForCausalLM.from_pretrained(smollm2_path, smollm2_swarm.initial_peers)
     try:
+        assert model.model.layers.connection.dht.keyring is None  # an open swarm
         assert len(model.model.layers.connection.plan()) == len(SPANS)
         compressed = model.generate(**inputs, **kwargs)  # the default codec: int8 hidden states on the wire
         ours = exact(model).generate(**inputs, **kwargs)
