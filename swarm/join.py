@@ -112,8 +112,9 @@ def start_joining(initial_peers: Sequence[str], swarm_key=None, **dht_kwargs) ->
     from swarm.keyed_p2p import KeyedDHT
 
     keyring = swarm_key if isinstance(swarm_key, Keyring) else Keyring.load(swarm_key)
-    if keyring is not None:
-        logger.info("joining a private swarm with key id %s", keyring.key_id)
+    if keyring is not None:  # (a client's output stays its answer alone)
+        logger.log(logging.DEBUG if dht_kwargs.get("client_mode") else logging.INFO,
+                   "joining a private swarm with key id %s", keyring.key_id)
     return KeyedDHT(initial_peers=peers, start=True, await_ready=False, keyring=keyring, **dht_kwargs)
 
 
