@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import math
 import os
 import secrets
 import stat
@@ -183,7 +184,9 @@ class Keyring:
               mac: bytes) -> None:
         """Accept a request token once, or raise Refused saying why (never which part of the MAC differed)."""
         now = self.clock()
-        if not isinstance(stamp, float) or not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+        # A NaN stamp would pass every comparison below (and stay in the nonce memory for ever): refused with the rest.
+        if (not isinstance(stamp, float) or not math.isfinite(stamp) or not isinstance(nonce, bytes)
+                or len(nonce) != NONCE_BYTES):
             raise Refused("refused: the request carries no valid swarm key token")
         if abs(now - stamp) > CLOCK_SKEW:
             raise Refused(f"refused: the request's token is {now - stamp:+.0f} s off this peer's clock (more than "

@@ -18,8 +18,10 @@ from typing import Any
 
 import hivemind
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 from swarm.auth import Keyring, Refused, digest
+from swarm.errors import BadRequest
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +93,14 @@ class KeyedP2P:
         body = digest(sealed.payload)
         self.keyring.check(name, context.remote_id.to_bytes(), context.local_id.to_bytes(), body, sealed.time,
                            sealed.nonce, sealed.mac)
-        return input_type.FromString(sealed.payload), sealed.nonce
+        return _parse(input_type, sealed.payload, name), sealed.nonce
 
     def _open_later(self, name: str, context, nonce: bytes, seq: int, sealed, input_type):
         self.keyring.check_seal(b"stream", name, context.remote_id.to_bytes(), context.local_id.to_bytes(), nonce,
                                 seq, digest(sealed.payload), sealed.mac)
         if sealed.seq != seq:
             raise Refused("refused: a stream message out of order")
-        return input_type.FromString(sealed.payload)
+        return _parse(input_type, sealed.payload, name)
 
     def _seal_reply(self, name: str, context, nonce: bytes, seq: int, message):
         payload = message.SerializeToString()
@@ -180,7 +182,16 @@ class SealedCall:
         if sealed.seq != self.received:
             raise Refused("refused: a reply out of order")
         self.received += 1
-        return output_type.FromString(sealed.payload)
+        return _parse(output_type, sealed.payload, self.name)
+
+
+def _parse(message_type, payload: bytes, name: str):
+    """A sealed message's payload as `message_type`. Its seal proves only who sent it: bytes that a key holder sealed
+    but that do not parse are a bad request (or reply), not a crash of the handler."""
+    try:
+        return message_type.FromString(payload)
+    except DecodeError as exc:
+        raise BadRequest(f"{name}: the message is not a valid {message_type.DESCRIPTOR.name} ({exc})") from None
 
 
 def keyed(p2p, keyring: Keyring | None):

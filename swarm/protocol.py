@@ -17,8 +17,9 @@ from swarm.errors import BadRequest
 
 
 class _Meta(BaseModel):
-    # Unknown fields from newer peers are ignored; missing ones take their defaults.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Unknown fields from newer peers are ignored; missing ones take their defaults. JSON's NaN and Infinity are refused
+    # (json.loads reads them): no float of a request means anything when it is not finite.
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
     # The range of protocol versions the sender speaks (swarm.versions); messages older than ranges carry `version`.
     version: int = PROTOCOL_VERSION
     min_version: int = MIN_PROTOCOL_VERSION
@@ -31,9 +32,9 @@ class _Meta(BaseModel):
         if len(raw) > 64 * 1024:
             raise BadRequest(f"metadata of {len(raw)} bytes is larger than the 64 KiB limit")
         try:
-            meta = cls.model_validate(json.loads(raw or b"{}"))
-        except (ValueError, ValidationError) as exc:
-            raise BadRequest(f"malformed {cls.__name__}: {_short(exc)}") from None
+            meta = cls.model_validate(_json(raw, cls.__name__))
+        except ValidationError as exc:
+            raise BadRequest(f"malformed {cls.__name__}: {_fields(exc)}") from None
         # Every request a server reads (and reply a client reads) passes here: the one place versions are checked.
         versions.check_message(versions.normalized(meta.min_version, meta.version), cls.__name__)
         return meta
@@ -77,7 +78,7 @@ class _SpanMeta(_Meta):
     start: int = Field(ge=0)
     end: int = Field(ge=1)
     # The client's own LoRA tensors, in this order (names as in swarm.lora); scaling = alpha / rank.
-    lora: list[str] = Field(default_factory=list, max_length=4096)
+    lora: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=4096)
     lora_scaling: float = 1.0
     adapter: str = Field(default="", max_length=256)  # a named adapter the server hosts (instead of `lora`)
     deep_prompts: bool = False  # deep prompt tuning: a tensor [blocks, batch or 1, P, hidden] rides along
@@ -144,6 +145,26 @@ class InferenceReply(_Meta):
     push_failed: int = Field(default=-1, ge=-1)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).replace("\n", "; ")
+def _json(raw: bytes, kind: str):
+    """Metadata bytes as JSON, or BadRequest saying why they are not. Only UTF-8: json.loads would guess UTF-16 or 32
+    from the first bytes and then report an unrelated syntax error."""
+    try:
+        text = raw.decode() if raw else "{}"
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"malformed {kind}: metadata is not UTF-8 (byte {exc.start}: {exc.reason})") from None
+    try:
+        return json.loads(text)
+    except RecursionError:  # 64 KiB of brackets is deeper than the parser goes
+        raise BadRequest(f"malformed {kind}: metadata is nested too deeply") from None
+    except ValueError as exc:
+        raise BadRequest(f"malformed {kind}: metadata is not JSON ({_short(str(exc))})") from None
+
+
+def _fields(exc: ValidationError) -> str:
+    """Each problem as 'field: what is wrong' (e.g. 'start: Input should be greater than or equal to 0')."""
+    problems = [f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in exc.errors(include_url=False)]
+    return _short("; ".join(problems))
+
+
+def _short(text: str) -> str:
     return text if len(text) < 300 else text[:300] + "..."

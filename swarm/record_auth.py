@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import struct
 from pathlib import Path
 
@@ -99,6 +100,8 @@ class SwarmRecordValidator(RecordValidatorBase):
         """Why `record` may not be stored or used in this swarm (None: it may)."""
         if len(record.value) > MAX_VALUE_BYTES + 1024:
             return f"a value of {len(record.value)} bytes (at most {MAX_VALUE_BYTES})"
+        if not math.isfinite(record.expiration_time):  # NaN would pass the cap below (and never expire)
+            return f"an expiry of {record.expiration_time} (not a time)"
         if record.expiration_time - (get_dht_time() if now is None else now) > MAX_TTL:
             return f"an expiry more than {MAX_TTL:.0f} s ahead"
         signed, mac = record.value[:-_MAC_BYTES], record.value[-_MAC_BYTES:]

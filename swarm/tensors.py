@@ -57,8 +57,10 @@ def unpack_tensor(proto: runtime_pb2.Tensor, what: str = "tensor") -> torch.Tens
     if len(shape) > 8 or any(d < 0 for d in shape):
         raise BadRequest(f"{what}: invalid shape {shape}")
     numel = math.prod(shape)
-    if numel > MAX_TENSOR_ELEMENTS:
-        raise BadRequest(f"{what}: {numel} elements exceed the limit of {MAX_TENSOR_ELEMENTS}")
+    extent = math.prod(max(d, 1) for d in shape)  # bounds empty shapes too: torch cannot stride [0, 2**21, 2**21, 2**21]
+    if extent > MAX_TENSOR_ELEMENTS:
+        zeros = " (counting its zero dimensions as 1)" if numel == 0 else ""
+        raise BadRequest(f"{what}: {extent} elements{zeros} exceed the limit of {MAX_TENSOR_ELEMENTS}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(proto.buffer) != numel * itemsize:
         raise BadRequest(f"{what}: buffer has {len(proto.buffer)} bytes, shape {shape} of {proto.dtype} needs {numel * itemsize}")

@@ -111,8 +111,8 @@ def read_layout(meta: dict[str, Any]) -> Layout:
     for d in shape:
         if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_ELEMENTS:
             raise CodecError(f"metadata 'shape' {shape!r:.100} has an invalid dimension {d!r:.40}")
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise CodecError(f"metadata 'shape' {shape} has more than {MAX_ELEMENTS} elements")
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:  # zeros aside too: torch cannot stride [0, 2**30, 2**30]
+        raise CodecError(f"metadata 'shape' {shape} has more than {MAX_ELEMENTS} elements (counting zeros as 1)")
     name = meta["dtype"]
     if not isinstance(name, str) or name not in FLOAT_DTYPES:
         raise CodecError(f"metadata 'dtype' {name!r:.40} is not one of {sorted(FLOAT_DTYPES)}")
