@@ -155,6 +155,54 @@ def local_peft(tiny_model_path, lora) -> torch.nn.Module:
     return peft_model
 
 
+class HonestGeneration:
+    """Greedy generation by an honest client, over and over in a thread, while a module's attacks or malformed requests
+    run; `finish()` stops it and checks that each of its outputs equals the local model's, token for token."""
+
+    def __init__(self, model, reference, seed: int = 13, new_tokens: int = 10):
+        import threading
+
+        self.prompt = torch.randint(3, 320, (1, 6), generator=torch.Generator().manual_seed(seed))
+        self.settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        self.expected = reference.generate(self.prompt, **self.settings)
+        self.model, self.outputs, self.errors = model, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._generate, daemon=True)
+        self._thread.start()
+
+    def _generate(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.outputs.append(self.model.generate(self.prompt, **self.settings))
+        except Exception as exc:  # noqa: BLE001 - reported by finish()
+            self.errors.append(exc)
+
+    def wait_for_more(self, count: int = 2, timeout: float = 120.0) -> None:
+        """Wait until `count` more generations are done: with 2, one of them began after this call."""
+        import time
+
+        target, deadline = len(self.outputs) + count, time.monotonic() + timeout
+        while len(self.outputs) < target and not self.errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def finish(self) -> int:
+        """Stop (after the generation under way), check every output; the number of generations done."""
+        self._stop.set()
+        self._thread.join(120)
+        assert not self._thread.is_alive(), "the honest generation did not finish within 120 s"
+        assert not self.errors, self.errors
+        assert self.outputs and all(torch.equal(output, self.expected) for output in self.outputs)
+        return len(self.outputs)
+
+
+@pytest.fixture(scope="module")
+def honest_generation(dist_model, reference_model):
+    """An HonestGeneration by dist_model for as long as the module's tests run, checked at the end."""
+    honest = HonestGeneration(dist_model, reference_model)
+    yield honest
+    honest.finish()
+
+
 def run_concurrently(tasks, timeout: float = 120.0) -> list:
     """Run each zero-argument callable in its own thread, all released at once; their results in order.
 

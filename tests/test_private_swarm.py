@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from functools import partial
 
 import pytest
-import torch
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
@@ -36,30 +34,6 @@ def other_key_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("other-key") / "other.key"
     generate_key_file(path)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def honest_generation(dist_model, reference_model):
-    """Greedy generation by an honest client in a thread for as long as the module's attacks run; afterwards each
-    of its outputs must equal the local model's."""
-    prompt = torch.randint(3, 320, (1, 6), generator=torch.Generator().manual_seed(13))
-    expected = reference_model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)
-    stop, outputs, errors = threading.Event(), [], []
-
-    def generate():
-        try:
-            while not stop.is_set():
-                outputs.append(dist_model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    thread = threading.Thread(target=generate, daemon=True)
-    thread.start()
-    yield
-    stop.set()
-    thread.join(120)
-    assert not errors, errors
-    assert outputs and all(torch.equal(output, expected) for output in outputs)
 
 
 def server_peers(dist_model) -> list:
