@@ -64,6 +64,15 @@ class ClientConfig:
                                      "route, so they cross each link once; --no-forwarding returns them to this "
                                      "client at every hop")
     default_ms_per_block: float = option(10.0, "routing cost of a block when a server reports no throughput")
+    # Spot checks (client.spot_checks): a key holder can still run a server that returns wrong outputs.
+    verify_fraction: float = option(0.0, "share of span requests (forwards and generation steps; backwards are not "
+                                         "checked) also sent to another replica of the same blocks and compared; on a "
+                                         "disagreement a third replica decides and the server out of the majority is "
+                                         "banned for this client's lifetime (0: off, 1: every request)")
+
+    def __post_init__(self):
+        if not 0.0 <= self.verify_fraction <= 1.0:  # also refuses NaN
+            raise ValueError(f"verify_fraction must be in [0, 1] (a share of span requests), got {self.verify_fraction}")
 
     def replace(self, **changes) -> ClientConfig:
         """A copy with some fields changed; an unknown name is refused, naming the fields there are."""
@@ -92,7 +101,7 @@ CODEC_FIELDS = {"inference": "inference_codec", "activations": "activation_codec
 CLIENT = ClientConfig()  # the defaults; never mutated (a model's own config is a replaced copy)
 # The settings `swarm generate` and `swarm finetune` take as flags (the others are for the Python API).
 COMMON_FLAGS = ("request_timeout", "connect_timeout", "max_retries", "allowed_servers", "blocked_servers",
-                "max_chunk_tokens")
+                "max_chunk_tokens", "verify_fraction")
 GENERATE_FLAGS = (*COMMON_FLAGS, "inference_codec", "inference_reply_codec", "forwarding")
 FINETUNE_FLAGS = (*COMMON_FLAGS, "activation_codec", "gradient_codec", "delta_codec", "activation_reply_codec",
                   "gradient_reply_codec", "keep_activations", "delta_state_mb")
