@@ -3,12 +3,28 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 
 from swarm.options import add_arguments, option
 
 CODEC_HELP = " (see swarm.compression: int8_outlier, bfloat16, float16, 'none' for float32 as it is, ...)"
+
+
+def _fraction(value: float, error: type[Exception] = ValueError) -> float:
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise error(f"verify_fraction must be in [0, 1] (a share of span requests), got {value}")
+    return value
+
+
+def _fraction_flag(text: str) -> float:
+    """--verify-fraction's value, refused by argparse with the same message as ClientConfig's."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"verify_fraction must be a number in [0, 1], got {text!r}") from None
+    return _fraction(value, argparse.ArgumentTypeError)
 
 
 @dataclass(frozen=True)
@@ -68,11 +84,11 @@ class ClientConfig:
     verify_fraction: float = option(0.0, "share of span requests (forwards and generation steps; backwards are not "
                                          "checked) also sent to another replica of the same blocks and compared; on a "
                                          "disagreement a third replica decides and the server out of the majority is "
-                                         "banned for this client's lifetime (0: off, 1: every request)")
+                                         "banned for this client's lifetime (0: off, 1: every request)",
+                                    type=_fraction_flag, metavar="F")
 
     def __post_init__(self):
-        if not 0.0 <= self.verify_fraction <= 1.0:  # also refuses NaN
-            raise ValueError(f"verify_fraction must be in [0, 1] (a share of span requests), got {self.verify_fraction}")
+        _fraction(self.verify_fraction)
 
     def replace(self, **changes) -> ClientConfig:
         """A copy with some fields changed; an unknown name is refused, naming the fields there are."""

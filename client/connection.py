@@ -190,7 +190,8 @@ class SwarmConnection:
     async def call(self, kind: str, step: RouteStep, call: SpanCall, traffic: Traffic | None = None) -> list[torch.Tensor]:
         """A forward or backward request (client.requests.span_call), its LoRA tensors sent once per server; its bytes
         are also added to `traffic` if given."""
-        return await self._upload_once(step, call, functools.partial(self.send, kind, step, traffic=traffic))
+        extra = {} if traffic is None else {"traffic": traffic}
+        return await self._upload_once(step, call, functools.partial(self.send, kind, step, **extra))
 
     async def train_forward(self, step: RouteStep, call: SpanCall, decode_reply=None) -> tuple[TrainStream, torch.Tensor]:
         async def send(meta, tensors, codecs):

@@ -33,11 +33,21 @@ def test_verify_fraction_outside_0_1_is_refused(fraction):
         ClientConfig(verify_fraction=fraction)
 
 
-def test_verify_fraction_is_off_by_default_and_a_flag_of_generate_and_finetune():
-    from client.config import FINETUNE_FLAGS, GENERATE_FLAGS
+def test_verify_fraction_is_off_by_default_and_a_flag_of_generate_and_finetune(capsys):
+    import argparse
+
+    from client.config import FINETUNE_FLAGS, GENERATE_FLAGS, add_client_arguments, client_config_from
 
     assert ClientConfig().verify_fraction == 0.0
-    assert "verify_fraction" in GENERATE_FLAGS and "verify_fraction" in FINETUNE_FLAGS
+    for flags in (GENERATE_FLAGS, FINETUNE_FLAGS):
+        parser = argparse.ArgumentParser()
+        add_client_arguments(parser, flags)
+        assert client_config_from(parser.parse_args(["--verify-fraction", "0.25"]), flags).verify_fraction == 0.25
+        assert client_config_from(parser.parse_args([]), flags).verify_fraction == 0.0
+        for wrong in ("2", "-0.5", "nan", "often"):
+            with pytest.raises(SystemExit):
+                parser.parse_args(["--verify-fraction", wrong])
+            assert "verify_fraction must be" in capsys.readouterr().err
 
 
 def _scaled(codec: str, factor: float) -> float:
