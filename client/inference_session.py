@@ -144,8 +144,8 @@ class InferenceSession:
         """Whether a spot check of this step (if sampled: config.verify_fraction) outvoted the server of stream
         `index`, which is then banned (client.verification replays the stream's history on replicas)."""
         stream = self.streams[index]
-        if not self.connection.spot_checks.sample(self.config.verify_fraction):
-            return False
+        if not self.config.verify_fraction or not self.connection.spot_checks.sample(self.config.verify_fraction):
+            return False  # (off by default: nothing of the checks is touched)
         steps = list(zip(stream.history, [*self.reorders, hypo_ids], strict=True))  # its history ends with this step
         checked = await self.connection.spot_checks.session_step(stream.step, output, steps, stream.batch_size,
                                                                  stream.max_length, self.additions)

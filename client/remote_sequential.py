@@ -102,7 +102,8 @@ class _RemoteChain(torch.autograd.Function):
                             logger.debug("training stream to %s failed (%s); using a plain forward", step.peer_id, exc)
                     if output is None:
                         (output,) = await chain.connection.call("forward", step, call)
-                    if not chain.connection.spot_checks.sample(chain.config.verify_fraction):
+                    fraction = chain.config.verify_fraction
+                    if not fraction or not chain.connection.spot_checks.sample(fraction):
                         return step, output
                     checked = await chain.connection.spot_checks.forward(step, call, output, delta_coded, chain.adapter)
                     if checked.step != step:  # its training stream would run a backward through wrong activations
