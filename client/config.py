@@ -3,12 +3,28 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 
 from swarm.options import add_arguments, option
 
 CODEC_HELP = " (see swarm.compression: int8_outlier, bfloat16, float16, 'none' for float32 as it is, ...)"
+
+
+def _fraction(value: float, error: type[Exception] = ValueError) -> float:
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise error(f"verify_fraction must be in [0, 1] (a share of span requests), got {value}")
+    return value
+
+
+def _fraction_flag(text: str) -> float:
+    """--verify-fraction's value, refused by argparse with the same message as ClientConfig's."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"verify_fraction must be a number in [0, 1], got {text!r}") from None
+    return _fraction(value, argparse.ArgumentTypeError)
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,15 @@ class ClientConfig:
                                      "route, so they cross each link once; --no-forwarding returns them to this "
                                      "client at every hop")
     default_ms_per_block: float = option(10.0, "routing cost of a block when a server reports no throughput")
+    # Spot checks (client.spot_checks): a key holder can still run a server that returns wrong outputs.
+    verify_fraction: float = option(0.0, "share of span requests (forwards and generation steps; backwards are not "
+                                         "checked) also sent to another replica of the same blocks and compared; on a "
+                                         "disagreement a third replica decides and the server out of the majority is "
+                                         "banned for this client's lifetime (0: off, 1: every request)",
+                                    type=_fraction_flag, metavar="F")
+
+    def __post_init__(self):
+        _fraction(self.verify_fraction)
 
     def replace(self, **changes) -> ClientConfig:
         """A copy with some fields changed; an unknown name is refused, naming the fields there are."""
@@ -92,7 +117,7 @@ CODEC_FIELDS = {"inference": "inference_codec", "activations": "activation_codec
 CLIENT = ClientConfig()  # the defaults; never mutated (a model's own config is a replaced copy)
 # The settings `swarm generate` and `swarm finetune` take as flags (the others are for the Python API).
 COMMON_FLAGS = ("request_timeout", "connect_timeout", "max_retries", "allowed_servers", "blocked_servers",
-                "max_chunk_tokens")
+                "max_chunk_tokens", "verify_fraction")
 GENERATE_FLAGS = (*COMMON_FLAGS, "inference_codec", "inference_reply_codec", "forwarding")
 FINETUNE_FLAGS = (*COMMON_FLAGS, "activation_codec", "gradient_codec", "delta_codec", "activation_reply_codec",
                   "gradient_reply_codec", "keep_activations", "delta_state_mb")

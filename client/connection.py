@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import random
 import threading
 import time
@@ -24,6 +25,7 @@ from client.measurements import InFlight, Pinger
 from client.requests import SpanCall
 from client.routing import NoRouteError, RouteStep, ServerChoice, ban_seconds, plan_route, plan_training_route
 from client.streams import TRANSPORT_ERRORS, TrainStream, pack_inputs
+from client.verification import SpotChecks
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES
 from swarm.dht_records import ServerInfo, ServerState, fetch_servers
 from swarm.errors import RemoteError
@@ -65,6 +67,7 @@ class SwarmConnection:
         self.rng = random.Random()  # draws of training routes (replace it with a seeded one to repeat them)
         self.pinger = Pinger(self._ping, config.ping_period_s, config.ping_timeout_s, config.ping_smoothing)
         self.pinger.start()
+        self.spot_checks = SpotChecks(self)  # what config.verify_fraction samples (client.verification)
 
     # ------------------------------------------------------------------------------------ discovery
 
@@ -87,11 +90,18 @@ class SwarmConnection:
 
     def ban(self, peer_id) -> float:
         """Keep a server that failed a call out of routes for a while (longer after each failure in a row)."""
-        _, strikes = self._bans.get(str(peer_id), (0.0, 0))
+        until, strikes = self._bans.get(str(peer_id), (0.0, 0))
+        if math.isinf(until):
+            return math.inf  # banned for good by a spot check
         seconds = ban_seconds(strikes + 1, self.config.ban_base_s, self.config.ban_max_s)
         self._bans[str(peer_id)] = (time.monotonic() + seconds, strikes + 1)
         logger.info("server %s failed; leaving it out of routes for %.0f s", peer_id, seconds)
         return seconds
+
+    def ban_for_session(self, peer_id) -> None:
+        """Keep a server out of routes for this client's lifetime (a spot check caught it returning wrong outputs)."""
+        _, strikes = self._bans.get(str(peer_id), (0.0, 0))
+        self._bans[str(peer_id)] = (math.inf, strikes + 1)
 
     async def afailed(self, peer_id, refresh: bool = False) -> None:
         """A server failed a call. Gone (no answer): banned for a while. Leaving or moved to other blocks (it said
@@ -177,9 +187,11 @@ class SwarmConnection:
                 self._lora_uploads.popitem(last=False)
         return result
 
-    async def call(self, kind: str, step: RouteStep, call: SpanCall) -> list[torch.Tensor]:
-        """A forward or backward request (client.requests.span_call), its LoRA tensors sent once per server."""
-        return await self._upload_once(step, call, functools.partial(self.send, kind, step))
+    async def call(self, kind: str, step: RouteStep, call: SpanCall, traffic: Traffic | None = None) -> list[torch.Tensor]:
+        """A forward or backward request (client.requests.span_call), its LoRA tensors sent once per server; its bytes
+        are also added to `traffic` if given."""
+        extra = {} if traffic is None else {"traffic": traffic}
+        return await self._upload_once(step, call, functools.partial(self.send, kind, step, **extra))
 
     async def train_forward(self, step: RouteStep, call: SpanCall, decode_reply=None) -> tuple[TrainStream, torch.Tensor]:
         async def send(meta, tensors, codecs):
@@ -188,8 +200,8 @@ class SwarmConnection:
 
         return await self._upload_once(step, call, send)
 
-    async def send(self, kind: str, step: RouteStep, meta: SpanRequest, tensors: Sequence, codecs: Sequence = ()
-                   ) -> list[torch.Tensor]:
+    async def send(self, kind: str, step: RouteStep, meta: SpanRequest, tensors: Sequence, codecs: Sequence = (),
+                   traffic: Traffic | None = None) -> list[torch.Tensor]:
         """Send one forward or backward request (laid out as swarm.protocol.SpanRequest describes) as it is; payloads
         over the unary limit go over a stream. Returns the server's tensors: [output] for a forward; for a backward,
         the gradients w.r.t. the input, each LoRA tensor and the deep prompts."""
@@ -204,7 +216,9 @@ class SwarmConnection:
                                                   timeout=self.config.request_timeout)
         except TRANSPORT_ERRORS as exc:
             raise RemoteError.from_exception(exc, str(step.peer_id)) from None
-        self.count(packed, received)
+        counted = self.count(packed, received)
+        if traffic is not None:
+            traffic += counted
         return [unpack_tensor(t, "server output") for t in received]
 
     @staticmethod

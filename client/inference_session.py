@@ -96,15 +96,25 @@ class InferenceSession:
                 output, count = await self._recover(index, inputs, hypo_ids, exc)
                 index, pushed = index + count, False
             else:
-                pushed = index < chain_end and reply.forwarded
-                if index < chain_end and not reply.forwarded:
-                    following = self.streams[index + 1]
-                    following.accepts_pushes = False  # the client sends it its steps from now on
-                    logger.info("server %s could not push to %s (%s); sending that hop from the client instead",
-                                str(stream.step.peer_id)[-6:], str(following.step.peer_id)[-6:], reply.forward_error[:200])
-                index += 1
+                if await self._outvoted(index, output, hypo_ids):  # its later streams took its wrong outputs too
+                    output, count = await self._rebuild(index, inputs, hypo_ids)
+                    index, pushed = index + count, False
+                else:
+                    pushed = self._pushes_on(index, chain_end, reply)
+                    index += 1
             inputs = [_input_for(output, self.streams[index] if index < len(self.streams) else None), *tensors[1:]]
         return inputs[0]  # decoded: no stream follows
+
+    def _pushes_on(self, index: int, chain_end: int, reply) -> bool:
+        """Whether stream `index`'s server pushed this step on to the next stream (which then gets no message from
+        here); a push that failed makes the client send the next hop itself, from now on."""
+        if index < chain_end and not reply.forwarded:
+            following = self.streams[index + 1]
+            following.accepts_pushes = False  # the client sends it its steps from now on
+            logger.info("server %s could not push to %s (%s); sending that hop from the client instead",
+                        str(self.streams[index].step.peer_id)[-6:], str(following.step.peer_id)[-6:],
+                        reply.forward_error[:200])
+        return index < chain_end and reply.forwarded
 
     async def _pushed_result(self, index: int, inputs: list) -> tuple[runtime_pb2.Tensor, object] | None:
         """The result of stream `index` for the step its previous server pushes to it, or None if that server reports
@@ -130,18 +140,38 @@ class InferenceSession:
     def _targets(self) -> list[HopTarget]:
         return [HopTarget(str(s.step.peer_id), s.session_id, s.step_id, s.codec, s.accepts_pushes) for s in self.streams]
 
-    async def _recover(self, index: int, inputs: list, hypo_ids: list[int], error: RemoteError) -> tuple[runtime_pb2.Tensor, int]:
-        """Replace the failed stream `index` by a route of other servers for its blocks: open sessions there, replay
-        every input that stream took (one message each, as first sent, with the same reorders of the cached rows, so
-        the new KV caches hold exactly the same values), then send `inputs`. Returns the packed output and how many
-        streams took its place."""
-        failed = self.streams[index]
-        start, end, history = failed.step.start, failed.step.end, failed.history
+    async def _outvoted(self, index: int, output: runtime_pb2.Tensor, hypo_ids: list[int]) -> bool:
+        """Whether a spot check of this step (if sampled: config.verify_fraction) outvoted the server of stream
+        `index`, which is then banned (client.verification replays the stream's history on replicas)."""
+        stream = self.streams[index]
+        if not self.config.verify_fraction or not self.connection.spot_checks.sample(self.config.verify_fraction):
+            return False  # (off by default: nothing of the checks is touched)
+        steps = list(zip(stream.history, [*self.reorders, hypo_ids], strict=True))  # its history ends with this step
+        checked = await self.connection.spot_checks.session_step(stream.step, output, steps, stream.batch_size,
+                                                                 stream.max_length, self.additions)
+        return str(stream.step.peer_id) in checked.outvoted
+
+    async def _rebuild(self, index: int, inputs: list, hypo_ids: list[int]) -> tuple[runtime_pb2.Tensor, int]:
+        """After stream `index`'s server was caught returning wrong outputs: every later stream took them as inputs,
+        so their KV caches are wrong too. All of them move to new servers, the first one's history replayed."""
+        self.streams[index].history.pop()  # this step's inputs, which _recover sends after the history
+        return await self._recover(index, inputs, hypo_ids, None, through=len(self.streams))
+
+    async def _recover(self, index: int, inputs: list, hypo_ids: list[int], error: RemoteError | None,
+                       through: int | None = None) -> tuple[runtime_pb2.Tensor, int]:
+        """Replace the failed stream `index` (and those up to `through`) by a route of other servers for their blocks:
+        open sessions there, replay every input the first one took (one message each, as first sent, with the same
+        reorders of the cached rows, so the new KV caches hold exactly the same values), then send `inputs`. Returns
+        the packed output and how many streams took their place. `error`: the failure that brought us here (None:
+        a spot check, whose server is banned already)."""
+        replaced = self.streams[index : index + 1 if through is None else through]
+        failed = replaced[0]
+        start, end, history = failed.step.start, replaced[-1].step.end, failed.history
         began = time.perf_counter()
-        await failed.close()
+        await _close(replaced)
 
         async def attempt(number: int) -> tuple[runtime_pb2.Tensor, list[SpanStream]]:
-            if number == 0:  # the failure that brought us here
+            if number == 0 and error is not None:  # the failure that brought us here
                 raise error
             streams = await self._open_route(start, end, failed.batch_size)
             try:
@@ -158,10 +188,11 @@ class InferenceSession:
 
         hidden, streams = await with_failover(self.connection, f"blocks {start}:{end} failed and could not be moved",
                                               attempt, self.config.max_retries)
-        self.streams[index : index + 1] = streams
+        self.streams[index : index + len(replaced)] = streams
         self.recoveries.append(time.perf_counter() - began)
-        logger.info("blocks %d:%d moved to %s after a failure; replayed %d steps in %.2f s", start, end,
-                    [str(s.step.peer_id)[-6:] for s in streams], len(history), self.recoveries[-1])
+        logger.info("blocks %d:%d moved to %s after %s; replayed %d steps in %.2f s", start, end,
+                    [str(s.step.peer_id)[-6:] for s in streams], "a failure" if error is not None else "a spot check",
+                    len(history), self.recoveries[-1])
         return hidden, len(streams)
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,

@@ -89,19 +89,30 @@ class _RemoteChain(torch.autograd.Function):
                 step_inputs.append(h)
 
                 async def forward(step: RouteStep, h=h, wants_grad=input_grad or position > 0):
+                    """(the step whose output stands, that output): a spot check may replace a lying server's."""
                     call = span_call(additions, step, [h, *extras], seed=base_seed + index,
                                      digest=digests.get((step.start, step.end), ""), input_grad=wants_grad)
+                    output, delta_coded = None, ()
                     if keep and chain.fits_one_message(h, step):
                         try:
                             stream, output = await chain.atrain_forward(step, call, keys)
                             streams.items[(index, step.start)] = stream
-                            return output
+                            delta_coded = (chain.config.delta_codec, chain.config.activation_codec) if keys else ()
                         except RemoteError as exc:  # e.g. the server's activation memory is full: recompute instead
                             logger.debug("training stream to %s failed (%s); using a plain forward", step.peer_id, exc)
-                    (output,) = await chain.connection.call("forward", step, call)
-                    return output
+                    if output is None:
+                        (output,) = await chain.connection.call("forward", step, call)
+                    fraction = chain.config.verify_fraction
+                    if not fraction or not chain.connection.spot_checks.sample(fraction):
+                        return step, output
+                    checked = await chain.connection.spot_checks.forward(step, call, output, delta_coded, chain.adapter)
+                    if checked.step != step:  # its training stream would run a backward through wrong activations
+                        kept = streams.items.pop((index, step.start), None)
+                        if kept is not None:
+                            kept.abandon()
+                    return checked.step, checked.output
 
-                routes[index][position], h = await chain.on_replica(step, forward)
+                _, (routes[index][position], h) = await chain.on_replica(step, forward)
             return step_inputs, h
 
         try:

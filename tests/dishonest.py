@@ -1,0 +1,37 @@
+"""Start a `swarm` peer whose server returns wrong activations (for tests and benches of spot checks).
+
+`LocalSwarm.start_servers(..., python_args=ENTRY, env=lying(scale=1.5))`: every output of the server's span (forwards,
+generation steps, training streams) is multiplied by 1.5, and it announces itself as very fast so that routes go
+through it. Its KV caches hold the true values: only what it returns is wrong. It runs unchanged otherwise: this
+module patches the span in the server's own process before swarm.cli.main runs, so no production flag can do this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+ENTRY = ("-c", "import tests.dishonest as d; d.install(); from swarm.cli import main; raise SystemExit(main())")
+_ENV = "SWARM_TEST_DISHONEST"
+
+
+def lying(scale: float = 1.5) -> dict[str, str]:
+    """The environment that tells install() how to lie."""
+    return {_ENV: json.dumps({"scale": scale})}
+
+
+def install() -> None:
+    import server.server
+    from swarm.models.span import BlockSpan
+
+    scale = float(json.loads(os.environ.get(_ENV, "{}")).get("scale", 1.5))
+    forward = BlockSpan.forward
+
+    def lying_forward(self, *args, **kwargs):
+        return forward(self, *args, **kwargs) * scale
+
+    def fast(span, dtype) -> tuple[float, float]:  # (ms per block, forward tokens per second): it wants the traffic
+        return 0.001, 1e9
+
+    BlockSpan.forward = lying_forward
+    server.server.measure_speed = fast
