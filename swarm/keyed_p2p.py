@@ -10,6 +10,8 @@ place in the stream. The DHT runs in its own process: `KeyedDHT` makes its P2P k
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -125,6 +127,14 @@ class KeyedP2P:
         async def streamed(sealed_requests, context):
             iterator = sealed_requests.__aiter__()
             try:
+                async for reply in serve(iterator, context):
+                    yield reply
+            except Exception:
+                await _drain(iterator)
+                raise
+
+        async def serve(iterator, context):
+            try:
                 first, nonce = self._open(name, context, await iterator.__anext__(), input_protobuf_type)
             except StopAsyncIteration:
                 return
@@ -150,6 +160,18 @@ class KeyedP2P:
 
         await self._inner.add_protobuf_handler(name, streamed, Sealed, stream_input=True, stream_output=True,
                                                balanced=balanced)
+
+
+async def _drain(iterator, timeout: float = 0.5) -> None:
+    """Read, briefly, what a caller still sends before its stream is closed with an error: a stream closed under a
+    caller that is still writing is reset, and the caller may then lose the error sent just before (it sees a
+    broken pipe instead of the refusal or the bad request's message)."""
+    async def read_to_end():
+        async for _ in iterator:
+            pass
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(read_to_end(), timeout)
 
 
 class SealedCall:
