@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
@@ -118,8 +119,6 @@ class SwarmRecordValidator(RecordValidatorBase):
             owner = None
         if not isinstance(owner, str):
             return "not an entry owned by a peer (its subkey must be the owner's peer id)"
-        from hivemind.p2p import PeerID
-
         try:
             owner_id = PeerID.from_base58(owner).to_bytes()
         except Exception:  # noqa: BLE001

@@ -237,7 +237,7 @@ def test_storage_caps_entries_per_key(monkeypatch):
 
 def test_key_file_permissions_are_checked_before_its_content(tmp_path):
     path = tmp_path / "k"
-    generate_key_file(path)
+    path.write_text("not a key")  # malformed too: the mode must be refused first, before the content is read
     os.chmod(path, 0o604)
     with pytest.raises(SwarmKeyError, match="chmod 600"):
         read_key_file(path)
