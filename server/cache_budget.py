@@ -99,7 +99,7 @@ class FairBudget:
     # -- messages ------------------------------------------------------------------------------------------------
 
     def _fmt(self, amount: float) -> str:
-        return f"{amount:.0f}"
+        return f"{amount:.1f}".removesuffix(".0")
 
     def too_large(self, amount: int) -> SwarmError:
         return CacheFull(f"{self._fmt(amount)} {self.what} exceed this server's whole budget of {self._fmt(self.total)}")

@@ -2,10 +2,12 @@
 
 A key file holds the key as 64 hex digits (`swarm keygen FILE`). Sub-keys for RPCs and for DHT records are derived
 from it with HMAC-SHA256 (an HKDF expand step with a label per use), so a key that leaks from one use says nothing
-about the other. Every request carries a token: an HMAC over the method, the caller's and the callee's peer ids,
-a timestamp, a random nonce and a digest of the message; the receiver checks it in constant time, allows a small
-clock skew and remembers the nonces it accepted, so a captured request cannot be replayed, redirected or altered.
-Replies carry an HMAC that echoes the request's nonce, so a reply cannot be forged or taken from another request.
+about the other. Every request carries a token: a MAC over the method, the caller's and the callee's peer ids,
+a timestamp, a random nonce and the message; the receiver checks it in constant time, allows a small clock skew and
+remembers the nonces it accepted, so a captured request cannot be replayed, redirected or altered. Replies carry a
+MAC that echoes the request's nonce, so a reply cannot be forged or taken from another request. The MAC is keyed
+BLAKE2b (a MAC by design, RFC 7693) over the length-framed parts: one pass over the message, where a digest and then
+an HMAC of it took two and cost three times as much per inference step.
 
 Pure Python (hashlib, hmac, secrets): nothing here knows hivemind; `swarm.keyed_p2p` puts the tokens on the wire.
 """
@@ -171,10 +173,15 @@ class Keyring:
         return self.keys[0].key_id
 
     def _mac(self, key: SwarmKey, *parts: bytes) -> bytes:
-        return hmac.new(key.rpc, _frame(*parts), hashlib.sha256).digest()
+        mac = hashlib.blake2b(key=key.rpc, digest_size=32)
+        for part in parts:  # framed as _frame does, without copying the parts into one buffer
+            mac.update(len(part).to_bytes(4, "big"))
+            mac.update(part)
+        return mac.digest()
 
     def mint(self, method: str, caller: bytes, callee: bytes, body: bytes) -> tuple[float, bytes, bytes]:
-        """(timestamp, nonce, mac) for a request `caller` sends to `callee`; `body` is the message's digest."""
+        """(timestamp, nonce, mac) for a request `caller` sends to `callee`; `body` is the message's bytes (or a
+        digest of them)."""
         stamp, nonce = round(self.clock(), 6), secrets.token_bytes(NONCE_BYTES)
         return stamp, nonce, self._mac(self.keys[0], b"request", method.encode(), caller, callee,
                                        repr(stamp).encode(), nonce, body)

@@ -189,3 +189,60 @@ def test_the_compute_queue_serves_the_peer_that_used_least_first():
             compute.shutdown()
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------- a server
+
+
+FAIR = "tiny-llama-fair"  # its own DHT prefix: no other test's client routes through this server
+
+
+@pytest.fixture(scope="module")
+def fair_server(tiny_swarm, tiny_model_path):
+    """All 6 blocks on one server that keeps at most 3 sessions open (beside the shared swarm, in its DHT)."""
+    from tests.conftest import JoinedSwarm, own_prefix
+
+    swarm = JoinedSwarm(tiny_swarm.initial_peers)
+    try:
+        swarm.start_servers(tiny_model_path, [(0, 6)], ["--torch-dtype", "float32", "--max-sessions", "3", *own_prefix(FAIR)])
+        yield swarm
+    finally:
+        swarm.stop()
+
+
+def test_a_peer_over_its_share_gets_a_clear_error_while_another_peers_session_opens(fair_server, tiny_model_path,
+                                                                                    reference_model):
+    from client.model import DistributedModelForCausalLM
+    from swarm.errors import RemoteError
+    from tests.conftest import exact
+
+    abuser, honest = (exact(DistributedModelForCausalLM.from_pretrained(tiny_model_path, fair_server.initial_peers,
+                                                                       dht_prefix=FAIR)) for _ in range(2))
+    try:
+        held = []
+        for _ in range(3):  # the abuser takes every session the server keeps
+            held.append(abuser.remote_layers.inference_session(max_length=16))
+            held[-1].step(torch.randn(1, 1, 64))
+        with pytest.raises(RemoteError, match="open sessions are all taken: 0 of 3 free") as full:
+            abuser.remote_layers.inference_session(max_length=16).step(torch.randn(1, 1, 64))
+        assert full.value.code == "cache_full"  # it holds them all: the server is simply full
+
+        prompt = torch.randint(3, 320, (1, 6), generator=torch.Generator().manual_seed(5))
+        expected = reference_model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        with honest.inference_session(max_length=11):  # admitted in place of the abuser's least recently used session
+            assert torch.equal(honest.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False), expected)
+            with pytest.raises(RemoteError, match=r"limit reached for open sessions: this peer holds 2 of this "
+                                                  r"server's 3 and asks 1 more, over its fair share \(1.5: the "
+                                                  r"budget over the 2 peers") as limited:
+                abuser.remote_layers.inference_session(max_length=16).step(torch.randn(1, 1, 64))
+            assert limited.value.code == "limit_reached"
+        with pytest.raises(RemoteError, match="ended to make room for another peer, as its peer held 3 of this "
+                                              "server's 3, the most of any peer") as ended:
+            held[0].step(torch.randn(1, 1, 64))
+        assert ended.value.code == "limit_reached"
+        held[1].step(torch.randn(1, 1, 64))  # the abuser's other sessions go on
+        for session in held:
+            session.close()
+    finally:
+        for model in (abuser, honest):
+            model.remote_layers.connection.shutdown()
