@@ -20,10 +20,9 @@ import threading
 import time
 from pathlib import Path
 
-import hivemind
 import torch
 from common import build_tiny  # bench/common.py
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
@@ -90,9 +89,10 @@ class Abuser:
         self.stop = asyncio.Event()
 
     async def run(self, ready: threading.Event, done: threading.Event) -> None:
-        peers = [keyed(await hivemind.P2P.create(initial_peers=self.maddrs), self.keyring)
-                 for _ in range(self.args.abuser_ids)]
-        ready.set()
+        try:
+            peers = [keyed(await P2P.create(initial_peers=self.maddrs), self.keyring) for _ in range(self.args.abuser_ids)]
+        finally:
+            ready.set()
         per_id = self.args.abuser_sessions // len(peers)
         tasks = [asyncio.create_task(self._sessions(p2p, per_id)) for p2p in peers]
         tasks += [asyncio.create_task(self._flood(p2p, seed)) for seed, p2p in enumerate(peers * 2)]
@@ -164,9 +164,9 @@ class Abuser:
                 await asyncio.sleep(0.05)
 
 
-def honest_client(path: str, peers: list[str], prompt: torch.Tensor, new_tokens: int, results: list, index: int,
-                  start: threading.Barrier) -> None:
-    model = DistributedModelForCausalLM.from_pretrained(path, peers, dht_prefix=PREFIX)
+def honest_client(path: str, peers: list[str], key_file: str, prompt: torch.Tensor, new_tokens: int, results: list,
+                  index: int, start: threading.Barrier) -> None:
+    model = DistributedModelForCausalLM.from_pretrained(path, peers, dht_prefix=PREFIX, swarm_key=key_file)
     model.set_codecs(inference="none", activations="none", gradients="none", delta="none")
     try:
         start.wait()
@@ -210,7 +210,7 @@ def main() -> None:
             pid = server.process.pid
             # Warm-up: one honest generation, so the server has run every kind of request once.
             warm: list = [None]
-            honest_client(path, swarm.initial_peers, prompts[0], 4, warm, 0, threading.Barrier(1))
+            honest_client(path, swarm.initial_peers, str(key_file), prompts[0], 4, warm, 0, threading.Barrier(1))
             warm_rss = rss_bytes(pid)
             sampler = RssSampler(pid)
             sampler.start()
@@ -219,6 +219,8 @@ def main() -> None:
             abusing = threading.Thread(target=lambda: asyncio.run(abuser.run(ready, done)), daemon=True)
             abusing.start()
             ready.wait(120)
+            if not abusing.is_alive():
+                raise RuntimeError("the abuser could not start (see its traceback above)")
             print(f"abuser: {args.abuser_ids} peer ids, trying to hold {args.abuser_sessions} sessions and flooding "
                   f"forwards with LoRA uploads; server budgets {BUDGETS}")
             time.sleep(args.warmup_s)
@@ -226,8 +228,9 @@ def main() -> None:
                   f"{abuser.forwards} forwards served")
             results: list = [None] * args.honest
             barrier = threading.Barrier(args.honest)
-            threads = [threading.Thread(target=honest_client, args=(path, swarm.initial_peers, prompts[i], args.new_tokens,
-                                                                   results, i, barrier)) for i in range(args.honest)]
+            threads = [threading.Thread(target=honest_client, args=(path, swarm.initial_peers, str(key_file), prompts[i],
+                                                                   args.new_tokens, results, i, barrier))
+                       for i in range(args.honest)]
             for thread in threads:
                 thread.start()
             for thread in threads:

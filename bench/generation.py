@@ -294,20 +294,20 @@ class AuthResult:
         return 1000 * statistics.median(run[True] - run[False] for run in self.runs) / len(self.spans)
 
     def table(self) -> str:
-        rows = [f"{'':8}{'decode ms/tok':>14}   per-run medians (ms/tok)"]
-        for label, keyed in (("open", False), ("keyed", True)):
-            rows.append(f"{label:8}{self.step_ms(keyed):14.3f}   " + " ".join(f"{1000 * run[keyed]:.2f}" for run in self.runs))
-        rows.append(f"cost of authentication: {self.per_hop_ms:+.3f} ms per token per hop ({len(self.spans)} hops; "
-                    f"target < 0.2 ms: {'PASS' if self.per_hop_ms < 0.2 else 'FAIL'})")
-        rows.append(f"sealing alone (request + reply of one step, both ends): {self.seal_us:.1f} us per hop, against "
-                    f"{self.plain_us:.1f} us unsealed: {self.seal_us - self.plain_us:.1f} us added")
-        rows.append(f"greedy outputs identical (open, keyed): {'yes' if self.same_output else 'NO'}")
-        return "\n".join(rows)
+        per_run = {keyed: " ".join(f"{1000 * run[keyed]:.2f}" for run in self.runs) for keyed in (False, True)}
+        verdict = "PASS" if self.per_hop_ms < 0.2 else "FAIL"
+        return "\n".join([
+            f"{'':8}{'decode ms/tok':>14}   per-run medians (ms/tok)",
+            *(f"{label:8}{self.step_ms(keyed):14.3f}   {per_run[keyed]}" for label, keyed in (("open", False), ("keyed", True))),
+            f"cost of authentication: {self.per_hop_ms:+.3f} ms per token per hop ({len(self.spans)} hops; target "
+            f"< 0.2 ms: {verdict}); sealing alone (a step's request and reply, both ends) {self.seal_us:.1f} us per "
+            f"hop against {self.plain_us:.1f} us unsealed",
+            f"greedy outputs identical (open, keyed): {'yes' if self.same_output else 'NO'}"])
 
     def summary(self) -> str:
-        return (f"{self.name} auth on {len(self.spans)} servers: keyed {self.step_ms(True):.2f} ms/token vs open "
-                f"{self.step_ms(False):.2f}: {self.per_hop_ms:+.3f} ms per token per hop; sealing adds "
-                f"{self.seal_us - self.plain_us:.1f} us per hop")
+        added = self.seal_us - self.plain_us
+        return (f"{self.name} auth, {len(self.spans)} servers: {self.per_hop_ms:+.3f} ms per token per hop (keyed "
+                f"{self.step_ms(True):.2f} vs open {self.step_ms(False):.2f} ms/token); sealing adds {added:.1f} us/hop")
 
 
 def seal_microbench(hidden_size: int, repeats: int = 2000) -> tuple[float, float]:

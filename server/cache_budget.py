@@ -157,7 +157,11 @@ class ActivationBudget(MiBBudget):
 
 
 class InflightBudget(MiBBudget):
-    what = "bytes of requests waiting for or in compute"
+    what = "memory for requests waiting for or in compute"
+
+    def too_large(self, nbytes: int) -> SwarmError:
+        return CacheFull(f"a request of {self._fmt(nbytes)} exceeds the {self._fmt(self.total)} this server keeps for "
+                         "requests waiting for or in compute (--inflight-mb); send smaller requests")
 
 
 class SessionBudget:

@@ -179,7 +179,7 @@ def test_the_compute_queue_serves_the_peer_that_used_least_first():
             await asyncio.sleep(0)
             honest = asyncio.create_task(compute.run("honest", 300, work, "honest-2"))
             await asyncio.sleep(0)
-            with pytest.raises(LimitReached, match="limit reached for bytes of requests waiting for or in compute"):
+            with pytest.raises(LimitReached, match="limit reached for memory for requests waiting for or in compute"):
                 await compute.run("flooder", 300, work, "refused")
             release.set()
             results = await asyncio.gather(blocker, honest, *flood, return_exceptions=True)
