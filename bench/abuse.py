@@ -55,12 +55,22 @@ def rss_bytes(pid: int) -> int:
 class RssSampler(threading.Thread):
     def __init__(self, pid: int, period: float = 0.1):
         super().__init__(daemon=True)
-        self.pid, self.period, self.peak, self.stop = pid, period, 0, threading.Event()
+        self.pid, self.period, self.stop = pid, period, threading.Event()
+        self.samples: list[int] = []
+
+    @property
+    def peak(self) -> int:
+        return max(self.samples, default=0)
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pid))
+            self.samples.append(rss_bytes(self.pid))
             time.sleep(self.period)
+
+    def timeline(self, points: int = 8) -> str:
+        """RSS in MiB at evenly spaced moments of the load: a plateau, or growth."""
+        step = max(1, len(self.samples) // points)
+        return " ".join(f"{rss / 2**20:.0f}" for rss in self.samples[::step])
 
 
 def budget_bytes(config, budgets: dict) -> int:
@@ -87,6 +97,18 @@ class Abuser:
         self.errors: collections.Counter = collections.Counter()
         self.held = self.opened = self.forwards = 0
         self.stop = asyncio.Event()
+
+    async def warm_up(self, forwards: int = 3) -> None:
+        """What the load will make the server do, once each, before its memory is taken as the baseline: forwards
+        with LoRA uploads (one peer, one at a time) and a session opened and closed."""
+        p2p = keyed(await P2P.create(initial_peers=self.maddrs), self.keyring)
+        flood = asyncio.create_task(self._flood(p2p, seed=-1, limit=forwards))
+        replies = await self._open(p2p)
+        self.stop.set()
+        await asyncio.gather(flood, self._hold(replies), return_exceptions=True)
+        self.stop.clear()
+        self.opened = self.forwards = 0
+        await p2p.shutdown()
 
     async def run(self, ready: threading.Event, done: threading.Event) -> None:
         try:
@@ -142,14 +164,16 @@ class Abuser:
         finally:
             self.held -= 1
 
-    async def _flood(self, p2p, seed: int) -> None:
-        """Forwards of max_chunk_tokens tokens, each with new LoRA tensors to cache (another digest every time)."""
+    async def _flood(self, p2p, seed: int, limit: int | None = None) -> None:
+        """Forwards of max_chunk_tokens tokens, each with new LoRA tensors to cache (another digest every time);
+        `limit`: that many, even after stop."""
         stub = BlockService.get_stub(p2p, self.server, namespace=PREFIX)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed % 2**32)
         hidden, blocks = self.config.hidden_size, self.config.num_hidden_layers
         rank = max(1, int(LIMITS["max_lora_mb"] * 2**20 * 0.9) // (blocks * 2 * hidden * 4))
         tokens = LIMITS["max_chunk_tokens"] // 2  # two messages' worth of hidden states would not fit one message
-        while not self.stop.is_set():
+        served = 0
+        while (limit is None and not self.stop.is_set()) or (limit is not None and served < limit):
             names = [lora.lora_name(b, "self_attn.q_proj", kind) for b in range(blocks) for kind in "AB"]
             tensors = [torch.randn((rank, hidden) if name.endswith("A") else (hidden, rank), generator=generator) * 0.01
                        for name in names]
@@ -159,6 +183,7 @@ class Abuser:
             try:
                 await stub.rpc_forward(request, timeout=60)
                 self.forwards += 1
+                served += 1
             except Exception as exc:  # noqa: BLE001
                 self.errors[error_kind(exc)] += 1
                 await asyncio.sleep(0.05)
@@ -188,7 +213,11 @@ def main() -> None:
     parser.add_argument("--abuser-sessions", type=int, default=200, help="sessions the abuser tries to hold")
     parser.add_argument("--new-tokens", type=int, default=24, help="tokens each honest client generates")
     parser.add_argument("--warmup-s", type=float, default=10.0, help="seconds of abuse before the honest clients start")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment variable for the server process, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
     args = parser.parse_args()
+    if any("=" not in item for item in args.server_env):
+        parser.error("--server-env takes NAME=VALUE")
     hf_logging.disable_progress_bar()
 
     with tempfile.TemporaryDirectory(prefix="bench-abuse-") as tmp:
@@ -206,15 +235,17 @@ def main() -> None:
         with LocalSwarm(swarm_key_file=str(key_file)) as swarm:
             swarm.start_bootstrap()
             (server,) = swarm.start_servers(path, [(0, config.num_hidden_layers)],
-                                            ["--torch-dtype", "float32", "--dht-prefix", PREFIX, *flags])
+                                            ["--torch-dtype", "float32", "--dht-prefix", PREFIX, *flags],
+                                            env=dict(item.split("=", 1) for item in args.server_env))
             pid = server.process.pid
-            # Warm-up: one honest generation, so the server has run every kind of request once.
+            # Warm-up: an honest generation, and what the abuser will send, so the server has run each kind once.
             warm: list = [None]
             honest_client(path, swarm.initial_peers, str(key_file), prompts[0], 4, warm, 0, threading.Barrier(1))
+            abuser = Abuser(server.maddrs, Keyring.load(str(key_file)), config, args)
+            asyncio.run(abuser.warm_up())
             warm_rss = rss_bytes(pid)
             sampler = RssSampler(pid)
             sampler.start()
-            abuser = Abuser(server.maddrs, Keyring.load(str(key_file)), config, args)
             ready, done = threading.Event(), threading.Event()
             abusing = threading.Thread(target=lambda: asyncio.run(abuser.run(ready, done)), daemon=True)
             abusing.start()
@@ -222,7 +253,7 @@ def main() -> None:
             if not abusing.is_alive():
                 raise RuntimeError("the abuser could not start (see its traceback above)")
             print(f"abuser: {args.abuser_ids} peer ids, trying to hold {args.abuser_sessions} sessions and flooding "
-                  f"forwards with LoRA uploads; server budgets {BUDGETS}")
+                  f"forwards with LoRA uploads; server budgets {BUDGETS}; server env: {' '.join(args.server_env) or '-'}")
             time.sleep(args.warmup_s)
             print(f"after {args.warmup_s:.0f} s of abuse: the abuser holds {abuser.held} sessions, "
                   f"{abuser.forwards} forwards served")
@@ -258,6 +289,7 @@ def main() -> None:
     print(f"server RSS after warm-up {warm_rss / 2**20:.0f} MiB, peak under load {peak / 2**20:.0f} MiB; bound: "
           f"{warm_rss / 2**20:.0f} + budgets {budgets / 2**20:.0f} MiB + 10% = {bound / 2**20:.0f} MiB: "
           f"{'PASS' if peak <= bound else 'FAIL'}")
+    print(f"server RSS during the load (MiB, evenly spaced): {sampler.timeline()}")
     limited = sum(count for message, count in abuser.errors.items() if "limit reached" in message)
     print(f"overall: {'PASS' if correct == args.honest and peak <= bound and limited else 'FAIL'} (honest all correct, "
           f"memory within the bound, the abuser told 'limit reached' {limited} times)")
