@@ -4,8 +4,11 @@ For each model: tokens/s of `generate()` locally and through a LocalSwarm of N s
 per-token decode latency (prefill excluded), their ratio, and the overhead each server hop adds. Then, through a
 LocalSwarm of M servers (4 by default), the per-token latency with server-to-server forwarding (each server pushes
 its output to the next) against client-driven hops (every output comes back to the client, which sends it on), the two
-alternating token by token in the same generations, and their ratio.
-Run: python bench/generation.py [--models tiny,smollm2] [--runs 5] [--compare local,forwarding] [--server-env OMP_NUM_THREADS=1]
+alternating token by token in the same generations, and their ratio. With --compare auth: an open swarm and a
+private one (a swarm key) of the same N servers side by side, generations alternating between them run by run, and
+the cost of authentication per token per hop (the keyed decode step's extra time over the hops); then a
+micro-benchmark of sealing one inference step's request and reply (swarm.keyed_p2p) alone.
+Run: python bench/generation.py [--models tiny,smollm2] [--runs 5] [--compare local,forwarding,auth] [--server-env OMP_NUM_THREADS=1]
 
 Each side runs as it would on its own: the local baseline in a separate process with the default OpenMP
 settings (busy-waiting threads suit a process that has the machine to itself), the swarm client here with
@@ -43,6 +46,7 @@ from transformers.utils import logging as hf_logging
 
 from client.model import DistributedModelForCausalLM
 from swarm.assets import ensure_smollm2
+from swarm.auth import ENV_VAR, generate_key_file
 from swarm.launch import LocalSwarm, even_spans
 
 MODELS = ("tiny", "smollm2")
@@ -272,6 +276,130 @@ def bench_forwarding(name: str, path: Path, args: argparse.Namespace) -> Forward
     return ForwardingResult(name, spans, runs, all(torch.equal(outputs[0], output) for output in outputs))
 
 
+@dataclass
+class AuthResult:
+    name: str
+    spans: list[tuple[int, int]]
+    runs: list[dict[bool, float]]  # per round: keyed or not -> median decode step (s) of that run
+    same_output: bool
+    seal_us: float  # sealing and opening one inference step's request and reply, alone
+    plain_us: float  # serializing and parsing the same messages unsealed
+
+    def step_ms(self, keyed: bool) -> float:
+        return 1000 * statistics.median(run[keyed] for run in self.runs)
+
+    @property
+    def per_hop_ms(self) -> float:
+        """The median over rounds of (keyed - open) decode step, per hop."""
+        return 1000 * statistics.median(run[True] - run[False] for run in self.runs) / len(self.spans)
+
+    def table(self) -> str:
+        per_run = {keyed: " ".join(f"{1000 * run[keyed]:.2f}" for run in self.runs) for keyed in (False, True)}
+        verdict = "PASS" if self.per_hop_ms < 0.2 else "FAIL"
+        return "\n".join([
+            f"{'':8}{'decode ms/tok':>14}   per-run medians (ms/tok)",
+            *(f"{label:8}{self.step_ms(keyed):14.3f}   {per_run[keyed]}" for label, keyed in (("open", False), ("keyed", True))),
+            f"cost of authentication: {self.per_hop_ms:+.3f} ms per token per hop ({len(self.spans)} hops; target "
+            f"< 0.2 ms: {verdict}); sealing alone (a step's request and reply, both ends) {self.seal_us:.1f} us per "
+            f"hop against {self.plain_us:.1f} us unsealed",
+            f"greedy outputs identical (open, keyed): {'yes' if self.same_output else 'NO'}"])
+
+    def summary(self) -> str:
+        added = self.seal_us - self.plain_us
+        return (f"{self.name} auth, {len(self.spans)} servers: {self.per_hop_ms:+.3f} ms per token per hop (keyed "
+                f"{self.step_ms(True):.2f} vs open {self.step_ms(False):.2f} ms/token); sealing adds {added:.1f} us/hop")
+
+
+def seal_microbench(hidden_size: int, repeats: int = 2000) -> tuple[float, float]:
+    """Microseconds to seal and open one inference step's request (a later message of the session's stream) and its
+    reply, both ends' work, for a batch-1 step of `hidden_size` floats plus its metadata; and to serialize and parse
+    the same two messages unsealed, as an open swarm does. Medians of 5 rounds."""
+    import secrets
+    from types import SimpleNamespace
+
+    from hivemind.proto import runtime_pb2
+
+    from swarm.auth import Keyring, SwarmKey
+    from swarm.forwarding import ForwardStep
+    from swarm.keyed_p2p import KeyedP2P, SealedCall
+    from swarm.protocol import InferenceReply
+    from swarm.tensors import pack_tensor
+
+    def peer():  # what sealing reads of a peer id
+        raw = secrets.token_bytes(34)
+        return SimpleNamespace(to_bytes=lambda: raw)
+
+    keyring = Keyring([SwarmKey.from_bytes(secrets.token_bytes(32))])
+    client, server = peer(), peer()
+    name = "tiny.BlockService.rpc_inference"
+    step = [pack_tensor(torch.randn(1, 1, hidden_size)), pack_tensor(torch.tensor([[7]]))]
+    request = runtime_pb2.ExpertRequest(metadata=ForwardStep(step=7).encode(), tensors=step)
+    reply = runtime_pb2.ExpertResponse(metadata=InferenceReply(position=8).encode(), tensors=step[:1])
+    serving = KeyedP2P(None, keyring)
+    context = SimpleNamespace(remote_id=client, local_id=server)
+    call = SealedCall(SimpleNamespace(keyring=keyring, peer_id=client), name, server)
+    _, nonce = serving._open(name, context, call.seal(request), runtime_pb2.ExpertRequest)  # the first: a token
+    rounds, plain = [], []
+    for _ in range(5):
+        call.sent, call.received = 1, 0  # the steps after the first carry seals, numbered on
+        started = time.perf_counter()
+        for seq in range(1, repeats + 1):
+            serving._open_later(name, context, nonce, seq, call.seal(request), runtime_pb2.ExpertRequest)
+            call.open(serving._seal_reply(name, context, nonce, seq - 1, reply), runtime_pb2.ExpertResponse)
+        rounds.append((time.perf_counter() - started) / repeats * 1e6)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            runtime_pb2.ExpertRequest.FromString(request.SerializeToString())
+            runtime_pb2.ExpertResponse.FromString(reply.SerializeToString())
+        plain.append((time.perf_counter() - started) / repeats * 1e6)
+    return statistics.median(rounds), statistics.median(plain)
+
+
+def bench_auth(name: str, path: Path, args: argparse.Namespace) -> AuthResult:
+    """An open swarm and a keyed one of the same spans, both up at once; each round generates on one then the other
+    (which first alternates), so a shared machine's load falls on both alike."""
+    config = AutoConfig.from_pretrained(path)
+    spans = even_spans(config.num_hidden_layers, args.servers)
+    input_ids = prompt_ids(config.vocab_size, args.prompt_tokens)
+    env = dict(item.split("=", 1) for item in args.server_env)
+    saved_env = os.environ.pop(ENV_VAR, None)  # the open swarm's peers must find no key
+    runs, outputs, models = [], [], {}
+    key_file = Path(tempfile.mkdtemp(prefix="bench-auth-")) / "swarm.key"
+    generate_key_file(key_file)
+    try:
+        with LocalSwarm() as open_swarm, LocalSwarm(swarm_key_file=str(key_file)) as keyed_swarm:
+            for swarm in (open_swarm, keyed_swarm):
+                swarm.start_bootstrap()
+                swarm.start_servers(str(path), spans, extra_args=["--torch-dtype", args.dtype], env=env, wait=False)
+            for server in open_swarm.servers + keyed_swarm.servers:
+                server.wait_ready(180)
+            print(f"  an open and a keyed swarm of {len(spans)} servers {spans} each")
+            for keyed, swarm in ((False, open_swarm), (True, keyed_swarm)):
+                models[keyed] = DistributedModelForCausalLM.from_pretrained(
+                    str(path), swarm.initial_peers, torch_dtype=args.dtype,
+                    swarm_key=str(key_file) if keyed else None)
+            with torch.inference_mode():
+                for keyed in (False, True):  # warm-up
+                    outputs.append(timed_generate(models[keyed], input_ids, args.new_tokens, None))
+                for run in range(args.runs):
+                    medians = {}
+                    for keyed in ((False, True) if run % 2 == 0 else (True, False)):
+                        timing = Timing()
+                        outputs.append(timed_generate(models[keyed], input_ids, args.new_tokens, timing))
+                        medians[keyed] = statistics.median(timing.decode_steps)
+                    runs.append(medians)
+            for model in models.values():
+                model.model.layers.connection.shutdown()
+    finally:
+        if saved_env is not None:
+            os.environ[ENV_VAR] = saved_env
+    same = all(torch.equal(outputs[0], output) for output in outputs)
+    return AuthResult(name, spans, runs, same, *seal_microbench(config.hidden_size))
+
+
+COMPARISONS = {"local": bench_model, "forwarding": bench_forwarding, "auth": bench_auth}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
@@ -281,7 +409,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--servers", type=int, default=3, help="servers, splitting the blocks evenly")
     parser.add_argument("--compare", default="local,forwarding",
                         help="comma-separated: 'local' (swarm against local transformers), 'forwarding' "
-                             "(server-to-server forwarding against client-driven hops)")
+                             "(server-to-server forwarding against client-driven hops), 'auth' (a private swarm "
+                             "against an open one: the cost of the swarm key per token per hop)")
     parser.add_argument("--forwarding-servers", type=int, default=4, help="servers of the forwarding comparison's route")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype everywhere")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
@@ -289,8 +418,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if any("=" not in item for item in args.server_env):
         parser.error("--server-env takes NAME=VALUE")
-    if set(args.compare.split(",")) - {"local", "forwarding"}:
-        parser.error("--compare takes local, forwarding or both")
+    if set(args.compare.split(",")) - set(COMPARISONS):
+        parser.error(f"--compare takes some of {', '.join(COMPARISONS)}")
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
@@ -317,7 +446,7 @@ def main() -> None:
             print(f"\n== {name} ({args.dtype}) ==")
             for comparison in args.compare.split(","):
                 warn_if_busy()
-                result = bench_model(name, path, args) if comparison == "local" else bench_forwarding(name, path, args)
+                result = COMPARISONS[comparison](name, path, args)
                 print(result.table())
                 results.append(result)
     print()

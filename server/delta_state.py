@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from hivemind.proto import runtime_pb2
 
+from server.lora_cache import PEER_OF_KEY
 from swarm import compression
 from swarm.compression.base import CodecError
 from swarm.compression.delta import DeltaStore, delta_decode, delta_encode
@@ -20,7 +21,7 @@ class ServerDelta:
     """References of the inputs ("in") and outputs ("out") this server exchanged with each peer, by sample key."""
 
     def __init__(self, max_bytes: int, ttl: float):
-        self.store = DeltaStore(max_bytes, ttl)
+        self.store = DeltaStore(max_bytes, ttl, **PEER_OF_KEY)  # fair among peers, as the LoRA cache
         self.rows = dict.fromkeys(("full", "delta", "same"), 0)  # rows received or sent in each mode
         self.refused = 0  # requests refused for a missing or different reference (the client then sends in full)
 

@@ -12,14 +12,14 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from hivemind.proto import runtime_pb2
 
 from server.backend import Adaptation, SpanBackend, check_codec, unpack_request
-from server.cache_budget import ActivationBudget, CacheBudget
+from server.cache_budget import ActivationBudget, SessionBudget
+from server.compute_queue import FairCompute
 from server.delta_state import ServerDelta
 from server.inference import InferenceRpcs
 from server.lora_cache import LoraCache
@@ -28,7 +28,7 @@ from swarm.config import ServerConfig
 from swarm.errors import BadRequest, LoraNotCached, SwarmError
 from swarm.protocol import SpanReply, SpanRequest, TrainGrad
 from swarm.streaming import join_message, split_message
-from swarm.tensors import pack_tensor, payload_bytes, raw_bytes, unpack_tensor
+from swarm.tensors import pack_tensor, payload_bytes, raw_bytes, tensor_bytes, unpack_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class TrafficStats:
 class BlockHandler(InferenceRpcs):
     """Implements the methods of swarm.service.BlockService for one span (inference sessions: server.inference)."""
 
-    def __init__(self, backend: SpanBackend, budget: CacheBudget, info: Callable[[], dict], config: ServerConfig):
+    def __init__(self, backend: SpanBackend, budget: SessionBudget, info: Callable[[], dict], config: ServerConfig):
         self.backend, self.budget, self.info = backend, budget, info
         self.session_timeout = config.request_timeout
         self.max_lora_bytes = int(config.max_lora_mb * 2**20)
@@ -60,13 +60,18 @@ class BlockHandler(InferenceRpcs):
         # request may hold, positions and mask, and the most LoRA bytes. Streams are cut off beyond it.
         tokens, hidden = backend.limits.max_chunk_tokens, backend.hidden_size
         self.max_request_bytes = 2 * tokens * hidden * 4 + 16 * tokens + self.max_lora_bytes + (1 << 20)
-        # One compute thread: requests run one at a time, in arrival order, off the event loop.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # One compute thread: requests run one at a time, off the event loop, each peer in its fair turn.
+        self.compute = FairCompute(int(config.inflight_mb * 2**20))
         self.stats = TrafficStats()
         self.leaving = False  # set on shutdown: open inference sessions are told to move on their next step
         self._init_inference(config.push_timeout)
 
-    async def _compute(self, fn, *args):
+    @property
+    def executor(self):
+        return self.compute.executor
+
+    async def _compute(self, peer: str, nbytes: int, fn, *args):
+        """`fn(*args)` on the compute thread in `peer`'s turn, for a request of `nbytes` (the in-flight budget)."""
         def timed():
             started = time.perf_counter()
             try:
@@ -75,7 +80,7 @@ class BlockHandler(InferenceRpcs):
                 kind = fn.__name__
                 self.stats.compute_s[kind] = self.stats.compute_s.get(kind, 0.0) + time.perf_counter() - started
 
-        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
+        return await self.compute.run(peer, nbytes, timed)
 
     def _count(self, kind: str, request_tensors, response_tensors=()) -> None:
         self.stats.requests += 1
@@ -136,11 +141,14 @@ class BlockHandler(InferenceRpcs):
         """Forward: [output]. Backward: [grad w.r.t. input (if meta.input_grad), each LoRA tensor in request order,
         deep prompts if sent]."""
         meta = SpanRequest.decode(metadata)
-        inputs, grad_output, adapt, reference = self._prepare(kind, meta, unpack_request(protos), peer)
+        tensors = unpack_request(protos)
+        nbytes = tensor_bytes(tensors)
+        inputs, grad_output, adapt, reference = self._prepare(kind, meta, tensors, peer)
         if kind == "forward":
-            output = await self._compute(self.backend.forward, inputs, meta.start, meta.end, adapt)
+            output = await self._compute(peer, nbytes, self.backend.forward, inputs, meta.start, meta.end, adapt)
             return _pack_reply([output.to(reference[0].dtype)], meta.reply_codec)
-        grads = await self._compute(self.backend.backward, inputs, grad_output, meta.start, meta.end, adapt, meta.input_grad)
+        grads = await self._compute(peer, nbytes, self.backend.backward, inputs, grad_output, meta.start, meta.end,
+                                    adapt, meta.input_grad)
         return _pack_grads(grads, reference, meta.reply_codec, meta.input_grad)
 
     def _lora_tensors(self, meta: SpanRequest, tensors: list[torch.Tensor], peer: str):
@@ -220,15 +228,17 @@ class BlockHandler(InferenceRpcs):
                     raise BadRequest("a delta-coded request starts with two tensors: the full rows and the deltas")
                 hidden, commit = self.delta.decode_input(meta.delta, protos[0], protos[1], peer, meta.start, meta.end)
                 tensors = [hidden, *unpack_request(protos[2:], first=2)]
+            request_bytes = tensor_bytes(tensors)
             inputs, _, adapt, reference = self._prepare("forward", meta, tensors, peer)
             if commit is not None:
                 commit()
             nbytes = self.backend.activation_bytes(*inputs.hidden.shape[:2], meta.start, meta.end)
-            self.activations.acquire(nbytes)
+            stream = object()  # this stream's holding of the activation budget
+            self.activations.acquire(peer, stream, nbytes)  # kept activations are in use until the backward: never ended
         kept = None
         try:
-            kept = await self._guard("train", self._compute(self.backend.forward_for_backward, inputs, meta.start, meta.end,
-                                                            adapt, meta.input_grad))
+            kept = await self._guard("train", self._compute(peer, request_bytes, self.backend.forward_for_backward,
+                                                            inputs, meta.start, meta.end, adapt, meta.input_grad))
             output = kept.output.detach().to(reference[0].dtype)
             if meta.delta is not None:
                 modes, tensors = self.delta.encode_output(meta.delta, output, meta.reply_codec, peer, meta.start, meta.end)
@@ -250,7 +260,7 @@ class BlockHandler(InferenceRpcs):
                     raise BadRequest(f"a gradient message carries one tensor, got {len(message.tensors)}")
                 grad_output = unpack_tensor(message.tensors[0], "output gradient")
                 self.backend.check_hidden(grad_output, "output gradient")
-                grads = await self._compute(self.backend.backward_kept, kept, grad_output)
+                grads = await self._compute(peer, tensor_bytes([grad_output]), self.backend.backward_kept, kept, grad_output)
                 return _pack_grads(grads, reference, meta.grad_reply_codec, meta.input_grad)
 
             response = runtime_pb2.ExpertResponse(tensors=await self._guard("train", backward()), metadata=SpanReply().encode())
@@ -258,10 +268,10 @@ class BlockHandler(InferenceRpcs):
             yield response
         finally:
             kept = None  # noqa: F841 - drop the graph before giving its memory back to the budget
-            self.activations.release(nbytes)
+            self.activations.release(stream)
 
     def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.compute.shutdown()
 
 
 def _pack_grads(grads, reference: list[torch.Tensor], codec: str, input_grad: bool) -> list[runtime_pb2.Tensor]:

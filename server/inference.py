@@ -15,11 +15,11 @@ from hivemind.proto import runtime_pb2
 from server.backend import InferenceState, check_codec, check_hypo_ids, unpack_request
 from swarm.compression import wire
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES
-from swarm.errors import BadRequest, RemoteError, ServerLeaving
+from swarm.errors import BadRequest, LimitReached, RemoteError, ServerLeaving
 from swarm.forwarding import ForwardHop, ForwardStep, PushStep
 from swarm.protocol import InferenceOpen, InferenceReply
 from swarm.service import BlockService
-from swarm.tensors import pack_tensor, payload_bytes, raw_bytes, unpack_tensor
+from swarm.tensors import pack_tensor, payload_bytes, raw_bytes, tensor_bytes, unpack_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +30,19 @@ class OpenSession:
 
     meta: InferenceOpen
     state: InferenceState
-    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # ExpertRequest | (PushStep, tensors) | PushFailed | None
+    peer: str  # the client's peer id: whose budget share the session holds
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # ExpertRequest | (PushStep, tensors) | PushFailed | Evicted | None
     steps: int = 0  # steps done: the next one must carry this number
     pushed: int = -1  # the last step a push was accepted for (one push per step may wait in the inbox)
     link: PushLink | None = None  # the stream this session's steps are pushed on to the next server with
     push_task: asyncio.Task | None = None  # the latest push (each waits for the one before it)
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """An inbox item: the session was ended to make room for a peer that holds less (server.fair_share)."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,7 @@ class InferenceRpcs:
         first = await anext(requests, None)
         if first is None:
             return
+        peer, holding, inbox = str(context.remote_id), object(), asyncio.Queue()
         with self._guarded("inference session"):
             if self.leaving:
                 raise ServerLeaving("this server is leaving the swarm and takes no new sessions")
@@ -110,14 +119,15 @@ class InferenceRpcs:
                 prompts = self.backend.check_prompts(lora_tensors.pop(0), meta.start, meta.end, meta.batch_size)
             lora_pairs, lora_scaling = self.backend.resolve_lora(meta.start, meta.end, meta.adapter, meta.lora, lora_tensors,
                                                                  meta.lora_scaling)
-            tokens = meta.batch_size * meta.max_length
-            self.budget.acquire(tokens)
+            # A session that holds more than its share gives way to one that holds less: it ends on its next turn.
+            self.budget.acquire(peer, holding, meta.batch_size * meta.max_length,
+                                lambda reason: inbox.put_nowait(Evicted(reason)))
         self.stats.sessions_open += 1
         reader = session = None
         try:
             state = InferenceState(self.backend, meta.start, meta.end, meta.batch_size, meta.max_length,
                                    lora_pairs, lora_scaling, prompts)
-            session = OpenSession(meta, state)
+            session = OpenSession(meta, state, peer, inbox)
             if meta.session_id:
                 self.sessions[meta.session_id] = session
             yield runtime_pb2.ExpertResponse(metadata=InferenceReply(cache_tokens_left=self.budget.free).encode())
@@ -129,6 +139,9 @@ class InferenceRpcs:
                     raise BadRequest(f"session was idle for over {self.session_timeout:.0f} s and was closed") from None
                 if item is None:
                     break
+                if isinstance(item, Evicted):
+                    raise LimitReached(item.reason)
+                self.budget.touch(holding)
                 if self.leaving:
                     raise ServerLeaving(f"this server is leaving the swarm; continue the session elsewhere "
                                         f"(it held {state.position} tokens)")
@@ -146,7 +159,7 @@ class InferenceRpcs:
                 if self.sessions.get(meta.session_id) is session:
                     del self.sessions[meta.session_id]
             self.stats.sessions_open -= 1
-            self.budget.release(tokens)
+            self.budget.release(holding)
 
     async def _inference_step(self, session: OpenSession, item) -> runtime_pb2.ExpertResponse | None:
         """Run one step (a client's message or a validated push); None for a step that was already done."""
@@ -166,7 +179,8 @@ class InferenceRpcs:
             raise BadRequest(f"step {meta.step} arrived before step {session.steps}")
         self._check_route(meta.forward)
         inputs = self.backend.check_inputs(tensors)
-        output = (await self._compute(session.state.step, inputs, meta.hypo_ids)).to(tensors[0].dtype)
+        output = (await self._compute(session.peer, tensor_bytes(tensors), session.state.step, inputs,
+                                      meta.hypo_ids)).to(tensors[0].dtype)
         session.steps += 1
         reply = InferenceReply(position=session.state.position, cache_tokens_left=self.budget.free)
         if meta.forward:

@@ -3,23 +3,31 @@ name them by digest instead of sending them again.
 
 Entries belong to the peer that uploaded them: a digest from another peer never reaches them. An entry lives
 until it is `ttl` seconds unused or the cache needs its bytes for newer uploads (least recently used goes first).
-Nothing else about a client is kept between requests.
+When the cache is full, room is made fairly among peers (swarm.bounded with server.fair_share.victim): a peer
+that floods uploads evicts its own entries, not those of a peer that holds less. Nothing else about a client is
+kept between requests.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
 import torch
 
+from server.fair_share import victim
 from swarm.bounded import BoundedStore
+
+# Which peer a key of the server's stores (LoRA tensors, delta references) belongs to: its first part. Entries are
+# not in use between requests, so equal holders may take each other's (no idle wait).
+PEER_OF_KEY = dict(owner=lambda key: key[0], victim=functools.partial(victim, idle_s=0.0))
 
 
 class LoraCache:
     def __init__(self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic):
         # Keyed by the names too: a digest covers them (swarm.lora.digest), and a lookup under other names misses.
-        self._store = BoundedStore(max_bytes, ttl, clock)
+        self._store = BoundedStore(max_bytes, ttl, clock, **PEER_OF_KEY)
         self.hits = self.misses = 0
 
     def __len__(self) -> int:

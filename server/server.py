@@ -14,7 +14,7 @@ import torch
 
 from server.backend import Limits, SpanBackend
 from server.block_selection import choose_span
-from server.cache_budget import CacheBudget
+from server.cache_budget import SessionBudget
 from server.handler import BlockHandler
 from server.rebalance import ActiveHandler, Rebalancer, drain
 from swarm import __version__, compression, versions
@@ -73,7 +73,7 @@ class Server:
             raise ValueError("give exactly one of --blocks A:B or --num-blocks N")
         if not options.new_swarm and not options.initial_peers:
             raise ValueError("give --initial-peers MADDR... to join a swarm, or --new-swarm to start one")
-        for name in ("cache_tokens", "max_batch_size", "max_chunk_tokens"):
+        for name in ("cache_tokens", "max_sessions", "max_batch_size", "max_chunk_tokens"):
             if getattr(options, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
         if options.rebalance_period < 0 or options.balance_margin < 0:
@@ -184,7 +184,8 @@ class Server:
         for name, path in o.adapters.items():
             backend.host_adapter(name, read_peft_adapter(path, range(start, end)))
             logger.info("hosting adapter %r from %s", name, path)
-        # The KV-cache budget is the server's, shared by the spans it serves while it moves.
+        # The sessions' budget (KV-cache tokens, open sessions) is the server's, shared by the spans it serves while it
+        # moves.
         handler = BlockHandler(backend, self.budget, self.info, o)
         return Hosted(start, end, handler, ms_per_block, forward_tps, self.identity.span(start, end) or "")
 
@@ -223,7 +224,7 @@ class Server:
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
         self.dht = join_as_configured(o)
         try:
-            self.budget = CacheBudget(o.cache_tokens)
+            self.budget = SessionBudget(o.cache_tokens, o.max_sessions)
             self.hosted = self.load(*self._choose_blocks())
             try:
                 import uvloop

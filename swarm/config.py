@@ -68,7 +68,13 @@ class ServerConfig:
     public_name: str = option("", "a name shown to others in `swarm status`")
     torch_dtype: str = option("auto", "dtype to compute in; auto takes the checkpoint's",
                               choices=["auto", "float32", "bfloat16", "float16"])
+    # Every budget below is shared fairly among the peers that hold some (server.fair_share): when it is short, a peer
+    # over its share gets a "limit reached" error, and a peer that holds less takes the place of the largest holder's
+    # least recently used holding.
     cache_tokens: int = option(16384, "KV-cache budget in tokens, summed over sessions as batch_size * max_length")
+    max_sessions: int = option(256, "inference sessions open at once, all peers together")
+    inflight_mb: float = option(512.0, "memory for requests received and waiting for (or in) compute; the compute "
+                                       "thread serves the peer that used the least compute lately first")
     # Announced in the server's record: clients split their requests to fit (client.limits).
     max_batch_size: int = option(64, "largest batch accepted")
     max_chunk_tokens: int = option(8192, "largest batch * length accepted in one request (forward, backward or "

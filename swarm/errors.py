@@ -38,6 +38,13 @@ class CacheFull(SwarmError):
     code = "cache_full"
 
 
+class LimitReached(SwarmError):
+    """The peer holds more than its fair share of a budget that is short (server.fair_share): free some of it (close
+    sessions, wait for requests in flight) or retry later; another peer's request may still be admitted."""
+
+    code = "limit_reached"
+
+
 class LoraNotCached(SwarmError):
     """The request named LoRA tensors by a digest the server no longer holds: send the tensors again."""
 

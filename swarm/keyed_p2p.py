@@ -3,8 +3,8 @@
 `KeyedP2P` wraps a hivemind P2P so that every protobuf RPC made or served through it (the block service, the DHT's
 own ping/store/find, and anything added later) carries a `Sealed` envelope: the message's bytes, and a token
 (swarm.auth) bound to the handler's name, both peers' ids as libp2p authenticated them, a timestamp, a nonce and
-a digest of those bytes. A receiver opens an envelope only if its token is valid, so a peer without the key gets
-nothing but a refusal and its bytes are never even parsed. Replies are sealed with the request's nonce and their
+those bytes (the MAC covers them in one pass, no separate digest). A receiver opens an envelope only if its token is
+valid, so a peer without the key gets nothing but a refusal and its bytes are never even parsed. Replies are sealed with the request's nonce and their
 place in the stream. The DHT runs in its own process: `KeyedDHT` makes its P2P keyed there.
 """
 
@@ -22,7 +22,7 @@ import hivemind
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from swarm.auth import Keyring, Refused, digest
+from swarm.auth import Keyring, Refused
 from swarm.errors import BadRequest
 
 logger = logging.getLogger(__name__)
@@ -92,14 +92,13 @@ class KeyedP2P:
     # -- serving ---------------------------------------------------------------------------------------------------
 
     def _open(self, name: str, context, sealed, input_type) -> tuple[Any, bytes]:
-        body = digest(sealed.payload)
-        self.keyring.check(name, context.remote_id.to_bytes(), context.local_id.to_bytes(), body, sealed.time,
+        self.keyring.check(name, context.remote_id.to_bytes(), context.local_id.to_bytes(), sealed.payload, sealed.time,
                            sealed.nonce, sealed.mac)
         return _parse(input_type, sealed.payload, name), sealed.nonce
 
     def _open_later(self, name: str, context, nonce: bytes, seq: int, sealed, input_type):
         self.keyring.check_seal(b"stream", name, context.remote_id.to_bytes(), context.local_id.to_bytes(), nonce,
-                                seq, digest(sealed.payload), sealed.mac)
+                                seq, sealed.payload, sealed.mac)
         if sealed.seq != seq:
             raise Refused("refused: a stream message out of order")
         return _parse(input_type, sealed.payload, name)
@@ -107,7 +106,7 @@ class KeyedP2P:
     def _seal_reply(self, name: str, context, nonce: bytes, seq: int, message):
         payload = message.SerializeToString()
         mac = self.keyring.seal(b"reply", name, context.local_id.to_bytes(), context.remote_id.to_bytes(), nonce, seq,
-                                digest(payload))
+                                payload)
         return Sealed(seq=seq, mac=mac, payload=payload)
 
     async def add_protobuf_handler(self, name: str, handler, input_protobuf_type, *, stream_input: bool = False,
@@ -187,11 +186,10 @@ class SealedCall:
     def seal(self, message):
         payload = message.SerializeToString()
         if self.nonce is None:
-            stamp, self.nonce, mac = self.keyring.mint(self.name, self.caller, self.callee, digest(payload))
+            stamp, self.nonce, mac = self.keyring.mint(self.name, self.caller, self.callee, payload)
             sealed = Sealed(time=stamp, nonce=self.nonce, mac=mac, payload=payload)
         else:
-            mac = self.keyring.seal(b"stream", self.name, self.caller, self.callee, self.nonce, self.sent,
-                                    digest(payload))
+            mac = self.keyring.seal(b"stream", self.name, self.caller, self.callee, self.nonce, self.sent, payload)
             sealed = Sealed(seq=self.sent, mac=mac, payload=payload)
         self.sent += 1
         return sealed
@@ -200,7 +198,7 @@ class SealedCall:
         if self.nonce is None:
             raise Refused(f"refused: a reply to {self.name} before it was asked")
         self.keyring.check_seal(b"reply", self.name, self.callee, self.caller, self.nonce, self.received,
-                                digest(sealed.payload), sealed.mac)
+                                sealed.payload, sealed.mac)
         if sealed.seq != self.received:
             raise Refused("refused: a reply out of order")
         self.received += 1

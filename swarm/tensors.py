@@ -79,6 +79,11 @@ def raw_bytes(tensors: Iterable[runtime_pb2.Tensor]) -> int:
                for t in tensors)
 
 
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """What decoded tensors take in memory."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def hidden_slots(tensors: Iterable[runtime_pb2.Tensor]) -> list[runtime_pb2.Tensor]:
     """The slots holding hidden states or their gradients: float or codec payloads of rank 3 [batch, length, hidden]
     (positions and masks are integers, LoRA tensors rank 2, deep prompts rank 4)."""

@@ -15,7 +15,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
 from swarm import auth
-from swarm.auth import Keyring, Refused, SwarmKey, SwarmKeyError, digest, generate_key_file, read_key_file
+from swarm.auth import Keyring, Refused, SwarmKey, SwarmKeyError, generate_key_file, read_key_file
 from swarm.record_auth import MAX_TTL, MAX_VALUE_BYTES, CappedStorage, IdentityKey, SwarmRecordValidator, peer_id_of
 
 CALLER, CALLEE, OTHER = b"caller-peer-id", b"callee-peer-id", b"another-peer"
@@ -84,7 +84,7 @@ def test_sub_keys_differ_and_the_key_id_reveals_nothing():
 
 def test_a_token_is_accepted_once():
     sender, receiver = Keyring([k := key()], clock=Clock()), Keyring([k], clock=Clock())
-    body = digest(b"the request")
+    body = b"the request"
     token = sender.mint(METHOD, CALLER, CALLEE, body)
     receiver.check(METHOD, CALLER, CALLEE, body, *token)
     with pytest.raises(Refused, match="already received"):
@@ -100,7 +100,7 @@ def test_a_token_is_accepted_once():
 def test_a_changed_or_stale_token_is_refused(change, message):
     k = key()
     sender, receiver = Keyring([key() if change == "other key" else k], clock=Clock()), Keyring([k], clock=Clock())
-    method, caller, callee, body = METHOD, CALLER, CALLEE, digest(b"the request")
+    method, caller, callee, body = METHOD, CALLER, CALLEE, b"the request"
     stamp, nonce, mac = sender.mint(method, caller, callee, body)
     if change == "method":
         method = "tiny::BlockService.rpc_backward"
@@ -109,7 +109,7 @@ def test_a_changed_or_stale_token_is_refused(change, message):
     elif change == "callee":
         callee = OTHER  # a request to one server, replayed to another
     elif change == "body":
-        body = digest(b"the request, tampered")
+        body = b"the request, tampered"
     elif change == "stamp":
         stamp += 1.0
     elif change == "nonce":
@@ -160,14 +160,14 @@ def test_rotation_accepts_the_old_key_while_signing_with_the_new():
 def test_reply_seals_are_bound_to_the_request_and_their_place():
     k = key()
     server, client = Keyring([k]), Keyring([k])
-    nonce, body = secrets.token_bytes(16), digest(b"reply")
+    nonce, body = secrets.token_bytes(16), b"reply"
     mac = server.seal(b"reply", METHOD, CALLEE, CALLER, nonce, 0, body)
     client.check_seal(b"reply", METHOD, CALLEE, CALLER, nonce, 0, body, mac)
     for args in [(b"reply", METHOD, CALLEE, CALLER, secrets.token_bytes(16), 0, body),  # another request's reply
                  (b"reply", METHOD, CALLEE, CALLER, nonce, 1, body),  # out of order
                  (b"stream", METHOD, CALLEE, CALLER, nonce, 0, body),  # a request passed off as a reply
                  (b"reply", METHOD, OTHER, CALLER, nonce, 0, body),  # from another peer
-                 (b"reply", METHOD, CALLEE, CALLER, nonce, 0, digest(b"forged"))]:
+                 (b"reply", METHOD, CALLEE, CALLER, nonce, 0, b"forged")]:
         with pytest.raises(Refused, match="seal"):
             client.check_seal(*args, mac)
     with pytest.raises(Refused):

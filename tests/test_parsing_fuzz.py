@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from swarm.auth import CLOCK_SKEW, Keyring, Refused, SwarmKey, digest
+from swarm.auth import CLOCK_SKEW, Keyring, Refused, SwarmKey
 from swarm.compression import available, wire
 from swarm.dtypes import WIRE_DTYPES
 from swarm.errors import BadRequest, SwarmError
@@ -170,7 +170,7 @@ def test_sealed_requests_open_or_are_refused(sealed_by_key, offset, nonce, mac, 
     now = time.time()
     if sealed_by_key:
         sender = Keyring([KEY], clock=lambda: now + offset)
-        stamp, nonce, mac = sender.mint(METHOD, CALLER.to_bytes(), CALLEE.to_bytes(), digest(payload))
+        stamp, nonce, mac = sender.mint(METHOD, CALLER.to_bytes(), CALLEE.to_bytes(), payload)
     else:
         stamp = now + offset
     server, context = _server(Keyring([KEY]))
@@ -215,9 +215,9 @@ def test_later_stream_messages_and_replies_open_or_are_refused(sealed_by_key, se
             raise AssertionError("a random envelope was opened")
         return
     later.mac = client.keyring.seal(b"stream", METHOD, CALLER.to_bytes(), CALLEE.to_bytes(), first.nonce, seq,
-                                    digest(payload))
+                                    payload)
     reply.mac = server.keyring.seal(b"reply", METHOD, CALLEE.to_bytes(), CALLER.to_bytes(), first.nonce, 0,
-                                    digest(payload))
+                                    payload)
     _opened_or_bad_request(lambda: server._open_later(METHOD, context, first.nonce, seq, later, runtime_pb2.ExpertRequest))
     _opened_or_bad_request(lambda: client.open(reply, runtime_pb2.ExpertResponse))
 

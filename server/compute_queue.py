@@ -1,0 +1,108 @@
+"""The compute thread's queue, shared fairly: requests wait per peer and the peer that used the least compute lately
+runs next (server.fair_share.next_peer), so one peer's flood delays another's step by at most the request running.
+The bytes of requests waiting or running are a fair budget (--inflight-mb): when it is short, a peer over its share
+is refused and a queued request of the largest holder gives way to a peer that holds less."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from server.cache_budget import InflightBudget
+from server.fair_share import decayed, next_peer
+from swarm.errors import LimitReached
+
+
+class _Job:
+    def __init__(self, peer: str, fn: Callable, args: tuple, future: asyncio.Future, queued_at: float):
+        self.peer, self.fn, self.args, self.future, self.queued_at = peer, fn, args, future, queued_at
+        self.seconds = 0.0
+
+    def __call__(self) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.fn(*self.args)
+        finally:
+            self.seconds = time.perf_counter() - started
+
+
+class FairCompute:
+    """One compute thread (requests run one at a time, off the event loop) fed from per-peer queues."""
+
+    def __init__(self, inflight_bytes: int, clock: Callable[[], float] = time.monotonic):
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.inflight = InflightBudget(inflight_bytes, clock)
+        self.clock = clock
+        self._waiting: dict[str, deque[_Job]] = {}
+        self._usage: dict[str, tuple[float, float]] = {}  # peer -> (compute seconds, as of when)
+        self._running: _Job | None = None
+
+    async def run(self, peer: str, nbytes: int, fn: Callable, *args) -> Any:
+        """`fn(*args)` on the compute thread, in `peer`'s turn; its request holds `nbytes` of the in-flight budget."""
+        job = _Job(peer, fn, args, asyncio.get_running_loop().create_future(), self.clock())
+        self.inflight.acquire(peer, job, nbytes, lambda reason: self._drop(job, reason))
+        try:
+            self._waiting.setdefault(peer, deque()).append(job)
+            self._dispatch()
+            return await job.future
+        finally:
+            self.inflight.release(job)
+            self._unqueue(job)
+
+    def usage(self) -> dict[str, float]:
+        now = self.clock()
+        return {peer: decayed(seconds, now - when) for peer, (seconds, when) in self._usage.items()}
+
+    def _dispatch(self) -> None:
+        if self._running is not None:
+            return
+        waiting = {peer: queue[0].queued_at for peer, queue in self._waiting.items() if queue}
+        if not waiting:
+            return
+        job = self._waiting[next_peer(waiting, self.usage())].popleft()
+        self.inflight.pin(job)
+        self._running = job
+        try:
+            done = asyncio.wrap_future(self.executor.submit(job))
+        except RuntimeError as exc:  # shut down
+            self._running = None
+            job.future.set_exception(exc)
+            return
+        done.add_done_callback(lambda result: self._finished(job, result))
+
+    def _finished(self, job: _Job, result: asyncio.Future) -> None:
+        self._running = None
+        now = self.clock()
+        seconds, when = self._usage.get(job.peer, (0.0, now))
+        self._usage[job.peer] = (decayed(seconds, now - when) + job.seconds, now)
+        if len(self._usage) > 4096:  # forget peers whose use has faded
+            self._usage = {p: u for p, u in self._usage.items() if decayed(u[0], now - u[1]) > 1e-3}
+        if not job.future.done():
+            if result.cancelled():
+                job.future.cancel()
+            elif result.exception() is not None:
+                job.future.set_exception(result.exception())
+            else:
+                job.future.set_result(result.result())
+        self._dispatch()
+
+    def _drop(self, job: _Job, reason: str) -> None:
+        """End a queued request to make room for a peer that holds less (the policy never picks a running one)."""
+        self._unqueue(job)
+        if not job.future.done():
+            job.future.set_exception(LimitReached(reason))
+
+    def _unqueue(self, job: _Job) -> None:
+        queue = self._waiting.get(job.peer)
+        if queue is not None:
+            if job in queue:
+                queue.remove(job)
+            if not queue:
+                del self._waiting[job.peer]
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
