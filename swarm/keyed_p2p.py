@@ -10,8 +10,6 @@ place in the stream. The DHT runs in its own process: `KeyedDHT` makes its P2P k
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import tempfile
@@ -24,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 from swarm.auth import Keyring, Refused
 from swarm.errors import BadRequest
+from swarm.stream_end import ends_cleanly
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +44,30 @@ def _sealed_type():
 Sealed = _sealed_type()
 
 
-class KeyedP2P:
-    """A hivemind P2P whose protobuf RPCs are sealed with the swarm key; everything else is the wrapped P2P's."""
+class ServingP2P:
+    """A hivemind P2P whose streamed handlers end only after their caller's end of stream (swarm.stream_end), as an
+    open swarm's peers use it; everything else is the wrapped P2P's."""
 
-    def __init__(self, inner: hivemind.P2P, keyring: Keyring):
-        self._inner, self.keyring = inner, keyring
+    def __init__(self, inner: hivemind.P2P):
+        self._inner = inner
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+    async def add_protobuf_handler(self, name: str, handler, input_protobuf_type, *, stream_input: bool = False,
+                                   stream_output: bool = False, balanced: bool = False) -> None:
+        if stream_input and stream_output:
+            handler = ends_cleanly(handler)
+        await self._inner.add_protobuf_handler(name, handler, input_protobuf_type, stream_input=stream_input,
+                                               stream_output=stream_output, balanced=balanced)
+
+
+class KeyedP2P(ServingP2P):
+    """A hivemind P2P whose protobuf RPCs are sealed with the swarm key; everything else is the wrapped P2P's."""
+
+    def __init__(self, inner: hivemind.P2P, keyring: Keyring):
+        super().__init__(inner)
+        self.keyring = keyring
 
     # -- calling ---------------------------------------------------------------------------------------------------
 
@@ -123,15 +138,6 @@ class KeyedP2P:
             await self._inner.add_protobuf_handler(name, unary, Sealed, balanced=balanced)
             return
 
-        async def streamed(sealed_requests, context):
-            iterator = sealed_requests.__aiter__()
-            try:
-                async for reply in serve(iterator, context):
-                    yield reply
-            except Exception:
-                await _drain(iterator)
-                raise
-
         async def serve(iterator, context):
             try:
                 first, nonce = self._open(name, context, await iterator.__anext__(), input_protobuf_type)
@@ -157,20 +163,8 @@ class KeyedP2P:
                 yield self._seal_reply(name, context, nonce, seq, reply)
                 seq += 1
 
-        await self._inner.add_protobuf_handler(name, streamed, Sealed, stream_input=True, stream_output=True,
-                                               balanced=balanced)
-
-
-async def _drain(iterator, timeout: float = 0.5) -> None:
-    """Read, briefly, what a caller still sends before its stream is closed with an error: a stream closed under a
-    caller that is still writing is reset, and the caller may then lose the error sent just before (it sees a
-    broken pipe instead of the refusal or the bad request's message)."""
-    async def read_to_end():
-        async for _ in iterator:
-            pass
-
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(read_to_end(), timeout)
+        await self._inner.add_protobuf_handler(name, ends_cleanly(serve), Sealed, stream_input=True,
+                                               stream_output=True, balanced=balanced)
 
 
 class SealedCall:
@@ -214,9 +208,11 @@ def _parse(message_type, payload: bytes, name: str):
         raise BadRequest(f"{name}: the message is not a valid {message_type.DESCRIPTOR.name} ({exc})") from None
 
 
-def keyed(p2p, keyring: Keyring | None):
-    """`p2p` with its RPCs sealed by `keyring`, or `p2p` itself for an open swarm."""
-    return p2p if keyring is None or isinstance(p2p, KeyedP2P) else KeyedP2P(p2p, keyring)
+def keyed(p2p, keyring: Keyring | None) -> ServingP2P:
+    """`p2p` with its RPCs sealed by `keyring`; for an open swarm (no keyring) with only its streams' ends mended."""
+    if isinstance(p2p, KeyedP2P) or (keyring is None and isinstance(p2p, ServingP2P)):
+        return p2p
+    return ServingP2P(p2p) if keyring is None else KeyedP2P(p2p, keyring)
 
 
 class KeyedDHT(hivemind.DHT):
