@@ -30,6 +30,10 @@ UNKNOWN_CODEC_ERROR = 0.15
 # (its record's torch_dtype): float32 only differs in the order of operations (kernels, thread counts).
 COMPUTE_ERROR = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2}
 UNKNOWN_DTYPE_ERROR = 3e-2
+# And by how its blocks are quantized (its record's quant, swarm.quantize): the same model, computed approximately, so
+# a quantized server is compared with the others within this much more, never treated as another model.
+QUANT_ERROR = {"none": 0.0, "int8": 0.05, "nf4": 0.2}
+UNKNOWN_QUANT_ERROR = 0.2
 # Two outputs that each went through a codec once differ by at most the sum of both errors; the margin covers inputs
 # whose statistics differ from SmolLM2's. A server that scales its outputs by 1.5 is 0.5 away (see relative_error).
 CODEC_MARGIN = 1.5
@@ -40,14 +44,17 @@ def sampled(draw: float, fraction: float) -> bool:
     return draw < fraction
 
 
-def tolerance(reply_codec: str, dtypes: Sequence[str] = ("float32", "float32"), input_codecs: Sequence[str] = ()) -> float:
+def tolerance(reply_codec: str, dtypes: Sequence[str] = ("float32", "float32"), input_codecs: Sequence[str] = (),
+              quants: Sequence[str] = ()) -> float:
     """The largest relative_error two honest servers' outputs may show: each computed in its dtype (`dtypes`, one per
-    server) and encoded in `reply_codec`, from inputs that were the same bytes, or differed by one encoding in each of
-    `input_codecs` (e.g. a training stream's delta-coded input against the same rows sent in full)."""
+    server) with its blocks quantized as in `quants` (one per server; none by default) and encoded in `reply_codec`,
+    from inputs that were the same bytes, or differed by one encoding in each of `input_codecs` (e.g. a training
+    stream's delta-coded input against the same rows sent in full)."""
     def codec_error(codec: str) -> float:
         return CODEC_ERROR.get(codec or "none", UNKNOWN_CODEC_ERROR)
 
     compute = sum(COMPUTE_ERROR.get(dtype, UNKNOWN_DTYPE_ERROR) for dtype in dtypes)
+    compute += sum(QUANT_ERROR.get(quant or "none", UNKNOWN_QUANT_ERROR) for quant in quants)
     return compute + CODEC_MARGIN * (2 * codec_error(reply_codec) + sum(map(codec_error, input_codecs)))
 
 

@@ -116,6 +116,7 @@ class SpotChecks:
         candidates = replicas(servers, step.start, step.end, {str(step.peer_id)}, rules)
         self.rng.shuffle(candidates)
         dtype = {str(s.peer_id): s.record.torch_dtype for s in servers}
+        quant = {str(s.peer_id): s.record.quant for s in servers}
         steps, outputs = [step], [_decoded(output)]
         for server in candidates:
             replica = RouteStep(server.peer_id, step.start, step.end, server.record.max_chunk_tokens)
@@ -128,8 +129,8 @@ class SpotChecks:
             outputs.append(result)
             peers = [str(s.peer_id) for s in steps]
             errors = [[relative_error(a, b) for b in outputs] for a in outputs]
-            tolerances = [[tolerance(reply_codec, (dtype.get(p, ""), dtype.get(q, "")), input_codecs) for q in peers]
-                          for p in peers]
+            tolerances = [[tolerance(reply_codec, (dtype.get(p, ""), dtype.get(q, "")), input_codecs,
+                                     (quant.get(p, "unknown"), quant.get(q, "unknown"))) for q in peers] for p in peers]
             agree = agreement(errors, tolerances)
             if len(steps) == 2 and agree[0][1]:
                 return Checked(step, output)

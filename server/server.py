@@ -27,6 +27,7 @@ from swarm.keyed_p2p import keyed
 from swarm.lora import read_peft_adapter
 from swarm.models import family_for
 from swarm.models.span import BlockSpan
+from swarm.quantize import quantizer, require_bitsandbytes
 from swarm.service import BlockService
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class Server:
         if options.rebalance_period < 0 or options.balance_margin < 0:
             raise ValueError(f"--rebalance-period ({options.rebalance_period}) and --balance-margin "
                              f"({options.balance_margin}) must be >= 0")
+        if options.quant != "none":
+            require_bitsandbytes(options.quant)  # before joining: a clear error, not a traceback after the DHT starts
         self.options = options
         self.checkpoint = Checkpoint(options.model)
         self.config = self.checkpoint.config
@@ -131,6 +134,7 @@ class Server:
             public_name=self.options.public_name,
             version=__version__,
             torch_dtype=str(self.dtype).replace("torch.", ""),
+            quant=self.options.quant,
             ms_per_block=round(hosted.ms_per_block, 3),
             forward_tokens_per_s=round(hosted.forward_tps, 1),
             cache_tokens_left=self.budget.free,
@@ -174,11 +178,10 @@ class Server:
     def load(self, start: int, end: int) -> Hosted:
         """Read blocks start:end from the checkpoint and build their handler (blocking: call it off the event loop)."""
         o = self.options
-        logger.info("loading blocks %d:%d of %s (%s)", start, end, o.model, self.dtype)
-        keys = tuple(self.family.block_keys_prefix(i) for i in range(start, end))
-        tensors = self.checkpoint.load(lambda k: k.startswith(keys), self.dtype)
-        span = BlockSpan.from_state_dict(self.family, self.config, start, end, tensors, self.dtype)
-        del tensors
+        logger.info("loading blocks %d:%d of %s (%s%s)", start, end, o.model, self.dtype,
+                    f", {o.quant}" if o.quant != "none" else "")
+        span = BlockSpan.from_checkpoint(self.family, self.config, start, end, self.checkpoint, self.dtype,
+                                         quantizer(o.quant, self.dtype) if o.quant != "none" else None)
         ms_per_block, forward_tps = measure_speed(span, self.dtype)
         backend = SpanBackend(span, self.dtype, Limits(o.max_batch_size, o.max_chunk_tokens))
         for name, path in o.adapters.items():

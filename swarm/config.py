@@ -68,6 +68,11 @@ class ServerConfig:
     public_name: str = option("", "a name shown to others in `swarm status`")
     torch_dtype: str = option("auto", "dtype to compute in; auto takes the checkpoint's",
                               choices=["auto", "float32", "bfloat16", "float16"])
+    # swarm.quantize: blocks are quantized one at a time as they load, so loading needs about one float block more.
+    quant: str = option("none", "quantize the blocks' linear layers with bitsandbytes: int8 (LLM.int8(), outliers "
+                                "beyond 6 in 16 bits; 0.25x the float32 bytes) or nf4 (4-bit NormalFloat in blocks of "
+                                "64, computed in the server's dtype; 0.13x). Clients see it in the record",
+                        choices=["none", "int8", "nf4"])
     # Every budget below is shared fairly among the peers that hold some (server.fair_share): when it is short, a peer
     # over its share gets a "limit reached" error, and a peer that holds less takes the place of the largest holder's
     # least recently used holding.

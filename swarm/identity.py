@@ -11,6 +11,11 @@ fine-tune or a re-initialized tensor changes nearly every value, hence the sampl
 The digests are of the checkpoint as stored: the dtype a peer computes in, the folder's name and the sharding do not
 count; a checkpoint saved again in another dtype does (its stored bytes differ), as does any change to the config
 except to fields that do not change the model (IGNORED_CONFIG_FIELDS).
+
+Quantized blocks (`--quant`, swarm.quantize) are the same model computed approximately, as another dtype is: a
+quantized server loaded the same checkpoint and announces the same digests, so routing and compatibility treat it as
+any other server of the model; its record's `quant` field is what spot checks read to allow for its rounding
+(client.spot_checks.QUANT_ERROR) when they compare its outputs with other replicas'.
 """
 
 from __future__ import annotations

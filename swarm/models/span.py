@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -41,17 +42,27 @@ class BlockSpan(nn.Module):
     def from_state_dict(cls, family: ModelFamily, config: PretrainedConfig, start: int, end: int,
                         tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> BlockSpan:
         """Build the span from checkpoint tensors named as in the full model (e.g. 'model.layers.3.mlp...')."""
+        layers = [build_block(family, config, start, end, index, tensors, dtype) for index in range(start, end)]
+        return cls.of_blocks(family, config, start, end, layers)
+
+    @classmethod
+    def from_checkpoint(cls, family: ModelFamily, config: PretrainedConfig, start: int, end: int, checkpoint,
+                        dtype: torch.dtype, prepare: Callable[[nn.Module], nn.Module] | None = None) -> BlockSpan:
+        """Build the span reading one block at a time from a swarm.checkpoint.Checkpoint; `prepare` (e.g. a
+        swarm.quantize.quantizer) turns each block into what is served before the next is read, so the peak memory is
+        the result plus about one block in `dtype`."""
         layers = []
         for index in range(start, end):
             prefix = family.block_keys_prefix(index)
-            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            with torch.device("meta"):
-                layer = family.decoder_layer_class(span_config(config, start, end), index - start)
-            missing = set(layer.state_dict()) - set(state)
-            if missing:
-                raise ValueError(f"checkpoint lacks {len(missing)} tensors of block {index}, e.g. {prefix}{min(missing)}")
-            layer.load_state_dict(state, strict=True, assign=True)
-            layers.append(layer.to(dtype))
+            tensors = checkpoint.load(lambda key, prefix=prefix: key.startswith(prefix), dtype)
+            layer = build_block(family, config, start, end, index, tensors, dtype)
+            del tensors  # the layer holds them now (or `prepare` frees them)
+            layers.append(prepare(layer) if prepare is not None else layer)
+        return cls.of_blocks(family, config, start, end, layers)
+
+    @classmethod
+    def of_blocks(cls, family: ModelFamily, config: PretrainedConfig, start: int, end: int,
+                  layers: list[nn.Module]) -> BlockSpan:
         # The rotary embedding keeps its float32 frequencies, as in transformers' own loading.
         return cls(family, config, start, end, layers).eval().requires_grad_(False)
 
@@ -79,6 +90,20 @@ class BlockSpan(nn.Module):
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
                            use_cache=cache is not None, **{CACHE_KWARG: cache})
         return hidden
+
+
+def build_block(family: ModelFamily, config: PretrainedConfig, start: int, end: int, index: int,
+                tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """Block `index` of the span [start, end) from checkpoint tensors named as in the full model."""
+    prefix = family.block_keys_prefix(index)
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    with torch.device("meta"):
+        layer = family.decoder_layer_class(span_config(config, start, end), index - start)
+    missing = set(layer.state_dict()) - set(state)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors of block {index}, e.g. {prefix}{min(missing)}")
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer.to(dtype)
 
 
 def add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, first_token: int = 0) -> torch.Tensor:
