@@ -212,8 +212,9 @@ def print_table(rows: list[dict], prompts: int) -> None:
         print("".join(cells))
 
 
-def main() -> None:
-    args = parse_args()
+def smollm2_inputs(args: argparse.Namespace):
+    """SmolLM2's folder, tokenizer, teacher-forced windows of args.text, chat prompts, and args.servers even spans
+    (the parts of a SmolLM2 bench run that bench/quantization.py shares)."""
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # the text is longer than the model's context; it is cut into windows
     path = ensure_smollm2()
@@ -222,6 +223,12 @@ def main() -> None:
     prompts = load_prompts(tokenizer, args.prompts)
     spans = even_spans(AutoConfig.from_pretrained(path).num_hidden_layers, args.servers)
     warn_if_busy()
+    return path, tokenizer, windows, prompts, spans
+
+
+def main() -> None:
+    args = parse_args()
+    path, tokenizer, windows, prompts, spans = smollm2_inputs(args)
     print(f"SmolLM2-135M-Instruct float32, {len(spans)} servers {spans}; {args.positions} positions in "
           f"{len(windows)} windows of {args.window} (batch {args.batch}); {len(prompts)} prompts x "
           f"{args.new_tokens} greedy tokens; torch {torch.__version__}, {torch.get_num_threads()} client threads")

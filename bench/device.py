@@ -55,11 +55,13 @@ GEOMETRY = {
 }
 CHECK_TOKENS = 64  # tokens of the accuracy checks (the timed forward takes 1024)
 DECODE_STEPS = 8  # of the T tokens, the last ones run as single-token steps
-# Largest relative errors accepted, by (mode, dtype): the CPU float32 reference against the device. float32 differs only
-# in summation order; bfloat16 keeps 8 bits of mantissa (~4e-3 a value, growing over blocks); int8 and nf4 add their
-# rounding of weights (and int8 of activations). Measured on random weights, whose blocks change the residual stream
-# little: the figures printed are what to read, these bounds catch a broken path (NaN, a wrong layout: errors ~1).
-LOGIT_TOL = {"none": 1e-4, "int8": 0.05, "nf4": 0.15}
+# Largest relative errors accepted, by mode: the CPU float32 reference against the device. float32 differs only in
+# summation order; bfloat16 keeps 8 bits of mantissa (BF16_EXTRA more); int8 and nf4 add their rounding of weights (and
+# int8 of activations). On random weights the blocks' own outputs dominate the residual stream, so that rounding shows
+# far more than on a trained model's: measured on the CPU (small geometry, 2 blocks, float32) int8 0.046 and nf4 0.36
+# (SmolLM2's whole-model figures are in bench/quantization.py). These bounds catch a broken path (NaN, a wrong layout:
+# errors ~1); the figures printed are what to read. The gradient gets twice the bound.
+LOGIT_TOL = {"none": 1e-4, "int8": 0.15, "nf4": 0.6}
 BF16_EXTRA = 0.05
 DECODE_TOL = {torch.float32: 1e-4, torch.bfloat16: 0.05}  # the same blocks, cached or not: order of operations only
 

@@ -32,16 +32,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import warn_if_busy  # bench/common.py
-from compression import greedy, load_prompts, perplexity_pass, text_windows  # bench/compression.py
-from transformers import AutoTokenizer, LlamaForCausalLM
-from transformers.utils import logging as hf_logging
+from compression import greedy, perplexity_pass, smollm2_inputs  # bench/compression.py
+from transformers import LlamaForCausalLM
 
 from client.model import DistributedModelForCausalLM
 from client.spot_checks import relative_error
-from swarm.assets import ensure_smollm2
 from swarm.checkpoint import Checkpoint
-from swarm.launch import LocalSwarm, even_spans
+from swarm.launch import LocalSwarm
 from swarm.models import family_for
 from swarm.models.span import BlockSpan
 from swarm.quantize import MODES, quantizer, weight_bytes
@@ -110,15 +107,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()  # the text is longer than the model's context; it is cut into windows
-    path = ensure_smollm2()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    windows = text_windows(tokenizer, args.text, args.window, args.positions)
-    prompts = load_prompts(tokenizer, args.prompts)
+    path, _, windows, prompts, spans = smollm2_inputs(args)
     checkpoint = Checkpoint(str(path))
-    spans = even_spans(checkpoint.config.num_hidden_layers, args.servers)
-    warn_if_busy()
     print(f"SmolLM2-135M-Instruct, float32 compute, {len(spans)} servers {spans} per mode; {args.positions} positions in "
           f"{len(windows)} windows of {args.window}; {len(prompts)} prompts x {args.new_tokens} greedy tokens; "
           f"torch {torch.__version__}")
