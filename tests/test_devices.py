@@ -121,6 +121,23 @@ def test_device_descriptions():
     assert describe_devices(["cuda: A", "cuda: A", "cuda: B"]) == "2 x cuda: A + cuda: B"
 
 
+def test_records_and_status_show_the_device():
+    from hivemind.p2p import PeerID
+    from rich.console import Console
+
+    from client.cli_status import render
+    from swarm.dht_records import ServerInfo, ServerRecord, ServerState
+
+    record = ServerRecord(state=ServerState.ONLINE, start=0, end=4, torch_dtype="bfloat16", device="cuda: NVIDIA H200")
+    assert ServerRecord.from_dict(record.to_dict()) == record
+    assert ServerRecord.from_dict({**record.to_dict(), "device": ["not", "text"]}).device == ""  # ignored, not fatal
+    assert ServerRecord.from_dict({"state": "online", "start": 0, "end": 1}).device == ""  # an older server's
+    console = Console(width=120, record=True)  # as `swarm status` prints it
+    console.print(render({"m": (4, [ServerInfo(PeerID(b"x" * 34), record)])}))
+    words = console.export_text().split()
+    assert {"device,", "cuda:", "NVIDIA", "H200,", "bfloat16"} <= set(words)  # wrapped in its cell, never cut
+
+
 def test_an_unavailable_device_or_float16_on_a_cpu_stops_the_server_at_start(tiny_model_path, capsys):
     from swarm.cli import main
 

@@ -57,11 +57,12 @@ class BlockSpan(nn.Module):
         for local_index, layer in enumerate(layers):
             # The cache indexes layers by position; a span's cache holds only its own blocks.
             layer.self_attn.layer_idx = local_index
-        self.layers = nn.ModuleList(layers)
         self.parts = tuple(parts) or (SpanPart(start, end, torch.device("cpu")),)
         if (self.parts[0].start, self.parts[-1].end) != (start, end) or any(
                 a.end != b.start for a, b in zip(self.parts, self.parts[1:])):  # noqa: B905 - one shorter
             raise ValueError(f"parts {[(p.start, p.end) for p in self.parts]} do not cover blocks {start}:{end} in order")
+        # Each block on its part's device (a no-op for blocks already placed there while loading).
+        self.layers = nn.ModuleList(layer.to(self.part_of(start + i).device) for i, layer in enumerate(layers))
         # The rotary embedding and the mask are computed on the first part's device, then follow the hidden states.
         self.rotary_emb = family.rotary_class(config=self.config).to(self.parts[0].device)
         self._mask_function = family.mask_function(self.config)
@@ -79,7 +80,6 @@ class BlockSpan(nn.Module):
                         tensors: dict[str, torch.Tensor], dtype: torch.dtype, parts: Sequence[SpanPart] = ()) -> BlockSpan:
         """Build the span from checkpoint tensors named as in the full model (e.g. 'model.layers.3.mlp...'), each block
         on its part's device (default: all on the CPU)."""
-        parts = tuple(parts) or (SpanPart(start, end, torch.device("cpu")),)
         layers = []
         for index in range(start, end):
             prefix = family.block_keys_prefix(index)
@@ -90,8 +90,7 @@ class BlockSpan(nn.Module):
             if missing:
                 raise ValueError(f"checkpoint lacks {len(missing)} tensors of block {index}, e.g. {prefix}{min(missing)}")
             layer.load_state_dict(state, strict=True, assign=True)
-            device = next((p.device for p in parts if p.start <= index < p.end), parts[-1].device)
-            layers.append(layer.to(device=device, dtype=dtype))
+            layers.append(layer.to(dtype))
         # The rotary embedding keeps its float32 frequencies, as in transformers' own loading.
         return cls(family, config, start, end, layers, parts).eval().requires_grad_(False)
 
