@@ -151,7 +151,8 @@ def resolve_devices(text: str) -> tuple[torch.device, ...]:
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags, as /proc/cpuinfo names them, plus what torch's own CPU probe finds (elsewhere)."""
+    """The CPU's feature flags as /proc/cpuinfo names them, with the bfloat16 ones that torch's own CPU probe finds
+    (where /proc/cpuinfo is missing or hides them, as in some containers)."""
     flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
