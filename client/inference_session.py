@@ -197,7 +197,8 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run new tokens [batch, length, hidden] through every block; returns the last block's output."""
+        """Run new tokens [batch, length, hidden] through every block; returns the last block's output, on `hidden`'s
+        device and in its dtype (the hidden states travel from host memory)."""
         if self.closed:
             raise RuntimeError("this inference session is closed")
         batch, length, _ = hidden.shape
@@ -210,9 +211,9 @@ class InferenceSession:
             )
         if position_ids is None:
             position_ids = torch.arange(self.position, self.position + length).expand(batch, length)
-        tensors = [hidden.detach(), position_ids.expand(batch, length).to(torch.int64).contiguous()]
+        tensors = [hidden.detach().to("cpu"), position_ids.expand(batch, length).to("cpu", torch.int64).contiguous()]
         if attention_mask is not None:
-            tensors.append(attention_mask.to(torch.int64).contiguous())
+            tensors.append(attention_mask.to("cpu", torch.int64).contiguous())
         if not self.streams:
             aio.run(self._open(batch))
         # A long prompt goes in pieces that every server of the route takes (their KV caches make it one step).
@@ -224,7 +225,7 @@ class InferenceSession:
         output = torch.cat(outputs, dim=1)
         self.batch_size = batch
         self.position += length
-        return output.to(hidden.dtype)
+        return output.to(hidden.device, hidden.dtype)
 
     def reorder(self, hypo_ids: Sequence[int] | torch.Tensor) -> None:
         """Beam search: from the next step on, every server's cached row i is the current row hypo_ids[i] (a row may

@@ -176,11 +176,13 @@ class _RemoteChain(torch.autograd.Function):
             for step, grads in param_grads:
                 if deep is not None:
                     blocks = slice(step.start - additions.first_block, step.end - additions.first_block)
-                    deep[blocks] += grads.pop()[:, 0].to(deep.dtype)
+                    deep[blocks] += grads.pop()[:, 0].to(deep.device, deep.dtype)
                 if lora is not None:
                     for name, value in zip(lora.for_blocks(step.start, step.end)[0], grads, strict=True):
                         lora_sums[name] = lora_sums[name] + value if name in lora_sums else value
-        lora_grads = [lora_sums.get(name) for name in lora.names] if lora is not None else []
+        # Gradients come from the wire in host memory; autograd wants each on its parameter's device.
+        lora_grads = [lora_sums[name].to(param.device) if name in lora_sums else None
+                      for name, param in zip(lora.names, lora.params, strict=True)] if lora is not None else []
         return (grad_input, None, None, None, None, *lora_grads, *([deep] if deep is not None else []))
 
 
@@ -315,21 +317,24 @@ class RemoteSequential(nn.Module):
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks' output, on `hidden`'s device and in its dtype (the hidden states travel from host memory)."""
         batch, length, _ = hidden.shape
         if position_ids is None:
             position_ids = torch.arange(length).expand(batch, length)
-        position_ids = position_ids.expand(batch, length).to(torch.int64).contiguous()
+        position_ids = position_ids.expand(batch, length).to("cpu", torch.int64).contiguous()
         if attention_mask is not None:
-            attention_mask = None if bool(attention_mask.all()) else attention_mask.to(torch.int64).contiguous()
+            attention_mask = None if bool(attention_mask.all()) else attention_mask.to("cpu", torch.int64).contiguous()
         params = list(self.lora.params) if self.lora is not None else []
         if self.prompts is not None and self.prompts.deep is not None:
             params.append(self.prompts.deep)
         expect_backward = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
         limits = self.request_limits()
+        host = hidden.to("cpu")  # differentiable, as the move back is: gradients find their way to the device
         if forward_needs_session(length, limits, expect_backward):  # sequences longer than a request may hold
-            return forward_in_sessions(self, hidden, position_ids, attention_mask, limits)
-        output = _RemoteChain.apply(hidden, position_ids, attention_mask, self, expect_backward, *params)
-        return output.to(hidden.dtype)
+            output = forward_in_sessions(self, host, position_ids, attention_mask, limits)
+        else:
+            output = _RemoteChain.apply(host, position_ids, attention_mask, self, expect_backward, *params)
+        return output.to(hidden.device, hidden.dtype)
 
     def inference_session(self, max_length: int, batch_size: int | None = None,
                           forwarding: bool | None = None) -> InferenceSession:
