@@ -17,7 +17,7 @@ from client import aio
 from client.config import ClientConfig
 from client.connection import SwarmConnection
 from client.delta_client import ClientDelta
-from client.failover import with_failover
+from client.failover import full_servers, with_failover
 from client.inference_session import InferenceSession
 from client.limits import RequestLimits, announced_limits, forward_in_sessions, forward_needs_session, split_batch
 from client.requests import Additions, Codecs, SpanCall, span_call
@@ -259,15 +259,15 @@ class RemoteSequential(nn.Module):
         return int(torch.randint(0, 1 << 62, ()))
 
     async def on_replica(self, step: RouteStep, call):
-        """(the step that answered, `await call(step)`): if the server is gone, the same blocks go to another server
-        that hosts all of them (client.failover decides); the inputs are the ones kept here, so the result is the
+        """(the step that answered, `await call(step)`): if the server is gone or full, the same blocks go to another
+        server that hosts all of them (client.failover decides); the inputs are the ones kept here, so the result is the
         same."""
-        current = step
+        current, tried = step, []  # tried: list[Attempt], whose full servers a replacement leaves out
 
         async def attempt(number: int):
             nonlocal current
             if number:
-                replacement = await self.connection.aplan(step.start, step.end, self.adapter)
+                replacement = await self.connection.aplan(step.start, step.end, self.adapter, full=full_servers(tried))
                 if len(replacement) != 1:
                     raise NoRouteError(f"no other single server hosts blocks {step.start}:{step.end}")
                 current = replacement[0]
@@ -275,7 +275,7 @@ class RemoteSequential(nn.Module):
                 return current, await call(current)
 
         return await with_failover(self.connection, f"blocks {step.start}:{step.end} failed", attempt,
-                                   self.config.max_retries)
+                                   self.config.max_retries, tried)
 
     def delta_coder(self) -> ClientDelta | None:
         codec, full = self.config.delta_codec, self.config.activation_codec
