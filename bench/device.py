@@ -45,7 +45,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from swarm import quantize  # noqa: E402  (torch only; bitsandbytes when a quantized mode runs)
 from swarm.models import family_for  # noqa: E402  (torch and transformers only)
-from swarm.models.span import BlockSpan  # noqa: E402
+from swarm.models.span import BlockSpan, SpanPart  # noqa: E402
 
 GEOMETRY = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -123,14 +123,12 @@ def reference_model(geometry: dict, blocks: int) -> LlamaForCausalLM:
 def device_span(model: LlamaForCausalLM, mode: str, device: torch.device, dtype: torch.dtype) -> BlockSpan:
     """The reference's blocks as a server with --quant `mode` builds them on `device`: one block at a time, each in
     `dtype`, quantized (on the device) before the next."""
-    family = family_for(model.config)
     layers = []
     for layer in model.model.layers:
         block = copy.deepcopy(layer).to(dtype)
-        block = quantize.quantize_block(block, mode, dtype, device)
-        layers.append(block.to(device))
+        layers.append(quantize.quantize_block(block, mode, dtype, device).to(device))
     n = len(layers)
-    return BlockSpan.of_blocks(family, model.config, 0, n, layers).to(device)
+    return BlockSpan.of_blocks(family_for(model.config), model.config, 0, n, layers, [SpanPart(0, n, device)])
 
 
 def head_on(model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype):

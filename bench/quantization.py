@@ -56,7 +56,7 @@ def resident_bytes(pid: int) -> int:
 def load_span(checkpoint: Checkpoint, start: int, end: int, mode: str) -> BlockSpan:
     """Blocks start:end exactly as a `--quant mode --torch-dtype float32` server loads them."""
     return BlockSpan.from_checkpoint(family_for(checkpoint.config), checkpoint.config, start, end, checkpoint,
-                                     torch.float32, quantizer(mode, torch.float32) if mode != "none" else None)
+                                     torch.float32, prepare=quantizer(mode, torch.float32) if mode != "none" else None)
 
 
 def span_errors(path: Path, spans, modes, window: torch.Tensor) -> dict[str, list[float]]:

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 
 from swarm.auth import Keyring, Refused
 from swarm.errors import BadRequest
-from swarm.stream_end import ends_cleanly
+from swarm.stream_end import add_stream_handler
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ Sealed = _sealed_type()
 
 
 class ServingP2P:
-    """A hivemind P2P whose streamed handlers end only after their caller's end of stream (swarm.stream_end), as an
-    open swarm's peers use it; everything else is the wrapped P2P's."""
+    """A hivemind P2P whose stream handlers are served by swarm.stream_end (their last message reaches a caller that
+    is still writing), as an open swarm's peers use it; everything else is the wrapped P2P's."""
 
     def __init__(self, inner: hivemind.P2P):
         self._inner = inner
@@ -57,7 +57,8 @@ class ServingP2P:
     async def add_protobuf_handler(self, name: str, handler, input_protobuf_type, *, stream_input: bool = False,
                                    stream_output: bool = False, balanced: bool = False) -> None:
         if stream_input and stream_output:
-            handler = ends_cleanly(handler)
+            await add_stream_handler(self._inner, name, handler, input_protobuf_type, balanced=balanced)
+            return
         await self._inner.add_protobuf_handler(name, handler, input_protobuf_type, stream_input=stream_input,
                                                stream_output=stream_output, balanced=balanced)
 
@@ -163,8 +164,7 @@ class KeyedP2P(ServingP2P):
                 yield self._seal_reply(name, context, nonce, seq, reply)
                 seq += 1
 
-        await self._inner.add_protobuf_handler(name, ends_cleanly(serve), Sealed, stream_input=True,
-                                               stream_output=True, balanced=balanced)
+        await add_stream_handler(self._inner, name, serve, Sealed, balanced=balanced)
 
 
 class SealedCall:

@@ -96,10 +96,11 @@ def quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype,
     return block
 
 
-def quantizer(mode: str, compute_dtype: torch.dtype, device: torch.device | str = "cpu") -> Callable[[nn.Module], nn.Module]:
-    """What BlockSpan.from_checkpoint calls on each block as it is loaded."""
+def quantizer(mode: str, compute_dtype: torch.dtype) -> Callable[[nn.Module, torch.device], nn.Module]:
+    """What BlockSpan.from_checkpoint calls on each block as it is loaded: quantize it on the device that will hold it
+    (on a GPU, bitsandbytes' kernels quantize there, and the float block never occupies GPU memory whole)."""
     check_mode(mode)
-    return lambda block: quantize_block(block, mode, compute_dtype, device)
+    return lambda block, device: quantize_block(block, mode, compute_dtype, device)
 
 
 def mode_of(block: nn.Module) -> str:

@@ -230,12 +230,12 @@ LOAD_SCRIPT = textwrap.dedent("""
     # Imports, and the first quantization (bitsandbytes' library, the code pages of the ops it runs), before the peak
     # is reset: what is measured is the memory of the load alone.
     require_bitsandbytes("nf4")
-    BlockSpan.from_checkpoint(family, checkpoint.config, 0, 1, checkpoint, torch.float32, quantizer("nf4", torch.float32))
+    BlockSpan.from_checkpoint(family, checkpoint.config, 0, 1, checkpoint, torch.float32, prepare=quantizer("nf4", torch.float32))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak resident size (VmHWM) starts again from the present one
     before = memory()["VmRSS"]
     span = BlockSpan.from_checkpoint(family, checkpoint.config, 0, checkpoint.config.num_hidden_layers, checkpoint,
-                                     torch.float32, quantizer("nf4", torch.float32))
+                                     torch.float32, prepare=quantizer("nf4", torch.float32))
     after = memory()
     print(json.dumps(dict(before=before, peak=after["VmHWM"], after=after["VmRSS"], weights=weight_bytes(span))))
 """)
