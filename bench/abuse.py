@@ -3,9 +3,11 @@
 An abuser spread over --abuser-ids peer ids (ids cost nothing) opens --abuser-sessions inference sessions and holds
 them (opening new ones as the server ends some), and floods the server with large forward requests that upload LoRA
 tensors to be cached; meanwhile --honest clients generate greedily. Printed: whether every honest client's output
-equals local transformers', the abuser's errors counted by message, and the server's resident memory (VmRSS of its
-process) after warm-up, its peak under load, and the bound "RSS after warm-up + the sum of its configured budgets +
-10%", with pass/fail. The budgets are small, so the run takes a few minutes on 2 cores.
+equals local transformers', the abuser's errors counted by code and by message, each of the server's budgets, and the
+server's resident memory (VmRSS of its process) after warm-up, its peak under load, and the bound "(RSS after warm-up
++ the sum of its configured budgets) + 10%", with pass/fail. Every request is charged to the in-flight budget as it
+arrives, its copies included (swarm.ingress), so the budgets cover what the abuser can make the server hold. The
+budgets are small, so the run takes a few minutes on 2 cores.
 Run: python bench/abuse.py [--honest 8] [--abuser-ids 10] [--abuser-sessions 200] [--new-tokens 24]
 """
 

@@ -17,6 +17,7 @@ from swarm.compression import wire
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES
 from swarm.errors import BadRequest, LimitReached, RemoteError, ServerLeaving
 from swarm.forwarding import ForwardHop, ForwardStep, PushStep
+from swarm.ingress import Ticket
 from swarm.protocol import InferenceOpen, InferenceReply
 from swarm.service import BlockService
 from swarm.tensors import pack_tensor, payload_bytes, raw_bytes, tensor_bytes, unpack_tensor
@@ -31,7 +32,7 @@ class OpenSession:
     meta: InferenceOpen
     state: InferenceState
     peer: str  # the client's peer id: whose budget share the session holds
-    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # ExpertRequest | (PushStep, tensors) | PushFailed | Evicted | None
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # ExpertRequest | (PushStep, tensors, charge) | PushFailed | Evicted | None
     steps: int = 0  # steps done: the next one must carry this number
     pushed: int = -1  # the last step a push was accepted for (one push per step may wait in the inbox)
     # Released when the client's message in the inbox has been handled: the stream is read one message at a time,
@@ -124,9 +125,15 @@ class InferenceRpcs:
                 prompts = self.backend.check_prompts(lora_tensors.pop(0), meta.start, meta.end, meta.batch_size)
             lora_pairs, lora_scaling = self.backend.resolve_lora(meta.start, meta.end, meta.adapter, meta.lora, lora_tensors,
                                                                  meta.lora_scaling)
-            # A session that holds more than its share gives way to one that holds less: it ends on its next turn.
-            self.budget.acquire(peer, holding, meta.batch_size * meta.max_length,
-                                lambda reason: inbox.put_nowait(Evicted(reason)))
+            # A session that holds more than its share gives way to one that holds less: it ends on its next turn. The
+            # tensors it opened with (LoRA, prompts) are kept as long as it lives: they hold in-flight memory as long.
+            opening = self._keep(peer, tensor_bytes([*lora_tensors, *([prompts] if prompts is not None else [])]), inbox)
+            try:
+                self.budget.acquire(peer, holding, meta.batch_size * meta.max_length,
+                                    lambda reason: inbox.put_nowait(Evicted(reason)))
+            except BaseException:
+                self.compute.release(opening)
+                raise
         self.stats.sessions_open += 1
         reader = session = None
         try:
@@ -155,6 +162,8 @@ class InferenceRpcs:
                 finally:
                     if isinstance(item, runtime_pb2.ExpertRequest):
                         session.handled.release()
+                    elif isinstance(item, tuple):  # a pushed step: its tensors are done with
+                        self.compute.release(item[2])
                 if response is not None:
                     yield response
         finally:
@@ -169,6 +178,18 @@ class InferenceRpcs:
                     del self.sessions[meta.session_id]
             self.stats.sessions_open -= 1
             self.budget.release(holding)
+            self.compute.release(opening)
+            while not inbox.empty():  # pushed steps that never ran
+                if isinstance(item := inbox.get_nowait(), tuple):
+                    self.compute.release(item[2])
+
+    def _keep(self, peer: str, nbytes: int, inbox: asyncio.Queue) -> Ticket:
+        """A charge of the in-flight budget for what a session keeps of `peer`'s (opening tensors, a pushed step
+        waiting its turn); should the budget end it for a peer that holds less, the session ends on its next turn."""
+        ticket = Ticket(peer, nbytes, on_end=[lambda reason: inbox.put_nowait(Evicted(reason))])
+        if nbytes:
+            self.compute.admit(ticket)
+        return ticket
 
     async def _inference_step(self, session: OpenSession, item) -> runtime_pb2.ExpertResponse | None:
         """Run one step (a client's message or a validated push); None for a step that was already done."""
@@ -178,7 +199,7 @@ class InferenceRpcs:
         if isinstance(item, runtime_pb2.ExpertRequest):
             meta, tensors, received = ForwardStep.decode(item.metadata), unpack_request(item.tensors, self.backend.limits), item.tensors
         else:
-            (meta, tensors), received = item, ()  # a push: validated and counted by rpc_push
+            (meta, tensors, _), received = item, ()  # a push: validated and counted by rpc_push
         if meta.step < session.steps:
             # Both the previous server's push and the client (after that push looked lost) sent it: the step is done
             # and answered once, with the same inputs either way.
@@ -280,8 +301,9 @@ class InferenceRpcs:
             if hidden.shape[0] != session.state.batch_size:
                 raise BadRequest(f"session was opened for batch size {session.state.batch_size}, push has {hidden.shape[0]}")
             check_hypo_ids(meta.hypo_ids, session.state.batch_size)
+            kept = self._keep(str(context.remote_id), tensor_bytes(tensors), session.inbox)  # until the step has run
             session.pushed = meta.step
-            session.inbox.put_nowait((meta, tensors))
+            session.inbox.put_nowait((meta, tensors, kept))
         self._count("push", request.tensors)
         return runtime_pb2.ExpertResponse(metadata=InferenceReply(position=session.state.position).encode())
 
