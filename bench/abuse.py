@@ -3,9 +3,11 @@
 An abuser spread over --abuser-ids peer ids (ids cost nothing) opens --abuser-sessions inference sessions and holds
 them (opening new ones as the server ends some), and floods the server with large forward requests that upload LoRA
 tensors to be cached; meanwhile --honest clients generate greedily. Printed: whether every honest client's output
-equals local transformers', the abuser's errors counted by message, and the server's resident memory (VmRSS of its
-process) after warm-up, its peak under load, and the bound "RSS after warm-up + the sum of its configured budgets +
-10%", with pass/fail. The budgets are small, so the run takes a few minutes on 2 cores.
+equals local transformers', the abuser's errors counted by code and by message, each of the server's budgets, and the
+server's resident memory (VmRSS of its process) after warm-up, its peak under load, and the bound "(RSS after warm-up
++ the sum of its configured budgets) + 10%", with pass/fail. Every request is charged to the in-flight budget as it
+arrives, its copies included (swarm.ingress), so the budgets cover what the abuser can make the server hold. The
+budgets are small, so the run takes a few minutes on 2 cores.
 Run: python bench/abuse.py [--honest 8] [--abuser-ids 10] [--abuser-sessions 200] [--new-tokens 24]
 """
 
@@ -73,13 +75,15 @@ class RssSampler(threading.Thread):
         return " ".join(f"{rss / 2**20:.0f}" for rss in self.samples[::step])
 
 
-def budget_bytes(config, budgets: dict) -> int:
-    """The sum of the server's configured budgets in bytes: KV cache (float32 keys and values of every block), the
-    LoRA cache, kept activations, delta references and requests in flight."""
+def budget_bytes(config, budgets: dict) -> dict[str, int]:
+    """The server's configured budgets in bytes, by flag: the KV cache (float32 keys and values of every block), the
+    LoRA cache, requests in flight (every request is charged there as it arrives, copies included: swarm.ingress),
+    kept activations and delta references."""
     head_dim = config.hidden_size // config.num_attention_heads
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
-    mib = sum(budgets[name] for name in ("lora_cache_mb", "inflight_mb", "train_activation_mb", "delta_state_mb"))
-    return budgets["cache_tokens"] * kv_per_token + int(mib * 2**20)
+    mib = {name: int(budgets[name] * 2**20) for name in ("lora_cache_mb", "inflight_mb", "train_activation_mb",
+                                                        "delta_state_mb")}
+    return {"cache_tokens": budgets["cache_tokens"] * kv_per_token, **mib}
 
 
 def error_kind(exc: BaseException) -> str:
@@ -280,15 +284,21 @@ def main() -> None:
         print(f"honest client {i}: {'correct' if ok else 'WRONG'}" + (f" in {seconds:.1f} s" if error is None else
                                                                     f": {error_kind(error)}"))
     print(f"honest clients correct: {correct} of {args.honest}")
+    by_code = collections.Counter()
+    for message, count in abuser.errors.items():
+        by_code[message.split("]", 1)[0] + "]"] += count
     print(f"abuser: {abuser.opened} sessions opened, {held_at_end} held at the end, {abuser.forwards} forwards served; "
-          "errors by message:")
+          f"errors by code: {dict(by_code.most_common())}; by message:")
     for message, count in abuser.errors.most_common():
         print(f"  {count:6d}  {message}")
     budgets = budget_bytes(config, BUDGETS)
-    bound = (warm_rss + budgets) * 1.1
-    print(f"server RSS after warm-up {warm_rss / 2**20:.0f} MiB, peak under load {peak / 2**20:.0f} MiB; bound: "
-          f"{warm_rss / 2**20:.0f} + budgets {budgets / 2**20:.0f} MiB + 10% = {bound / 2**20:.0f} MiB: "
-          f"{'PASS' if peak <= bound else 'FAIL'}")
+    total = sum(budgets.values())
+    bound = (warm_rss + total) * 1.1
+    print("server budgets: " + ", ".join(f"--{name.replace('_', '-')} {BUDGETS[name]} = {nbytes / 2**20:.1f} MiB"
+                                         for name, nbytes in budgets.items()) + f"; sum {total / 2**20:.1f} MiB")
+    print(f"server RSS after warm-up {warm_rss / 2**20:.0f} MiB, peak under load {peak / 2**20:.0f} MiB "
+          f"(+{(peak - warm_rss) / 2**20:.0f}); bound: (RSS after warm-up {warm_rss / 2**20:.0f} + budgets "
+          f"{total / 2**20:.0f} MiB) + 10% = {bound / 2**20:.0f} MiB: {'PASS' if peak <= bound else 'FAIL'}")
     print(f"server RSS during the load (MiB, evenly spaced): {sampler.timeline()}")
     limited = sum(count for message, count in abuser.errors.items() if "limit reached" in message)
     print(f"overall: {'PASS' if correct == args.honest and peak <= bound and limited else 'FAIL'} (honest all correct, "

@@ -22,6 +22,7 @@ from swarm.tensors import unpack_tensor
 class Limits:
     max_batch_size: int = ServerConfig.max_batch_size
     max_chunk_tokens: int = ServerConfig.max_chunk_tokens
+    max_request_tensors: int = ServerConfig.max_request_tensors
 
 
 @dataclass
@@ -50,8 +51,16 @@ class Adaptation:
 NONE = Adaptation()
 
 
-def unpack_request(protos, first: int = 0) -> list[torch.Tensor]:
-    """A request's tensors, checked (see swarm.tensors.unpack_tensor); `first` numbers them in error messages."""
+def check_tensor_count(count: int, limits: Limits) -> None:
+    if count > limits.max_request_tensors:
+        raise BadRequest(f"the request carries {count} tensors; this server takes at most {limits.max_request_tensors} "
+                         "per request (--max-request-tensors)")
+
+
+def unpack_request(protos, limits: Limits, first: int = 0) -> list[torch.Tensor]:
+    """A request's tensors, counted (within `limits`) before any is decoded, then checked (see
+    swarm.tensors.unpack_tensor); `first` numbers them in error messages."""
+    check_tensor_count(first + len(protos), limits)
     return [unpack_tensor(t, f"tensor {first + i}") for i, t in enumerate(protos)]
 
 

@@ -15,12 +15,14 @@ from typing import Any
 from server.cache_budget import InflightBudget
 from server.fair_share import decayed, next_peer
 from swarm.errors import LimitReached
+from swarm.ingress import Ticket
 
 
 class _Job:
     def __init__(self, peer: str, fn: Callable, args: tuple, future: asyncio.Future, queued_at: float):
         self.peer, self.fn, self.args, self.future, self.queued_at = peer, fn, args, future, queued_at
         self.seconds = 0.0
+        self.holding: object = self  # its key in the in-flight budget: itself, or the ticket its request came with
 
     def __call__(self) -> Any:
         started = time.perf_counter()
@@ -41,17 +43,32 @@ class FairCompute:
         self._usage: dict[str, tuple[float, float]] = {}  # peer -> (compute seconds, as of when)
         self._running: _Job | None = None
 
-    async def run(self, peer: str, nbytes: int, fn: Callable, *args) -> Any:
-        """`fn(*args)` on the compute thread, in `peer`'s turn; its request holds `nbytes` of the in-flight budget."""
+    async def run(self, peer: str, nbytes: int, fn: Callable, *args, ticket: Ticket | None = None) -> Any:
+        """`fn(*args)` on the compute thread, in `peer`'s turn. Its request holds the in-flight budget: `ticket`, the
+        charge it was admitted with on arrival (swarm.ingress), or else `nbytes` from now on."""
         job = _Job(peer, fn, args, asyncio.get_running_loop().create_future(), self.clock())
-        self.inflight.acquire(peer, job, nbytes, lambda reason: self._drop(job, reason))
+        if ticket is None:
+            self.inflight.acquire(peer, job, nbytes, lambda reason: self._drop(job, reason))
+        else:
+            ticket.check()  # ended while its request was parsed: it gave way already
+            ticket.on_end.append(lambda reason: self._drop(job, reason))
+            job.holding = ticket
         try:
             self._waiting.setdefault(peer, deque()).append(job)
             self._dispatch()
             return await job.future
         finally:
-            self.inflight.release(job)
+            if ticket is None:
+                self.inflight.release(job)
             self._unqueue(job)
+
+    # -- swarm.ingress.Gate: requests are charged to the in-flight budget on arrival --------------------------------
+
+    def admit(self, ticket: Ticket) -> None:
+        self.inflight.acquire(ticket.peer, ticket, ticket.nbytes, ticket.end)
+
+    def release(self, ticket: Ticket) -> None:
+        self.inflight.release(ticket)
 
     def usage(self) -> dict[str, float]:
         now = self.clock()
@@ -64,7 +81,7 @@ class FairCompute:
         if not waiting:
             return
         job = self._waiting[next_peer(waiting, self.usage())].popleft()
-        self.inflight.pin(job)
+        self.inflight.pin(job.holding)
         self._running = job
         try:
             done = asyncio.wrap_future(self.executor.submit(job))
@@ -106,3 +123,22 @@ class FairCompute:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class CurrentCompute:
+    """The swarm.ingress.Gate of a server: the in-flight budget of the span it serves now (`current()`); a charge
+    goes back to the budget that took it, also after a move replaced the span's handler."""
+
+    def __init__(self, current: Callable[[], FairCompute]):
+        self.current = current
+        self._taken: dict[Ticket, FairCompute] = {}
+
+    def admit(self, ticket: Ticket) -> None:
+        compute = self.current()
+        compute.admit(ticket)
+        self._taken[ticket] = compute
+
+    def release(self, ticket: Ticket) -> None:
+        compute = self._taken.pop(ticket, None)
+        if compute is not None:
+            compute.release(ticket)

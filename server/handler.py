@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.proto import runtime_pb2
 
-from server.backend import Adaptation, SpanBackend, check_codec, unpack_request
+from server.backend import Adaptation, SpanBackend, check_codec, check_tensor_count, unpack_request
 from server.cache_budget import ActivationBudget, SessionBudget
 from server.compute_queue import FairCompute
 from server.delta_state import ServerDelta
@@ -31,6 +31,11 @@ from swarm.streaming import join_message, split_message
 from swarm.tensors import pack_tensor, payload_bytes, raw_bytes, tensor_bytes, unpack_tensor
 
 logger = logging.getLogger(__name__)
+
+
+# The streamed requests whose every message is kept until the request ends (a forward or backward in chunks, a
+# training stream's forward until its backward): their messages stay charged to the in-flight budget until then.
+KEEPS_MESSAGES = ("rpc_forward_stream", "rpc_backward_stream", "rpc_train")
 
 
 @dataclass
@@ -70,8 +75,9 @@ class BlockHandler(InferenceRpcs):
     def executor(self):
         return self.compute.executor
 
-    async def _compute(self, peer: str, nbytes: int, fn, *args):
-        """`fn(*args)` on the compute thread in `peer`'s turn, for a request of `nbytes` (the in-flight budget)."""
+    async def _compute(self, peer: str, nbytes: int, fn, *args, ticket=None):
+        """`fn(*args)` on the compute thread in `peer`'s turn, for a request of `nbytes` (the in-flight budget), or
+        that holds the charge `ticket` since it arrived (swarm.ingress)."""
         def timed():
             started = time.perf_counter()
             try:
@@ -80,7 +86,7 @@ class BlockHandler(InferenceRpcs):
                 kind = fn.__name__
                 self.stats.compute_s[kind] = self.stats.compute_s.get(kind, 0.0) + time.perf_counter() - started
 
-        return await self.compute.run(peer, nbytes, timed)
+        return await self.compute.run(peer, nbytes, timed, ticket=ticket)
 
     def _count(self, kind: str, request_tensors, response_tensors=()) -> None:
         self.stats.requests += 1
@@ -137,18 +143,19 @@ class BlockHandler(InferenceRpcs):
         reference = [tensors[0], *lora_tensors] + ([raw_prompts] if raw_prompts is not None else [])
         return inputs, grad_output, adapt, reference
 
-    async def _span_call(self, kind: str, metadata: bytes, protos, peer: str) -> list[runtime_pb2.Tensor]:
+    async def _span_call(self, kind: str, metadata: bytes, protos, peer: str, ticket=None) -> list[runtime_pb2.Tensor]:
         """Forward: [output]. Backward: [grad w.r.t. input (if meta.input_grad), each LoRA tensor in request order,
-        deep prompts if sent]."""
+        deep prompts if sent]. `ticket`: the charge the request holds since it arrived (a unary one)."""
         meta = SpanRequest.decode(metadata)
-        tensors = unpack_request(protos)
+        tensors = unpack_request(protos, self.backend.limits)
         nbytes = tensor_bytes(tensors)
         inputs, grad_output, adapt, reference = self._prepare(kind, meta, tensors, peer)
         if kind == "forward":
-            output = await self._compute(peer, nbytes, self.backend.forward, inputs, meta.start, meta.end, adapt)
+            output = await self._compute(peer, nbytes, self.backend.forward, inputs, meta.start, meta.end, adapt,
+                                         ticket=ticket)
             return _pack_reply([output.to(reference[0].dtype)], meta.reply_codec)
         grads = await self._compute(peer, nbytes, self.backend.backward, inputs, grad_output, meta.start, meta.end,
-                                    adapt, meta.input_grad)
+                                    adapt, meta.input_grad, ticket=ticket)
         return _pack_grads(grads, reference, meta.reply_codec, meta.input_grad)
 
     def _lora_tensors(self, meta: SpanRequest, tensors: list[torch.Tensor], peer: str):
@@ -177,7 +184,8 @@ class BlockHandler(InferenceRpcs):
         return tensors, lora_tensors
 
     async def _unary(self, kind: str, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
-        outputs = await self._guard(kind, self._span_call(kind, request.metadata, request.tensors, str(context.remote_id)))
+        outputs = await self._guard(kind, self._span_call(kind, request.metadata, request.tensors, str(context.remote_id),
+                                                          getattr(context, "ticket", None)))
         response = runtime_pb2.ExpertResponse(tensors=outputs, metadata=SpanReply().encode())
         self._count(kind, request.tensors, response.tensors)
         return response
@@ -187,6 +195,7 @@ class BlockHandler(InferenceRpcs):
             first = await anext(requests, None)
             if first is None:
                 raise BadRequest("empty request stream")
+            check_tensor_count(len(first.tensors), self.backend.limits)  # before any of their bytes are kept
             rest, total = [], 0
             async for message in requests:  # stop keeping messages as soon as the stream outgrows any valid request
                 total += sum(len(chunk.buffer) for chunk in message.tensors)
@@ -221,14 +230,15 @@ class BlockHandler(InferenceRpcs):
         with self._guarded("training stream"):
             meta = SpanRequest.decode(first.metadata)
             protos, commit = first.tensors, None
+            check_tensor_count(len(protos), self.backend.limits)
             if meta.delta is None:
-                tensors = unpack_request(protos)
+                tensors = unpack_request(protos, self.backend.limits)
             else:  # hidden states as full rows and deltas against earlier epochs' references
                 check_codec(meta.delta.codec)
                 if len(protos) < 2:
                     raise BadRequest("a delta-coded request starts with two tensors: the full rows and the deltas")
                 hidden, commit = self.delta.decode_input(meta.delta, protos[0], protos[1], peer, meta.start, meta.end)
-                tensors = [hidden, *unpack_request(protos[2:], first=2)]
+                tensors = [hidden, *unpack_request(protos[2:], self.backend.limits, first=2)]
             request_bytes = tensor_bytes(tensors)
             inputs, _, adapt, reference = self._prepare("forward", meta, tensors, peer)
             if commit is not None:

@@ -12,11 +12,12 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
-from server.backend import InferenceState, check_codec, check_hypo_ids, unpack_request
+from server.backend import InferenceState, check_codec, check_hypo_ids, check_tensor_count, unpack_request
 from swarm.compression import wire
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES
 from swarm.errors import BadRequest, LimitReached, RemoteError, ServerLeaving
 from swarm.forwarding import ForwardHop, ForwardStep, PushStep
+from swarm.ingress import Ticket
 from swarm.protocol import InferenceOpen, InferenceReply
 from swarm.service import BlockService
 from swarm.tensors import pack_tensor, payload_bytes, raw_bytes, tensor_bytes, unpack_tensor
@@ -31,9 +32,12 @@ class OpenSession:
     meta: InferenceOpen
     state: InferenceState
     peer: str  # the client's peer id: whose budget share the session holds
-    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # ExpertRequest | (PushStep, tensors) | PushFailed | Evicted | None
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # ExpertRequest | (PushStep, tensors, charge) | PushFailed | Evicted | None
     steps: int = 0  # steps done: the next one must carry this number
     pushed: int = -1  # the last step a push was accepted for (one push per step may wait in the inbox)
+    # Released when the client's message in the inbox has been handled: the stream is read one message at a time,
+    # so a client cannot pile up messages here (each is charged only until the next is read: swarm.ingress).
+    handled: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(0))
     link: PushLink | None = None  # the stream this session's steps are pushed on to the next server with
     push_task: asyncio.Task | None = None  # the latest push (each waits for the one before it)
 
@@ -111,7 +115,9 @@ class InferenceRpcs:
                 raise BadRequest(f"batch size {meta.batch_size} exceeds this server's limit of {self.backend.limits.max_batch_size}")
             if meta.max_length > self.backend.max_position:
                 raise BadRequest(f"max_length {meta.max_length} exceeds the model's {self.backend.max_position} positions")
+            check_tensor_count(len(first.tensors), self.backend.limits)
             lora_tensors = [unpack_tensor(t, f"opening tensor {i}") for i, t in enumerate(first.tensors)]
+            first = None  # decoded: the message is not kept for the session's life (its charge ends at the next read)
             prompts = None
             if meta.deep_prompts:
                 if not lora_tensors:
@@ -119,9 +125,15 @@ class InferenceRpcs:
                 prompts = self.backend.check_prompts(lora_tensors.pop(0), meta.start, meta.end, meta.batch_size)
             lora_pairs, lora_scaling = self.backend.resolve_lora(meta.start, meta.end, meta.adapter, meta.lora, lora_tensors,
                                                                  meta.lora_scaling)
-            # A session that holds more than its share gives way to one that holds less: it ends on its next turn.
-            self.budget.acquire(peer, holding, meta.batch_size * meta.max_length,
-                                lambda reason: inbox.put_nowait(Evicted(reason)))
+            # A session that holds more than its share gives way to one that holds less: it ends on its next turn. The
+            # tensors it opened with (LoRA, prompts) are kept as long as it lives: they hold in-flight memory as long.
+            opening = self._keep(peer, tensor_bytes([*lora_tensors, *([prompts] if prompts is not None else [])]), inbox)
+            try:
+                self.budget.acquire(peer, holding, meta.batch_size * meta.max_length,
+                                    lambda reason: inbox.put_nowait(Evicted(reason)))
+            except BaseException:
+                self.compute.release(opening)
+                raise
         self.stats.sessions_open += 1
         reader = session = None
         try:
@@ -131,7 +143,7 @@ class InferenceRpcs:
             if meta.session_id:
                 self.sessions[meta.session_id] = session
             yield runtime_pb2.ExpertResponse(metadata=InferenceReply(cache_tokens_left=self.budget.free).encode())
-            reader = asyncio.create_task(_read_stream(requests, session.inbox))
+            reader = asyncio.create_task(_read_stream(requests, session.inbox, session.handled))
             while True:
                 try:
                     item = await asyncio.wait_for(session.inbox.get(), timeout=self.session_timeout)
@@ -145,7 +157,13 @@ class InferenceRpcs:
                 if self.leaving:
                     raise ServerLeaving(f"this server is leaving the swarm; continue the session elsewhere "
                                         f"(it held {state.position} tokens)")
-                response = await self._guard("inference", self._inference_step(session, item))
+                try:
+                    response = await self._guard("inference", self._inference_step(session, item))
+                finally:
+                    if isinstance(item, runtime_pb2.ExpertRequest):
+                        session.handled.release()
+                    elif isinstance(item, tuple):  # a pushed step: its tensors are done with
+                        self.compute.release(item[2])
                 if response is not None:
                     yield response
         finally:
@@ -160,6 +178,18 @@ class InferenceRpcs:
                     del self.sessions[meta.session_id]
             self.stats.sessions_open -= 1
             self.budget.release(holding)
+            self.compute.release(opening)
+            while not inbox.empty():  # pushed steps that never ran
+                if isinstance(item := inbox.get_nowait(), tuple):
+                    self.compute.release(item[2])
+
+    def _keep(self, peer: str, nbytes: int, inbox: asyncio.Queue) -> Ticket:
+        """A charge of the in-flight budget for what a session keeps of `peer`'s (opening tensors, a pushed step
+        waiting its turn); should the budget end it for a peer that holds less, the session ends on its next turn."""
+        ticket = Ticket(peer, nbytes, on_end=[lambda reason: inbox.put_nowait(Evicted(reason))])
+        if nbytes:
+            self.compute.admit(ticket)
+        return ticket
 
     async def _inference_step(self, session: OpenSession, item) -> runtime_pb2.ExpertResponse | None:
         """Run one step (a client's message or a validated push); None for a step that was already done."""
@@ -167,9 +197,9 @@ class InferenceRpcs:
             reply = InferenceReply(position=session.state.position, push_failed=item.step, forward_error=item.error)
             return runtime_pb2.ExpertResponse(metadata=reply.encode())
         if isinstance(item, runtime_pb2.ExpertRequest):
-            meta, tensors, received = ForwardStep.decode(item.metadata), unpack_request(item.tensors), item.tensors
+            meta, tensors, received = ForwardStep.decode(item.metadata), unpack_request(item.tensors, self.backend.limits), item.tensors
         else:
-            (meta, tensors), received = item, ()  # a push: validated and counted by rpc_push
+            (meta, tensors, _), received = item, ()  # a push: validated and counted by rpc_push
         if meta.step < session.steps:
             # Both the previous server's push and the client (after that push looked lost) sent it: the step is done
             # and answered once, with the same inputs either way.
@@ -266,13 +296,14 @@ class InferenceRpcs:
             codec, expected = wire.slot_codec(request.tensors[0].dtype), session.meta.input_codec or "none"
             if codec != expected:
                 raise BadRequest(f"pushed hidden states are in codec {codec!r:.70}; this session takes {expected!r}")
-            tensors = unpack_request(request.tensors)
+            tensors = unpack_request(request.tensors, self.backend.limits)
             hidden = self.backend.check_inputs(tensors, on_device=False).hidden  # moved when its step runs
             if hidden.shape[0] != session.state.batch_size:
                 raise BadRequest(f"session was opened for batch size {session.state.batch_size}, push has {hidden.shape[0]}")
             check_hypo_ids(meta.hypo_ids, session.state.batch_size)
+            kept = self._keep(str(context.remote_id), tensor_bytes(tensors), session.inbox)  # until the step has run
             session.pushed = meta.step
-            session.inbox.put_nowait((meta, tensors))
+            session.inbox.put_nowait((meta, tensors, kept))
         self._count("push", request.tensors)
         return runtime_pb2.ExpertResponse(metadata=InferenceReply(position=session.state.position).encode())
 
@@ -282,11 +313,14 @@ class InferenceRpcs:
             yield await self.rpc_push(request, context)
 
 
-async def _read_stream(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
-    """Move a client's messages into its session's inbox, then None when the client ends the stream (or it breaks)."""
+async def _read_stream(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue,
+                       handled: asyncio.Semaphore) -> None:
+    """Move a client's messages into its session's inbox, each once the one before it was handled, then None when the
+    client ends the stream (or it breaks)."""
     try:
         async for request in requests:
             inbox.put_nowait(request)
+            await handled.acquire()
     except Exception as exc:  # noqa: BLE001 - a broken stream ends the session like a closed one
         logger.debug("inference stream broke: %s", exc)
     finally:

@@ -15,7 +15,8 @@ import torch
 from server.backend import Limits, SpanBackend
 from server.block_selection import choose_span
 from server.cache_budget import SessionBudget
-from server.handler import BlockHandler
+from server.compute_queue import CurrentCompute
+from server.handler import KEEPS_MESSAGES, BlockHandler
 from server.rebalance import ActiveHandler, Rebalancer, drain
 from swarm import __version__, compression, versions
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
@@ -23,6 +24,7 @@ from swarm.config import ServerConfig
 from swarm.devices import DeviceFacts, describe_devices, probe, resolve_devices, split_span, synchronize
 from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_servers
 from swarm.identity import ModelIdentity
+from swarm.ingress import Ingress
 from swarm.join import join_as_configured
 from swarm.keyed_p2p import keyed
 from swarm.lora import read_peft_adapter
@@ -206,7 +208,7 @@ class Server:
         span = BlockSpan.from_checkpoint(self.family, self.config, start, end, self.checkpoint, self.dtype, parts,
                                          quantizer(o.quant, self.dtype) if o.quant != "none" else None)
         ms_per_block, forward_tps = measure_speed(span, self.dtype)
-        backend = SpanBackend(span, self.dtype, Limits(o.max_batch_size, o.max_chunk_tokens))
+        backend = SpanBackend(span, self.dtype, Limits(o.max_batch_size, o.max_chunk_tokens, o.max_request_tensors))
         for name, path in o.adapters.items():
             backend.host_adapter(name, read_peft_adapter(path, range(start, end)))
             logger.info("hosting adapter %r from %s", name, path)
@@ -273,7 +275,10 @@ class Server:
                 self._loop.add_signal_handler(sig, self._stop_event.set)
         if self._stop.is_set():
             self._stop_event.set()
-        p2p = keyed(await self.dht.replicate_p2p(), self.dht.keyring)  # a private swarm's RPCs are sealed
+        # A private swarm's RPCs are sealed; every request is charged to the in-flight budget as it arrives.
+        ingress = Ingress(CurrentCompute(lambda: self.handler.compute), self.handler.max_request_bytes,
+                          keeps_messages=KEEPS_MESSAGES)
+        p2p = keyed(await self.dht.replicate_p2p(), self.dht.keyring, ingress)
         self.p2p = p2p
         self.handler.attach(p2p, self.prefix)  # inference steps are pushed on to the next server with it
         self.active = ActiveHandler(self.handler)

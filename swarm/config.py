@@ -83,12 +83,17 @@ class ServerConfig:
     # least recently used holding.
     cache_tokens: int = option(16384, "KV-cache budget in tokens, summed over sessions as batch_size * max_length")
     max_sessions: int = option(256, "inference sessions open at once, all peers together")
-    inflight_mb: float = option(512.0, "memory for requests received and waiting for (or in) compute; the compute "
-                                       "thread serves the peer that used the least compute lately first")
+    inflight_mb: float = option(512.0, "memory for requests received and waiting for (or in) compute, each charged "
+                                       "as it arrives, its copies included (swarm.ingress); the compute thread serves "
+                                       "the peer that used the least compute lately first")
     # Announced in the server's record: clients split their requests to fit (client.limits).
     max_batch_size: int = option(64, "largest batch accepted")
     max_chunk_tokens: int = option(8192, "largest batch * length accepted in one request (forward, backward or "
                                          "inference step)")
+    # Each tensor of a request costs the server objects far larger than its few bytes on the wire (an empty tensor
+    # takes 2 bytes there and about a kilobyte decoded): counted before any is decoded.
+    max_request_tensors: int = option(4096, "most tensors one request (or an inference session's opening) may carry: "
+                                            "its inputs and every LoRA tensor")
     update_period: float = option(30.0, "seconds between DHT announcements")
     # Records outlive a few announcements (a late one is no gap) and still vanish by themselves when a server crashes.
     expiration_factor: float = option(2.5, "DHT records live this many update periods")

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 from swarm.auth import Keyring, Refused
 from swarm.errors import BadRequest
+from swarm.ingress import Ingress
 from swarm.stream_end import add_stream_handler
 
 logger = logging.getLogger(__name__)
@@ -45,11 +46,13 @@ Sealed = _sealed_type()
 
 
 class ServingP2P:
-    """A hivemind P2P whose stream handlers are served by swarm.stream_end (their last message reaches a caller that
-    is still writing), as an open swarm's peers use it; everything else is the wrapped P2P's."""
+    """A hivemind P2P whose stream handlers are served so that their last message reaches a caller that is still
+    writing (swarm.stream_end), as an open swarm's peers use it; with an `ingress` (a server's), every request it
+    serves is charged on arrival (swarm.ingress, which ends streams the same way). Everything else is the wrapped
+    P2P's."""
 
-    def __init__(self, inner: hivemind.P2P):
-        self._inner = inner
+    def __init__(self, inner: hivemind.P2P, ingress: Ingress | None = None):
+        self._inner, self.ingress = inner, ingress
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -57,17 +60,26 @@ class ServingP2P:
     async def add_protobuf_handler(self, name: str, handler, input_protobuf_type, *, stream_input: bool = False,
                                    stream_output: bool = False, balanced: bool = False) -> None:
         if stream_input and stream_output:
-            await add_stream_handler(self._inner, name, handler, input_protobuf_type, balanced=balanced)
+            await self._add_stream_handler(name, handler, input_protobuf_type, balanced)
             return
+        if not stream_input and not stream_output and self.ingress is not None:
+            handler = self.ingress.unary(handler, size=lambda request: request.ByteSize())
         await self._inner.add_protobuf_handler(name, handler, input_protobuf_type, stream_input=stream_input,
                                                stream_output=stream_output, balanced=balanced)
+
+    async def _add_stream_handler(self, name: str, handler, input_protobuf_type, balanced: bool) -> None:
+        """A stream-in, stream-out handler: read through the ingress (which ends streams cleanly itself), or hivemind."""
+        if self.ingress is not None:
+            await self.ingress.add_stream_handler(self._inner, name, handler, input_protobuf_type, balanced)
+        else:
+            await add_stream_handler(self._inner, name, handler, input_protobuf_type, balanced=balanced)
 
 
 class KeyedP2P(ServingP2P):
     """A hivemind P2P whose protobuf RPCs are sealed with the swarm key; everything else is the wrapped P2P's."""
 
-    def __init__(self, inner: hivemind.P2P, keyring: Keyring):
-        super().__init__(inner)
+    def __init__(self, inner: hivemind.P2P, keyring: Keyring, ingress: Ingress | None = None):
+        super().__init__(inner, ingress)
         self.keyring = keyring
 
     # -- calling ---------------------------------------------------------------------------------------------------
@@ -136,6 +148,8 @@ class KeyedP2P(ServingP2P):
                     raise
                 return self._seal_reply(name, context, nonce, 0, await handler(request, context))
 
+            if self.ingress is not None:  # charged before the payload is even checked, let alone parsed
+                unary = self.ingress.unary(unary, size=lambda sealed: sealed.ByteSize())
             await self._inner.add_protobuf_handler(name, unary, Sealed, balanced=balanced)
             return
 
@@ -164,7 +178,7 @@ class KeyedP2P(ServingP2P):
                 yield self._seal_reply(name, context, nonce, seq, reply)
                 seq += 1
 
-        await add_stream_handler(self._inner, name, serve, Sealed, balanced=balanced)
+        await self._add_stream_handler(name, serve, Sealed, balanced)
 
 
 class SealedCall:
@@ -208,11 +222,12 @@ def _parse(message_type, payload: bytes, name: str):
         raise BadRequest(f"{name}: the message is not a valid {message_type.DESCRIPTOR.name} ({exc})") from None
 
 
-def keyed(p2p, keyring: Keyring | None) -> ServingP2P:
-    """`p2p` with its RPCs sealed by `keyring`; for an open swarm (no keyring) with only its streams' ends mended."""
+def keyed(p2p, keyring: Keyring | None, ingress: Ingress | None = None) -> ServingP2P:
+    """`p2p` with its RPCs sealed by `keyring`; for an open swarm (no keyring) with only its streams' ends mended.
+    `ingress`: a server's admission of what it is sent (swarm.ingress)."""
     if isinstance(p2p, KeyedP2P) or (keyring is None and isinstance(p2p, ServingP2P)):
         return p2p
-    return ServingP2P(p2p) if keyring is None else KeyedP2P(p2p, keyring)
+    return ServingP2P(p2p, ingress) if keyring is None else KeyedP2P(p2p, keyring, ingress)
 
 
 class KeyedDHT(hivemind.DHT):

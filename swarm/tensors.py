@@ -64,11 +64,12 @@ def unpack_tensor(proto: runtime_pb2.Tensor, what: str = "tensor") -> torch.Tens
         zeros = " (counting its zero dimensions as 1)" if numel == 0 else ""
         raise BadRequest(f"{what}: {extent} elements{zeros} exceed the limit of {MAX_TENSOR_ELEMENTS}")
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(proto.buffer) != numel * itemsize:
-        raise BadRequest(f"{what}: buffer has {len(proto.buffer)} bytes, shape {shape} of {proto.dtype} needs {numel * itemsize}")
+    buffer = proto.buffer  # each read of the field is a copy of its bytes: read it once
+    if len(buffer) != numel * itemsize:
+        raise BadRequest(f"{what}: buffer has {len(buffer)} bytes, shape {shape} of {proto.dtype} needs {numel * itemsize}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(proto.buffer), dtype=torch.uint8).view(dtype).reshape(shape)
+    return torch.frombuffer(bytearray(buffer), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def payload_bytes(tensors: Iterable[runtime_pb2.Tensor]) -> int:

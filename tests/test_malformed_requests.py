@@ -20,6 +20,7 @@ from client import aio
 from client.streams import open_stream
 from swarm import compression
 from swarm.compression import Payload, wire
+from swarm.config import ServerConfig
 from swarm.errors import RemoteError
 from swarm.protocol import SpanRequest
 from swarm.streaming import split_message
@@ -38,6 +39,8 @@ def _positions(length: int = 3, first: int = 0, batch: int = 1) -> torch.Tensor:
 
 
 GOOD = [pack_tensor(_hidden()), pack_tensor(_positions())]  # a valid forward's tensors: hidden states, positions
+EMPTY = runtime_pb2.Tensor(size=[0], dtype="float32")  # two bytes on the wire, a tensor object once decoded
+MAX_TENSORS = ServerConfig.max_request_tensors  # the shared swarm's servers keep the default
 GRAD = pack_tensor(_hidden())
 
 
@@ -219,6 +222,14 @@ CASES = [
     Case("gradient NaN", "rpc_backward", [_message(_meta(SPAN), [*GOOD, pack_tensor(torch.full((1, 3, HIDDEN), float("nan")))])],
          "output gradient must not contain NaN"),
     Case("backward without a gradient", "rpc_backward", [_message(_meta(SPAN), GOOD)], "the output gradient and LoRA tensors"),
+    # ---- more tensors than a request may carry (ServerConfig.max_request_tensors), counted before any is decoded
+    _tensors("too many tensors", [*GOOD, *[EMPTY] * (MAX_TENSORS - 1)],
+             f"carries {MAX_TENSORS + 1} tensors; this server takes at most {MAX_TENSORS} per request"),
+    _inference("opening with too many tensors", [_message(_meta(OPEN), [EMPTY] * (MAX_TENSORS + 1))],
+               f"carries {MAX_TENSORS + 1} tensors; this server takes at most {MAX_TENSORS}"),
+    Case("stream of too many tensors", "rpc_forward_stream",
+         [_message(SpanRequest(start=0, end=2).encode(), [EMPTY] * (MAX_TENSORS + 1))],
+         f"carries {MAX_TENSORS + 1} tensors; this server takes at most {MAX_TENSORS}"),
     # ---- streamed requests
     Case("stream chunk of no tensor", "rpc_forward_stream", _bad_chunk_stream(), "stream chunk refers to an unknown tensor"),
     Case("stream oversized", "rpc_forward_stream", _oversized_stream(), "streamed request exceeds this server's limit"),
