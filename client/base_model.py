@@ -82,12 +82,14 @@ class DistributedBaseModel(nn.Module):
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], dim=1)
         offset = virtual or (session.virtual_tokens if session is not None else 0)
+        device = inputs_embeds.device
         if position_ids is None:
-            position_ids = torch.arange(past, past + virtual + length).expand(batch, virtual + length)
+            position_ids = torch.arange(past, past + virtual + length, device=device).expand(batch, virtual + length)
         else:
             position_ids = position_ids.expand(batch, length) + offset
             if virtual:
-                position_ids = torch.cat([torch.arange(virtual).expand(batch, virtual), position_ids], dim=1)
+                position_ids = torch.cat([torch.arange(virtual, device=position_ids.device).expand(batch, virtual),
+                                          position_ids], dim=1)
         if session is not None:
             new_mask = attention_mask[:, -(virtual + length):] if attention_mask is not None else None
             hidden = session.step(inputs_embeds, position_ids, None if new_mask is None or bool(new_mask.all()) else new_mask)

@@ -31,6 +31,11 @@ def coverage_ranges(num_blocks: int, servers: list[ServerInfo]) -> list[tuple[in
     return runs
 
 
+def device_label(record) -> str:
+    """What computes a server's blocks and in which dtype: "cuda: NVIDIA H200, bfloat16" (older records: the dtype)."""
+    return f"{record.device}, {record.torch_dtype}" if record.device else record.torch_dtype
+
+
 def render(models: dict[str, tuple[int, list[ServerInfo]]]):
     from rich.console import Group
     from rich.table import Table
@@ -42,14 +47,14 @@ def render(models: dict[str, tuple[int, list[ServerInfo]]]):
         parts.append("No models are announced in this swarm yet.")
     for prefix, (num_blocks, servers) in sorted(models.items()):
         table = Table(title=f"{prefix}: {num_blocks} blocks, {len(servers)} server(s)")
-        for column in ("server", "name", "blocks", "state", "version / proto", "dtype", "ms/block (decode)", "forward tok/s",
-                       "free cache tokens", "traffic MB (wire / raw)"):
+        for column in ("server", "name", "blocks", "state", "version / proto", "device, dtype", "ms/block (decode)",
+                       "forward tok/s", "free cache tokens", "traffic MB (wire / raw)"):
             # Peer ids are what users pass to --allowed-servers: never cut; nor the versions they compare.
             table.add_column(column, no_wrap=column in ("server", "version / proto"))
         for s in servers:
             r = s.record
             table.add_row(str(s.peer_id)[-12:], r.public_name or "-", f"{r.start}:{r.end}", r.state.value,
-                          f"{r.version} / {describe(normalized(r.protocol_min, r.protocol_max))}", r.torch_dtype,
+                          f"{r.version} / {describe(normalized(r.protocol_min, r.protocol_max))}", device_label(r),
                           f"{r.ms_per_block:.2f}" if r.ms_per_block else "-",
                           f"{r.forward_tokens_per_s:.0f}" if r.forward_tokens_per_s else "-", str(r.cache_tokens_left),
                           f"{r.bytes_wire / 1e6:.1f} / {r.bytes_raw / 1e6:.1f}")

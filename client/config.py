@@ -69,6 +69,9 @@ class ClientConfig:
     ban_base_s: float = option(15.0, "seconds a server that failed a call stays out of routes, doubling per failure "
                                      "in a row")
     ban_max_s: float = option(300.0, "the longest such ban, in seconds")
+    full_backoff_s: float = option(30.0, "seconds a server that answered it has no room (its sessions or this "
+                                         "client's share of them taken) is left out of new routes while other "
+                                         "servers host its blocks")
     max_retries: int = option(3, "replacement servers tried for a failed span before giving up")
     servers_max_age: float = option(5.0, "seconds a view of the swarm's servers is used before it is read again")
     allowed_servers: tuple[str, ...] | None = option(None, "use only these servers, by peer id (the part after /p2p/ in "

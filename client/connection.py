@@ -10,7 +10,7 @@ import random
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import hivemind
 import torch
@@ -61,6 +61,7 @@ class SwarmConnection:
         self.traffic = Traffic()  # every tensor this client sent and received, raw and on the wire
         self.hidden_traffic = Traffic()  # the part of it that is hidden states and their gradients (hidden_slots)
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
+        self._full: dict[str, float] = {}  # peer id -> until when it is avoided: it said it had no room
         # (server, digest) of LoRA tensors a server has accepted from us: later requests name them by digest.
         self._lora_uploads: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.in_flight = InFlight()  # training requests awaiting a reply, by server (training routes spread by it)
@@ -114,6 +115,12 @@ class SwarmConnection:
         else:
             self.ban(peer_id)
 
+    def mark_full(self, peer_id) -> None:
+        """A server answered that it has no room for this client now (limit reached, cache full): routes avoid it
+        for a while where others host its blocks. It is alive, so it is not banned."""
+        self._full[str(peer_id)] = time.monotonic() + self.config.full_backoff_s
+        logger.info("server %s is full; routing around it where other servers host its blocks", peer_id)
+
     async def aplan(self, *args, **kwargs) -> list[RouteStep]:
         return await asyncio.to_thread(self.plan, *args, **kwargs)
 
@@ -121,28 +128,37 @@ class SwarmConnection:
         now = time.monotonic()
         return {peer for peer, (until, _) in self._bans.items() if until > now}
 
+    def full(self) -> set:
+        """Servers that said lately that they had no room for this client."""
+        now = time.monotonic()
+        return {peer for peer, until in list(self._full.items()) if until > now}
+
     def _rules(self, adapter: str | None) -> dict:
         return dict(banned=self.banned(), adapter=adapter, rtt_ms=self.pings, choice=self.choice,
                     compatibility=self.compatibility)
 
     def plan(self, start: int = 0, end: int | None = None, adapter: str | None = None, *,
-             session_tokens: int = 0, batch_size: int = 0) -> list[RouteStep]:
-        """The least-latency route (client.routing.plan_route); `session_tokens`: batch x max_length."""
+             session_tokens: int = 0, batch_size: int = 0, full: Collection[str] = ()) -> list[RouteStep]:
+        """The least-latency route (client.routing.plan_route); `session_tokens`: batch x max_length. Servers that
+        said lately they had no room are used only where nothing else hosts their blocks; those in `full` (they
+        said so during the current failover, client.failover.full_servers) never."""
         end = self.num_blocks if end is None else end
         rules = dict(self._rules(adapter), hop_ms=self.config.hop_overhead_ms,
                      default_ms_per_block=self.config.default_ms_per_block, batch_size=batch_size)
+        avoided = self.full() | set(full)
         try:
-            return plan_route(self.servers(), start, end, session_tokens=session_tokens, **rules)
+            return plan_route(self.servers(), start, end, session_tokens=session_tokens, full=avoided, **rules)
         except NoRouteError:  # the swarm may have changed
             servers = self.servers(refresh=True)
         try:
-            return plan_route(servers, start, end, session_tokens=session_tokens, **rules)
+            return plan_route(servers, start, end, session_tokens=session_tokens, full=avoided, **rules)
         except NoRouteError as exc:
-            if exc.reasons != {"cache"}:
+            if not exc.reasons or not exc.reasons <= {"cache", "full"}:
                 raise
-            # Announced free cache is up to an update period old: the servers decide (they refuse clearly if full).
+            # Announced free cache is up to an update period old, and a server that was full a while ago may have
+            # room again: the servers decide (they refuse clearly if full).
             logger.debug("%s; trying the route regardless", exc)
-            return plan_route(servers, start, end, **rules)
+            return plan_route(servers, start, end, full=full, **rules)
 
     def plan_training(self, start: int = 0, end: int | None = None, adapter: str | None = None,
                       planned: Mapping[str, int] | None = None, batch_size: int = 0) -> list[RouteStep]:
@@ -152,8 +168,8 @@ class SwarmConnection:
         load.update(planned or {})
         rules = dict(self._rules(adapter), batch_size=batch_size)
         try:
-            return plan_training_route(self.servers(), start, end, self.rng, load, **rules)
-        except NoRouteError:
+            return plan_training_route(self.servers(), start, end, self.rng, load, full=self.full(), **rules)
+        except NoRouteError:  # the swarm may have changed, or only servers that were full host some blocks
             return plan_training_route(self.servers(refresh=True), start, end, self.rng, load, **rules)
 
     def stub(self, peer_id):

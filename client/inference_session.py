@@ -13,7 +13,7 @@ from hivemind.proto import runtime_pb2
 from client import aio
 from client.config import CLIENT, ClientConfig
 from client.connection import SwarmConnection
-from client.failover import with_failover
+from client.failover import Attempt, full_servers, with_failover
 from client.limits import length_chunks, route_limit
 from client.requests import Additions, Codecs
 from client.streams import SpanStream, relayed
@@ -53,12 +53,13 @@ class InferenceSession:
         self.reorders: list[list[int]] = []
         self._next_reorder: list[int] = []
 
-    async def _open_route(self, start: int, end: int, batch_size: int) -> list[SpanStream]:
-        """Open streams along a planned route for blocks [start, end); a failure to open one is marked `opening`
-        (client.failover: a crashed server's record outlives it, and is passed over once without using a retry)."""
+    async def _open_route(self, start: int, end: int, batch_size: int, tried: Sequence[Attempt] = ()) -> list[SpanStream]:
+        """Open streams along a planned route for blocks [start, end), leaving out the servers that said during
+        these tries that they are full; a failure to open one is marked `opening` (client.failover: a crashed
+        server's record outlives it, and is passed over once without using a retry)."""
         route = await self.connection.aplan(start, end, self.additions.adapter or None,
                                             session_tokens=batch_size * self.max_length,
-                                            batch_size=batch_size)
+                                            batch_size=batch_size, full=full_servers(tried))
         streams = [SpanStream(self.connection, step, batch_size, self.max_length, self.additions) for step in route]
         try:
             for stream in streams:
@@ -71,9 +72,10 @@ class InferenceSession:
             raise
 
     async def _open(self, batch_size: int) -> None:
+        tried: list[Attempt] = []
         self.streams = await with_failover(self.connection, f"opening blocks {self.start}:{self.end} failed",
-                                           lambda _: self._open_route(self.start, self.end, batch_size),
-                                           self.config.max_retries)
+                                           lambda _: self._open_route(self.start, self.end, batch_size, tried),
+                                           self.config.max_retries, tried)
         logger.debug("opened inference session through %s", [(str(s.step.peer_id)[-6:], s.step.start, s.step.end) for s in self.streams])
 
     async def _step(self, tensors: list[torch.Tensor], hypo_ids: list[int]) -> torch.Tensor:
@@ -91,7 +93,9 @@ class InferenceSession:
                     result = await stream.result(inputs)
                 output, reply = result
             except RemoteError as exc:
-                if not exc.server_gone:  # a refusal (bad input, a full cache) is the server's answer
+                # A server that is gone, or that ended the session to make room for another peer (or has no room
+                # for this step), is replaced; any other refusal (bad input) is the server's answer.
+                if not (exc.server_gone or exc.server_full):
                     raise
                 output, count = await self._recover(index, inputs, hypo_ids, exc)
                 index, pushed = index + count, False
@@ -169,11 +173,12 @@ class InferenceSession:
         start, end, history = failed.step.start, replaced[-1].step.end, failed.history
         began = time.perf_counter()
         await _close(replaced)
+        tried: list[Attempt] = []
 
         async def attempt(number: int) -> tuple[runtime_pb2.Tensor, list[SpanStream]]:
             if number == 0 and error is not None:  # the failure that brought us here
                 raise error
-            streams = await self._open_route(start, end, failed.batch_size)
+            streams = await self._open_route(start, end, failed.batch_size, tried)
             try:
                 for past, rows in zip([*history, inputs], [*self.reorders, hypo_ids], strict=True):
                     hidden = past[0]
@@ -187,7 +192,7 @@ class InferenceSession:
             return hidden, streams
 
         hidden, streams = await with_failover(self.connection, f"blocks {start}:{end} failed and could not be moved",
-                                              attempt, self.config.max_retries)
+                                              attempt, self.config.max_retries, tried)
         self.streams[index : index + len(replaced)] = streams
         self.recoveries.append(time.perf_counter() - began)
         logger.info("blocks %d:%d moved to %s after %s; replayed %d steps in %.2f s", start, end,
@@ -197,7 +202,8 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run new tokens [batch, length, hidden] through every block; returns the last block's output."""
+        """Run new tokens [batch, length, hidden] through every block; returns the last block's output, on `hidden`'s
+        device and in its dtype (the hidden states travel from host memory)."""
         if self.closed:
             raise RuntimeError("this inference session is closed")
         batch, length, _ = hidden.shape
@@ -210,9 +216,9 @@ class InferenceSession:
             )
         if position_ids is None:
             position_ids = torch.arange(self.position, self.position + length).expand(batch, length)
-        tensors = [hidden.detach(), position_ids.expand(batch, length).to(torch.int64).contiguous()]
+        tensors = [hidden.detach().to("cpu"), position_ids.expand(batch, length).to("cpu", torch.int64).contiguous()]
         if attention_mask is not None:
-            tensors.append(attention_mask.to(torch.int64).contiguous())
+            tensors.append(attention_mask.to("cpu", torch.int64).contiguous())
         if not self.streams:
             aio.run(self._open(batch))
         # A long prompt goes in pieces that every server of the route takes (their KV caches make it one step).
@@ -224,7 +230,7 @@ class InferenceSession:
         output = torch.cat(outputs, dim=1)
         self.batch_size = batch
         self.position += length
-        return output.to(hidden.dtype)
+        return output.to(hidden.device, hidden.dtype)
 
     def reorder(self, hypo_ids: Sequence[int] | torch.Tensor) -> None:
         """Beam search: from the next step on, every server's cached row i is the current row hypo_ids[i] (a row may

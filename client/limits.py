@@ -82,4 +82,4 @@ def forward_in_sessions(layers, hidden: torch.Tensor, position_ids: torch.Tensor
         with layers.inference_session(max_length=length, batch_size=where.stop - where.start) as session:
             mask = attention_mask[where] if attention_mask is not None else None
             outputs.append(session.step(hidden[where], position_ids[where], mask))
-    return torch.cat(outputs, dim=0).to(hidden.dtype)
+    return torch.cat(outputs, dim=0).to(hidden.device, hidden.dtype)

@@ -17,7 +17,7 @@ from client import aio
 from client.config import ClientConfig
 from client.connection import SwarmConnection
 from client.delta_client import ClientDelta
-from client.failover import with_failover
+from client.failover import full_servers, with_failover
 from client.inference_session import InferenceSession
 from client.limits import RequestLimits, announced_limits, forward_in_sessions, forward_needs_session, split_batch
 from client.requests import Additions, Codecs, SpanCall, span_call
@@ -176,11 +176,13 @@ class _RemoteChain(torch.autograd.Function):
             for step, grads in param_grads:
                 if deep is not None:
                     blocks = slice(step.start - additions.first_block, step.end - additions.first_block)
-                    deep[blocks] += grads.pop()[:, 0].to(deep.dtype)
+                    deep[blocks] += grads.pop()[:, 0].to(deep.device, deep.dtype)
                 if lora is not None:
                     for name, value in zip(lora.for_blocks(step.start, step.end)[0], grads, strict=True):
                         lora_sums[name] = lora_sums[name] + value if name in lora_sums else value
-        lora_grads = [lora_sums.get(name) for name in lora.names] if lora is not None else []
+        # Gradients come from the wire in host memory; autograd wants each on its parameter's device.
+        lora_grads = [lora_sums[name].to(param.device) if name in lora_sums else None
+                      for name, param in zip(lora.names, lora.params, strict=True)] if lora is not None else []
         return (grad_input, None, None, None, None, *lora_grads, *([deep] if deep is not None else []))
 
 
@@ -257,15 +259,15 @@ class RemoteSequential(nn.Module):
         return int(torch.randint(0, 1 << 62, ()))
 
     async def on_replica(self, step: RouteStep, call):
-        """(the step that answered, `await call(step)`): if the server is gone, the same blocks go to another server
-        that hosts all of them (client.failover decides); the inputs are the ones kept here, so the result is the
+        """(the step that answered, `await call(step)`): if the server is gone or full, the same blocks go to another
+        server that hosts all of them (client.failover decides); the inputs are the ones kept here, so the result is the
         same."""
-        current = step
+        current, tried = step, []  # tried: list[Attempt], whose full servers a replacement leaves out
 
         async def attempt(number: int):
             nonlocal current
             if number:
-                replacement = await self.connection.aplan(step.start, step.end, self.adapter)
+                replacement = await self.connection.aplan(step.start, step.end, self.adapter, full=full_servers(tried))
                 if len(replacement) != 1:
                     raise NoRouteError(f"no other single server hosts blocks {step.start}:{step.end}")
                 current = replacement[0]
@@ -273,7 +275,7 @@ class RemoteSequential(nn.Module):
                 return current, await call(current)
 
         return await with_failover(self.connection, f"blocks {step.start}:{step.end} failed", attempt,
-                                   self.config.max_retries)
+                                   self.config.max_retries, tried)
 
     def delta_coder(self) -> ClientDelta | None:
         codec, full = self.config.delta_codec, self.config.activation_codec
@@ -315,21 +317,24 @@ class RemoteSequential(nn.Module):
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks' output, on `hidden`'s device and in its dtype (the hidden states travel from host memory)."""
         batch, length, _ = hidden.shape
         if position_ids is None:
             position_ids = torch.arange(length).expand(batch, length)
-        position_ids = position_ids.expand(batch, length).to(torch.int64).contiguous()
+        position_ids = position_ids.expand(batch, length).to("cpu", torch.int64).contiguous()
         if attention_mask is not None:
-            attention_mask = None if bool(attention_mask.all()) else attention_mask.to(torch.int64).contiguous()
+            attention_mask = None if bool(attention_mask.all()) else attention_mask.to("cpu", torch.int64).contiguous()
         params = list(self.lora.params) if self.lora is not None else []
         if self.prompts is not None and self.prompts.deep is not None:
             params.append(self.prompts.deep)
         expect_backward = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
         limits = self.request_limits()
+        host = hidden.to("cpu")  # differentiable, as the move back is: gradients find their way to the device
         if forward_needs_session(length, limits, expect_backward):  # sequences longer than a request may hold
-            return forward_in_sessions(self, hidden, position_ids, attention_mask, limits)
-        output = _RemoteChain.apply(hidden, position_ids, attention_mask, self, expect_backward, *params)
-        return output.to(hidden.dtype)
+            output = forward_in_sessions(self, host, position_ids, attention_mask, limits)
+        else:
+            output = _RemoteChain.apply(host, position_ids, attention_mask, self, expect_backward, *params)
+        return output.to(hidden.device, hidden.dtype)
 
     def inference_session(self, max_length: int, batch_size: int | None = None,
                           forwarding: bool | None = None) -> InferenceSession:

@@ -27,8 +27,8 @@ class RouteStep:
 
 class NoRouteError(RuntimeError):
     """No chain of usable servers covers the blocks. `reasons`: why the servers of the first uncovered block were
-    left out (codes: blocked, not_allowed, offline, joining, protocol, model, banned, adapter, cache, batch); empty
-    when none hosts it."""
+    left out (codes: blocked, not_allowed, offline, joining, protocol, model, banned, full, adapter, cache, batch);
+    empty when none hosts it."""
 
     def __init__(self, message: str, block: int = 0, reasons: frozenset[str] = frozenset()):
         super().__init__(message)
@@ -87,9 +87,10 @@ def smooth_rtt(previous: float | None, sample: float | None, alpha: float = CLIE
 
 def exclusion(server: ServerInfo, banned: Collection[str] = (), choice: ServerChoice = ServerChoice(),
               adapter: str | None = None, session_tokens: int = 0, batch_size: int = 0,
-              compatibility: CompatibilityRule | None = None) -> tuple[str, str] | None:
+              compatibility: CompatibilityRule | None = None, full: Collection[str] = ()) -> tuple[str, str] | None:
     """(code, text) saying why a server may not be on a route, or None when it may. `compatibility` says whether
-    the client can work with it at all (protocol versions, the model it loaded)."""
+    the client can work with it at all (protocol versions, the model it loaded); `full`: servers that answered
+    they had no room for this client."""
     peer = str(server.peer_id)
     refused = choice.refusal(peer)
     if refused is not None:
@@ -101,6 +102,8 @@ def exclusion(server: ServerInfo, banned: Collection[str] = (), choice: ServerCh
         return refused
     if peer in banned:
         return "banned", "banned after a failure"
+    if peer in full:
+        return "full", "answered it has no room for this client"
     if adapter is not None and adapter not in record.adapters:
         return "adapter", f"does not host adapter {adapter!r}"
     if session_tokens > record.cache_tokens_left:
@@ -118,6 +121,7 @@ def _short(peer: object) -> str:
 # What a user can do about servers left out for these reasons, in the order the error names them.
 _ADVICE = (({"blocked", "not_allowed"}, "allow one of them (allowed_servers / blocked_servers)"),
            ({"banned"}, "retry once its ban ends"),
+           ({"full"}, "retry later, when they have room, or run a server for these blocks to add capacity"),
            ({"cache"}, "use a smaller max_length or batch, or wait for sessions to end"),
            ({"protocol"}, "upgrade the older side, this client or those servers (`swarm status` shows their versions)"),
            ({"model"}, "serve the checkpoint this client loaded, or load the one those servers serve"),
@@ -167,6 +171,7 @@ def plan_route(
     session_tokens: int = 0,
     batch_size: int = 0,
     compatibility: CompatibilityRule | None = None,
+    full: Collection[str] = (),
 ) -> list[RouteStep]:
     """The chain covering blocks [start, end) with the least expected latency per token. Each hop costs the client's
     round trip to that server (`rtt_ms` by peer id; `hop_ms` when not measured; when unreachable, a penalty that makes
@@ -175,7 +180,7 @@ def plan_route(
     out are not used (`session_tokens`: batch x max_length of an inference session)."""
     rtt_ms = rtt_ms or {}
     usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter, session_tokens=session_tokens,
-                          batch_size=batch_size, compatibility=compatibility)
+                          batch_size=batch_size, compatibility=compatibility, full=full)
     best: dict[int, tuple[float, int, int | None, ServerInfo | None]] = {start: (0.0, 0, None, None)}
     for i in range(start, end):
         if i not in best:
@@ -220,6 +225,7 @@ def plan_training_route(
     choice: ServerChoice = ServerChoice(),
     batch_size: int = 0,
     compatibility: CompatibilityRule | None = None,
+    full: Collection[str] = (),
 ) -> list[RouteStep]:
     """A chain covering [start, end) for one training request, spread over replicas by throughput: from the first
     uncovered block, the next server is drawn among the usable ones hosting it with probability proportional to its
@@ -228,7 +234,7 @@ def plan_training_route(
     other hosts the block. Deterministic given `draw`'s state."""
     rtt_ms, in_flight = rtt_ms or {}, in_flight or {}
     usable, why = _usable(servers, banned=banned, choice=choice, adapter=adapter, batch_size=batch_size,
-                          compatibility=compatibility)
+                          compatibility=compatibility, full=full)
     steps, i = [], start
     while i < end:
         hosts = [s for s in usable if s.record.start <= i < s.record.end]

@@ -1,4 +1,7 @@
-"""The computation a server offers: validated forward, backward and inference steps over its span."""
+"""The computation a server offers: validated forward, backward and inference steps over its span.
+
+Tensors come from the wire in host memory, are checked there, and move to the span's device(s); what a step returns
+for the wire is back in host memory (swarm.devices.to_host), copied on the compute thread that waited for it."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch
 
 from swarm import compression, lora
 from swarm.config import ServerConfig
+from swarm.devices import to_device, to_host
 from swarm.errors import BadRequest, BlocksNotServed, MaxLengthExceeded
 from swarm.models.span import BlockSpan
 from swarm.tensors import unpack_tensor
@@ -23,9 +27,9 @@ class Limits:
 
 @dataclass
 class SpanInputs:
-    hidden: torch.Tensor  # [batch, length, hidden_size] in the server's dtype
-    position_ids: torch.Tensor  # [batch, length] int64
-    attention_mask: torch.Tensor | None  # [batch, length] int64 of 0/1, or None for "attend to everything"
+    hidden: torch.Tensor  # [batch, length, hidden_size] in the server's dtype, on the span's (first) device
+    position_ids: torch.Tensor  # [batch, length] int64, on that device
+    attention_mask: torch.Tensor | None  # [batch, length] int64 of 0/1 there, or None for "attend to everything"
 
 
 MAX_PROMPT_TOKENS = 1024
@@ -76,6 +80,7 @@ def check_codec(codec: str) -> None:
 class SpanBackend:
     def __init__(self, span: BlockSpan, dtype: torch.dtype, limits: Limits = Limits()):
         self.span, self.dtype, self.limits = span, dtype, limits
+        self.device = span.device  # where inputs go (a span on several devices moves them on by itself)
         self.start, self.end = span.start, span.end
         self.hidden_size = span.config.hidden_size
         self.adapters: dict[str, tuple[list[lora.LoraPair], float]] = {}  # hosted adapters: name -> (pairs, scaling)
@@ -87,8 +92,8 @@ class SpanBackend:
         if not (self.start <= start < end <= self.end):
             raise BlocksNotServed(f"this server hosts blocks {self.start}:{self.end}; the request asked for {start}:{end}")
 
-    def check_inputs(self, tensors: list[torch.Tensor]) -> SpanInputs:
-        """Validate [hidden, position_ids, attention_mask?]."""
+    def check_inputs(self, tensors: list[torch.Tensor], on_device: bool = True) -> SpanInputs:
+        """Validate [hidden, position_ids, attention_mask?], then (unless not `on_device`) move them to the span."""
         if len(tensors) not in (2, 3):
             raise BadRequest(f"expected hidden states, position ids and an optional attention mask, got {len(tensors)} tensors")
         hidden, position_ids = tensors[0], tensors[1]
@@ -104,8 +109,10 @@ class SpanBackend:
                 raise BadRequest(f"attention mask must be 0/1 integers of shape {[batch, length]}, got {mask.dtype} {list(mask.shape)}")
             if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
                 raise BadRequest("attention mask may only hold 0 and 1")
-            mask = mask.to(torch.int64)
-        return SpanInputs(hidden.to(self.dtype), position_ids.to(torch.int64), mask)
+        if not on_device:
+            return SpanInputs(hidden, position_ids, mask)
+        mask = None if mask is None else to_device(mask, self.device, torch.int64)
+        return SpanInputs(to_device(hidden, self.device, self.dtype), to_device(position_ids, self.device, torch.int64), mask)
 
     def check_hidden(self, hidden: torch.Tensor, what: str) -> None:
         if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
@@ -142,6 +149,12 @@ class SpanBackend:
             return [p for p in pairs if start <= p.block < end], scaling
         return lora.parse_lora(names, tensors, self.layers(start, end), self.dtype), scaling
 
+    def lora_on_device(self, names, tensors) -> list[torch.Tensor]:
+        """A request's LoRA tensors (validated: see lora.parse_lora) on the devices of the blocks they adapt, in their
+        own dtype (the gradients go back in it); so uploaded adapters are cached there."""
+        layers = self.layers(self.start, self.end)
+        return [to_device(t, lora.layer_device(layers[lora.block_of(n)])) for n, t in zip(names, tensors, strict=True)]
+
     # ------------------------------------------------------------------------------------ compute
 
     def check_prompts(self, prompts: torch.Tensor, start: int, end: int, batch: int) -> torch.Tensor:
@@ -152,7 +165,7 @@ class SpanBackend:
                              f"{self.hidden_size}], got {shape}")
         if not prompts.is_floating_point() or not bool(torch.isfinite(prompts).all()):
             raise BadRequest("deep prompts must be finite floating-point values")
-        return prompts.to(self.dtype)
+        return to_device(prompts, self.device, self.dtype)
 
     def _run(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation, lora_tensors, prompts) -> torch.Tensor:
         pairs, scaling = self.resolve_lora(start, end, adapt.adapter, adapt.lora_names, lora_tensors, adapt.scaling)
@@ -161,13 +174,14 @@ class SpanBackend:
 
     @torch.inference_mode()
     def forward(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation = NONE) -> torch.Tensor:
-        return self._run(inputs, start, end, adapt, adapt.lora_tensors, adapt.prompts)
+        """The span's output, in host memory."""
+        return to_host(self._run(inputs, start, end, adapt, adapt.lora_tensors, adapt.prompts))
 
     def backward(self, inputs: SpanInputs, grad_output: torch.Tensor, start: int, end: int,
                  adapt: Adaptation = NONE, input_grad: bool = True) -> list[torch.Tensor | None]:
         """Gradients w.r.t. the span's input (unless `input_grad` is False), each LoRA tensor and the deep prompts
         (if any), in that order. The forward is recomputed (servers keep no activations between requests), with the
-        same dropout masks as the forward request."""
+        same dropout masks as the forward request. In host memory."""
         self.check_hidden(grad_output, "output gradient")
         return self.backward_kept(self.forward_for_backward(inputs, start, end, adapt, input_grad), grad_output)
 
@@ -184,13 +198,16 @@ class SpanBackend:
             prompts = adapt.prompts.detach().requires_grad_(True) if adapt.prompts is not None else None
             output = self._run(SpanInputs(hidden, inputs.position_ids, inputs.attention_mask), start, end, adapt, leaves, prompts)
         wrt = ([hidden] if input_grad else []) + leaves + ([prompts] if prompts is not None else [])
-        return KeptForward(output, wrt)
+        return KeptForward(output, wrt, to_host(output.detach()))
 
     def backward_kept(self, kept: KeptForward, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
-        """The backward of a kept forward; `grad_output` has passed check_hidden (finite, floating point)."""
+        """The backward of a kept forward, in host memory; `grad_output` has passed check_hidden (finite, floating
+        point)."""
         if grad_output.shape != kept.output.shape:
             raise BadRequest(f"output gradient has shape {list(grad_output.shape)}, hidden states {list(kept.output.shape)}")
-        return list(torch.autograd.grad(kept.output, kept.wrt, grad_output.to(kept.output.dtype), allow_unused=True))
+        grad_output = to_device(grad_output, kept.output.device, kept.output.dtype)
+        grads = torch.autograd.grad(kept.output, kept.wrt, grad_output, allow_unused=True)
+        return [None if g is None else to_host(g) for g in grads]
 
     def activation_bytes(self, batch: int, length: int, start: int, end: int) -> int:
         """A generous estimate of what autograd keeps for a forward of these blocks (Llama-style blocks)."""
@@ -205,6 +222,7 @@ class SpanBackend:
 class KeptForward:
     output: torch.Tensor
     wrt: list[torch.Tensor]  # the input (if its gradient is wanted), the LoRA tensors and the deep prompts: the graph's leaves
+    host_output: torch.Tensor  # the output, detached, in host memory: the reply
 
 
 class InferenceState:
@@ -216,13 +234,14 @@ class InferenceState:
         self.lora_pairs, self.lora_scaling, self.prompts = list(lora_pairs), lora_scaling, prompts
         self.batch_size, self.max_length = batch_size, max_length
         self.cache = backend.span.new_cache()
-        self.mask = torch.ones(batch_size, 0, dtype=torch.int64)
+        self.mask = torch.ones(batch_size, 0, dtype=torch.int64, device=backend.device)
         self.position = 0
         self.broken = False
 
     @torch.inference_mode()
     def step(self, inputs: SpanInputs, hypo_ids: Sequence[int] = ()) -> torch.Tensor:
-        """Run new tokens, after reordering the cached rows by `hypo_ids` (beam search: the beams the client keeps)."""
+        """Run new tokens, after reordering the cached rows by `hypo_ids` (beam search: the beams the client keeps);
+        the output is in host memory."""
         if self.broken:
             raise BadRequest("this session failed earlier; open a new one")
         batch, length, _ = inputs.hidden.shape
@@ -233,8 +252,10 @@ class InferenceState:
             raise MaxLengthExceeded(f"session holds {self.position} tokens and max_length={self.max_length}; "
                                     f"{length} more do not fit. Open the session with a larger max_length")
         if hypo_ids:
-            self._reorder(torch.tensor(hypo_ids, dtype=torch.int64))
-        new_mask = inputs.attention_mask if inputs.attention_mask is not None else torch.ones(batch, length, dtype=torch.int64)
+            self._reorder(torch.tensor(hypo_ids, dtype=torch.int64).to(self.backend.device))
+        new_mask = inputs.attention_mask
+        if new_mask is None:
+            new_mask = torch.ones(batch, length, dtype=torch.int64, device=self.backend.device)
         mask = torch.cat([self.mask, new_mask], dim=1)
         try:
             with lora.applied(self.lora_pairs, self.lora_scaling):
@@ -244,7 +265,7 @@ class InferenceState:
             self.broken = True  # the cache may hold part of this step: never serve from it again
             raise
         self.mask, self.position = mask, self.position + length
-        return output
+        return to_host(output)
 
     def _reorder(self, rows: torch.Tensor) -> None:
         """Everything kept per row follows the rows: the KV cache, the padding mask and per-row deep prompts."""

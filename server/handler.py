@@ -179,6 +179,7 @@ class BlockHandler(InferenceRpcs):
             if lora.digest(meta.lora, lora_tensors) != meta.lora_digest:
                 raise BadRequest("lora_digest does not match the LoRA tensors of the request")
             lora.parse_lora(meta.lora, lora_tensors, self.backend.layers(meta.start, meta.end), self.backend.dtype)  # validate first
+            lora_tensors = self.backend.lora_on_device(meta.lora, lora_tensors)  # cached where they are used
             self.lora_cache.put(peer, meta.lora_digest, meta.lora, lora_tensors)
         return tensors, lora_tensors
 
@@ -249,7 +250,7 @@ class BlockHandler(InferenceRpcs):
         try:
             kept = await self._guard("train", self._compute(peer, request_bytes, self.backend.forward_for_backward,
                                                             inputs, meta.start, meta.end, adapt, meta.input_grad))
-            output = kept.output.detach().to(reference[0].dtype)
+            output = kept.host_output.to(reference[0].dtype)
             if meta.delta is not None:
                 modes, tensors = self.delta.encode_output(meta.delta, output, meta.reply_codec, peer, meta.start, meta.end)
                 response = runtime_pb2.ExpertResponse(tensors=tensors, metadata=SpanReply(delta_modes=modes).encode())

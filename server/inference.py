@@ -297,7 +297,7 @@ class InferenceRpcs:
             if codec != expected:
                 raise BadRequest(f"pushed hidden states are in codec {codec!r:.70}; this session takes {expected!r}")
             tensors = unpack_request(request.tensors, self.backend.limits)
-            hidden = self.backend.check_inputs(tensors).hidden
+            hidden = self.backend.check_inputs(tensors, on_device=False).hidden  # moved when its step runs
             if hidden.shape[0] != session.state.batch_size:
                 raise BadRequest(f"session was opened for batch size {session.state.batch_size}, push has {hidden.shape[0]}")
             check_hypo_ids(meta.hypo_ids, session.state.batch_size)

@@ -21,6 +21,7 @@ from server.rebalance import ActiveHandler, Rebalancer, drain
 from swarm import __version__, compression, versions
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
 from swarm.config import ServerConfig
+from swarm.devices import DeviceFacts, describe_devices, probe, resolve_devices, split_span, synchronize
 from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_servers
 from swarm.identity import ModelIdentity
 from swarm.ingress import Ingress
@@ -28,7 +29,7 @@ from swarm.join import join_as_configured
 from swarm.keyed_p2p import keyed
 from swarm.lora import read_peft_adapter
 from swarm.models import family_for
-from swarm.models.span import BlockSpan
+from swarm.models.span import BlockSpan, SpanPart
 from swarm.service import BlockService
 
 logger = logging.getLogger(__name__)
@@ -47,23 +48,30 @@ class Hosted:
     ms_per_block: float
     forward_tps: float
     weights_digest: str = ""  # of the span's blocks as stored in the checkpoint (swarm.identity)
+    devices: str = ""  # what holds them, as records name it (swarm.devices.describe_devices)
 
 
 def measure_speed(span: BlockSpan, dtype: torch.dtype) -> tuple[float, float]:
     """(ms per block for one decode step, forward tokens/s of the whole span), measured on random input."""
-    hidden_size = span.config.hidden_size
+    hidden_size, device = span.config.hidden_size, span.device
+    devices = [part.device for part in span.parts]  # GPU kernels run asynchronously: wait for them before each clock
     with torch.inference_mode():
         cache = span.new_cache()
-        prompt = torch.randn(1, 8, hidden_size, dtype=dtype)
-        span(prompt, torch.arange(8)[None], cache=cache)
+        prompt = torch.randn(1, 8, hidden_size, dtype=dtype, device=device)
+        span(prompt, torch.arange(8, device=device)[None], cache=cache)
         times = []
         for step in range(8, 12):
+            token, position = torch.randn(1, 1, hidden_size, dtype=dtype, device=device), torch.tensor([[step]], device=device)
+            synchronize(devices)
             begin = time.perf_counter()
-            span(torch.randn(1, 1, hidden_size, dtype=dtype), torch.tensor([[step]]), cache=cache)
+            span(token, position, cache=cache)
+            synchronize(devices)
             times.append(time.perf_counter() - begin)
-        batch = torch.randn(1, 128, hidden_size, dtype=dtype)
+        batch = torch.randn(1, 128, hidden_size, dtype=dtype, device=device)
+        synchronize(devices)
         begin = time.perf_counter()
-        span(batch, torch.arange(128)[None])
+        span(batch, torch.arange(128, device=device)[None])
+        synchronize(devices)
         forward_s = time.perf_counter() - begin
     decode_ms = sorted(times)[len(times) // 2] * 1000
     return decode_ms / (span.end - span.start), 128 / forward_s
@@ -88,7 +96,11 @@ class Server:
         self.identity = ModelIdentity(self.checkpoint, self.family)  # what clients check this server's blocks against
         self.num_model_blocks = self.config.num_hidden_layers
         self.prefix = options.dht_prefix or default_dht_prefix(options.model)
-        self.dtype = resolve_dtype(options.torch_dtype, self.config)
+        self.devices = resolve_devices(options.device)  # unknown or unavailable ones fail here, before anything loads
+        facts = [probe(d) for d in self.devices]
+        # One dtype for the whole span: bfloat16 only if every device has it natively.
+        self.dtype = resolve_dtype(options.torch_dtype, self.config,
+                                   DeviceFacts(facts[0].kind, all(f.fast_bf16 for f in facts), facts[0].name))
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -133,6 +145,7 @@ class Server:
             public_name=self.options.public_name,
             version=__version__,
             torch_dtype=str(self.dtype).replace("torch.", ""),
+            device=hosted.devices,
             ms_per_block=round(hosted.ms_per_block, 3),
             forward_tokens_per_s=round(hosted.forward_tps, 1),
             cache_tokens_left=self.budget.free,
@@ -155,6 +168,7 @@ class Server:
             "dht_prefix": self.prefix,
             "num_model_blocks": self.num_model_blocks,
             "hidden_size": self.config.hidden_size,
+            "parts": [{"start": p.start, "end": p.end, "device": str(p.device)} for p in self.handler.backend.span.parts],
             **dataclasses.asdict(self.handler.stats),
             "compute_s": {kind: round(seconds, 6) for kind, seconds in self.handler.stats.compute_s.items()},
             "train_activation_bytes": self.handler.activations.used,
@@ -173,13 +187,23 @@ class Server:
         async with self.dht_lock:
             await asyncio.to_thread(self._announce, state, timeout, hosted)
 
+    def span_parts(self, start: int, end: int) -> list[SpanPart]:
+        """Blocks start:end split between the devices, a contiguous part each, in the order --device lists them."""
+        bounds = split_span(start, end, [1.0] * len(self.devices))
+        if len(bounds) < len(self.devices):
+            logger.warning("%d blocks cannot be split between %d devices: using the first %d", end - start,
+                           len(self.devices), len(bounds))
+        return [SpanPart(a, b, device) for (a, b), device in zip(bounds, self.devices)]  # noqa: B905 - fewer parts
+
     def load(self, start: int, end: int) -> Hosted:
         """Read blocks start:end from the checkpoint and build their handler (blocking: call it off the event loop)."""
         o = self.options
-        logger.info("loading blocks %d:%d of %s (%s)", start, end, o.model, self.dtype)
+        parts = self.span_parts(start, end)
+        logger.info("loading blocks %d:%d of %s (%s) on %s", start, end, o.model, self.dtype,
+                    ", ".join(f"{p.start}:{p.end} {p.device}" for p in parts))
         keys = tuple(self.family.block_keys_prefix(i) for i in range(start, end))
         tensors = self.checkpoint.load(lambda k: k.startswith(keys), self.dtype)
-        span = BlockSpan.from_state_dict(self.family, self.config, start, end, tensors, self.dtype)
+        span = BlockSpan.from_state_dict(self.family, self.config, start, end, tensors, self.dtype, parts)
         del tensors
         ms_per_block, forward_tps = measure_speed(span, self.dtype)
         backend = SpanBackend(span, self.dtype, Limits(o.max_batch_size, o.max_chunk_tokens, o.max_request_tensors))
@@ -189,7 +213,8 @@ class Server:
         # The sessions' budget (KV-cache tokens, open sessions) is the server's, shared by the spans it serves while it
         # moves.
         handler = BlockHandler(backend, self.budget, self.info, o)
-        return Hosted(start, end, handler, ms_per_block, forward_tps, self.identity.span(start, end) or "")
+        return Hosted(start, end, handler, ms_per_block, forward_tps, self.identity.span(start, end) or "",
+                      describe_devices([probe(p.device).label for p in parts]))
 
     async def switch(self, new: Hosted) -> bool:
         """Serve `new` instead of the current span: new requests go to it, the old span is announced offline (its

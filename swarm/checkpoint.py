@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+from swarm.devices import DeviceFacts, choose_dtype, probe
 from swarm.dtypes import FLOAT_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -21,16 +22,18 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def resolve_dtype(name: str, config: PretrainedConfig) -> torch.dtype:
-    """'auto' takes the checkpoint's own dtype (float32 when it names none)."""
-    if name == "auto":
-        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        if isinstance(declared, torch.dtype):
-            return declared
-        return FLOAT_DTYPES.get(str(declared).replace("torch.", ""), torch.float32)
-    if name not in FLOAT_DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(FLOAT_DTYPES)}")
-    return FLOAT_DTYPES[name]
+def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
+    """The dtype a checkpoint's config declares (float32 when it names none)."""
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    return FLOAT_DTYPES.get(str(declared).replace("torch.", ""), torch.float32)
+
+
+def resolve_dtype(name: str, config: PretrainedConfig, device: DeviceFacts | None = None) -> torch.dtype:
+    """The dtype `name` ('auto' or a dtype's name) means for this checkpoint on `device` (default: this machine's
+    CPU): see swarm.devices.choose_dtype."""
+    return choose_dtype(name, device or probe(torch.device("cpu")), checkpoint_dtype(config))
 
 
 def default_dht_prefix(model: str) -> str:

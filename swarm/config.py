@@ -66,7 +66,12 @@ class ServerConfig:
                                              "address) stable across restarts")
     dht_prefix: str | None = option(None, "name the model is announced under (default: the folder or repo name)")
     public_name: str = option("", "a name shown to others in `swarm status`")
-    torch_dtype: str = option("auto", "dtype to compute in; auto takes the checkpoint's",
+    device: str = option("auto", "where to compute: auto (the first GPU if there is one, else the CPU), cpu, cuda, "
+                                 "cuda:N, or several separated by commas (e.g. cuda:0,cuda:1), which split the span "
+                                 "into contiguous parts, one per device")
+    torch_dtype: str = option("auto", "dtype to compute in; auto: bfloat16 on a GPU (float16 where it lacks bfloat16), "
+                                      "on a CPU float32, or the checkpoint's where the CPU has fast bfloat16 (AVX-512 "
+                                      "BF16 or AMX); float16 is refused on a CPU",
                               choices=["auto", "float32", "bfloat16", "float16"])
     # Every budget below is shared fairly among the peers that hold some (server.fair_share): when it is short, a peer
     # over its share gets a "limit reached" error, and a peer that holds less takes the place of the largest holder's

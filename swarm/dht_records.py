@@ -40,6 +40,7 @@ class ServerRecord:
     public_name: str = ""
     version: str = __version__
     torch_dtype: str = "float32"
+    device: str = ""  # what computes its blocks: "cpu", "cuda: NVIDIA H200", "2 x cuda: ..." ("": not announced)
     ms_per_block: float | None = None  # measured time of one block for a decode step (batch 1)
     forward_tokens_per_s: float | None = None  # measured throughput of the whole span for a forward pass
     cache_tokens_left: int = 0
@@ -81,7 +82,7 @@ class ServerRecord:
             for name in ("protocol_min", "protocol_max"):
                 if name in values:
                     values[name] = int(values[name])
-            for name in ("config_digest", "weights_digest"):
+            for name in ("config_digest", "weights_digest", "device"):
                 if not isinstance(values.get(name, ""), str):
                     values.pop(name)
             for name in ("max_chunk_tokens", "max_batch_size"):  # a bad limit is ignored, not the whole record

@@ -74,6 +74,9 @@ class RemoteError(RuntimeError):
     SERVER_GONE = frozenset({"transport", "server_leaving", "blocks_not_served"})
     # Of those, the ones a live server said itself: its DHT record says so too, so it need not be banned.
     SERVER_MOVED = frozenset({"server_leaving", "blocks_not_served"})
+    # The server is up but has no room for this peer now (its sessions, cache or its fair share of them taken, or a
+    # session ended to make room for another peer): another replica may take the call, this one later.
+    SERVER_FULL = frozenset({"limit_reached", "cache_full"})
 
     def __init__(self, code: str, message: str, peer: str | None = None):
         where = f" (server {peer})" if peer else ""
@@ -84,6 +87,10 @@ class RemoteError(RuntimeError):
     @property
     def server_gone(self) -> bool:
         return self.code in self.SERVER_GONE
+
+    @property
+    def server_full(self) -> bool:
+        return self.code in self.SERVER_FULL
 
     @classmethod
     def from_exception(cls, exc: BaseException, peer: str | None = None) -> RemoteError:

@@ -91,6 +91,11 @@ def read_peft_adapter(directory: str | Path, blocks: range | None = None) -> Sav
     return SavedAdapter(tensors, scaling)
 
 
+def layer_device(layer: nn.Module) -> torch.device:
+    """The device of a block's weights, where the LoRA tensors for it live."""
+    return next(layer.parameters()).device
+
+
 def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
 
@@ -106,7 +111,8 @@ class LoraPair:
 
 def parse_lora(names: Sequence[str], tensors: Sequence[torch.Tensor], layers: dict[int, nn.Module],
                dtype: torch.dtype) -> list[LoraPair]:
-    """Validate every name and shape against the hosted blocks; pair A with B. Raises BadRequest."""
+    """Validate every name and shape against the hosted blocks; pair A with B, in `dtype`, on the device of their
+    block. Raises BadRequest."""
     if len(names) != len(tensors):
         raise BadRequest(f"{len(names)} LoRA names but {len(tensors)} LoRA tensors")
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -127,7 +133,7 @@ def parse_lora(names: Sequence[str], tensors: Sequence[torch.Tensor], layers: di
         slot = found.setdefault((block, module), {})
         if kind in slot:
             raise BadRequest(f"LoRA tensor {name!r} appears twice")
-        slot[kind] = tensor.to(dtype)
+        slot[kind] = tensor.to(layer_device(layers[block]), dtype, non_blocking=True)
     pairs = []
     for (block, module), slot in sorted(found.items()):
         if set(slot) != {"A", "B"}:
@@ -145,7 +151,8 @@ def parse_lora(names: Sequence[str], tensors: Sequence[torch.Tensor], layers: di
 
 
 def dropout_mask(seed: int, block: int, module: str, shape: Sequence[int], p: float, dtype: torch.dtype) -> torch.Tensor:
-    """Inverted-dropout mask (0 or 1/(1-p)) for one linear layer's LoRA input, a pure function of its arguments."""
+    """Inverted-dropout mask (0 or 1/(1-p)) for one linear layer's LoRA input, a pure function of its arguments. It is
+    drawn on the CPU (whose generator gives the same masks on every machine), then moved where it is used."""
     generator = torch.Generator().manual_seed((seed * 1_000_003 + block * 7_919 + zlib.crc32(module.encode())) % (1 << 63))
     keep = torch.rand(tuple(shape), generator=generator) >= p
     return keep.to(dtype) / (1.0 - p)
@@ -165,7 +172,7 @@ def applied(pairs: Sequence[LoraPair], scaling: float, dropout: float = 0.0, see
         def hook(module, inputs, output):
             x = inputs[0]
             if dropout:
-                x = x * dropout_mask(seed, pair.block, pair.module, x.shape, dropout, x.dtype)
+                x = x * dropout_mask(seed, pair.block, pair.module, x.shape, dropout, x.dtype).to(x.device, non_blocking=True)
             return output + scaling * (x @ pair.A.T) @ pair.B.T
 
         return hook

@@ -12,6 +12,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm.compression import wire
 from swarm.compression.base import CodecError, Payload
+from swarm.devices import to_host
 from swarm.dtypes import FLOAT_DTYPES, WIRE_DTYPES, dtype_name
 from swarm.errors import BadRequest
 
@@ -19,8 +20,9 @@ MAX_TENSOR_ELEMENTS = 1 << 30
 
 
 def pack_tensor(tensor: torch.Tensor, codec: str | None = None) -> runtime_pb2.Tensor:
-    """A tensor as raw bytes, or encoded with `codec` (see swarm.compression; None or "none" sends it as is)."""
-    tensor = tensor.detach().cpu().contiguous()
+    """A tensor as raw bytes, or encoded with `codec` (see swarm.compression; None or "none" sends it as is). A tensor
+    on a GPU is copied to the host here, where every tensor crosses to the wire."""
+    tensor = to_host(tensor.detach()).contiguous()
     if codec and codec != "none":
         try:
             dtype, buffer = wire.encode_slot(tensor, codec)

@@ -19,6 +19,9 @@ from swarm.launch import LocalSwarm
 SWARM_KEY_FILE = os.path.join(tempfile.mkdtemp(prefix="swarm-test-key-"), "swarm.key")
 generate_key_file(SWARM_KEY_FILE)
 os.environ[ENV_VAR] = SWARM_KEY_FILE
+# The suite compares with local float32 models on the CPU, so its servers (and clients) run on the CPU even on a GPU
+# machine: `--device auto` finds no GPU (set before anything initialises CUDA). bench/ checks the GPU paths.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 TINY_SPANS = [(0, 2), (2, 4), (4, 6)]
 TINY_CACHE_TOKENS = 4096

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from client import aio
-from client.failover import Attempt, decide, with_failover
+from client.failover import Attempt, decide, full_servers, with_failover
 from client.routing import NoRouteError
 from swarm.errors import RemoteError
 
@@ -92,3 +92,50 @@ def test_no_route_after_a_failure_ends_the_tries_with_what_was_tried():
 
 async def _no_route():
     raise NoRouteError("no online server hosts block 2")
+
+
+# ------------------------------------------------------------------------------------------------ full servers
+
+def _full(peer: str, code: str = "limit_reached") -> Attempt:
+    return Attempt(peer, code, f"limit reached for open sessions: this peer holds 2 of this server's 2 ({peer})")
+
+
+def test_a_full_server_is_routed_around_not_banned():
+    decision = decide([_full("peer-ffffffff")], 3, "opening blocks 0:6 failed")
+    assert (decision.retry, decision.full, decision.ban, decision.refresh, decision.give_up) == (True, True, False, False, "")
+    # Each full server's first refusal is free (the loop leaves it out from then on), so many full replicas do not use
+    # up the retries before one with room is reached; the same one refusing again counts.
+    many = [_full(f"full-{i}", "cache_full") for i in range(6)]
+    assert decide([*many, GONE, GONE, GONE], 3, "x").retry
+    assert not decide([*many, GONE, GONE, many[0], many[1]], 3, "x").retry
+
+
+def test_when_every_server_is_full_the_error_says_the_swarm_is_full():
+    tried = [_full("peer-11111111", "cache_full"), GONE, _full("peer-22222222")]
+    exhausted = decide([*tried, _full("peer-11111111")], 1, "opening blocks 0:6 failed")
+    assert not exhausted.retry and exhausted.code == "limit_reached"
+    assert exhausted.give_up.startswith("opening blocks 0:6 failed: no server of these blocks has room for it now, "
+                                        "the swarm is full (tried: 11111111 (limit reached for open sessions")
+    assert exhausted.give_up.endswith("Retry later, or run a server for these blocks to add capacity")
+    assert "aaaaaaaa (P2PDaemonError: connection refused)" in exhausted.give_up
+
+    connection = FakeConnection()
+    marked: list[str] = []
+    connection.mark_full = marked.append
+    routes: list[frozenset] = []
+
+    async def attempt(number: int):
+        left_out = full_servers(seen)
+        routes.append(left_out)
+        if number < 2:
+            raise RemoteError("limit_reached", f"limit reached for open sessions ({number})", f"peer-{number}")
+        raise NoRouteError("block 0 is served only by servers left out of routes here", reasons=frozenset({"full"}))
+
+    seen: list[Attempt] = []
+    with pytest.raises(RemoteError, match=r"^blocks 0:6 failed: no server of these blocks has room for it now, the "
+                                          r"swarm is full \(tried: peer-0 \(limit reached for open sessions \(0\)\); "
+                                          r"peer-1 \(.*\)\)\. Retry later, or run a server") as caught:
+        aio.run(with_failover(connection, "blocks 0:6 failed", attempt, max_retries=3, tried=seen))
+    assert caught.value.code == "limit_reached"
+    assert routes == [frozenset(), {"peer-0"}, {"peer-0", "peer-1"}]  # each replacement leaves out the full ones
+    assert marked == ["peer-0", "peer-1"] and connection.actions == []  # routed around, not banned

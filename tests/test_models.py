@@ -8,6 +8,7 @@ from transformers import MistralConfig, MistralForCausalLM
 
 import swarm.checkpoint as checkpoint_module
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
+from swarm.devices import DeviceFacts, probe
 from swarm.models import family_for
 from swarm.models.span import BlockSpan
 from tests.conftest import tiny_llama_config
@@ -109,7 +110,12 @@ def test_checkpoint_helpers(tmp_path):
     config = tiny_llama_config()
     assert resolve_dtype("auto", config) == torch.float32
     config.dtype = "bfloat16"
-    assert resolve_dtype("auto", config) == torch.bfloat16
+    # auto follows the dtype table (swarm.devices.auto_dtype; every row: tests/test_devices.py): a bfloat16
+    # checkpoint keeps its dtype only where bfloat16 is fast; on this machine's CPU by default.
+    assert resolve_dtype("auto", config, DeviceFacts("cpu", fast_bf16=True)) == torch.bfloat16
+    assert resolve_dtype("auto", config, DeviceFacts("cpu", fast_bf16=False)) == torch.float32
+    assert resolve_dtype("auto", config, DeviceFacts("cuda", fast_bf16=True, name="GPU")) == torch.bfloat16
+    assert resolve_dtype("auto", config) == (torch.bfloat16 if probe(torch.device("cpu")).fast_bf16 else torch.float32)
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("float8", config)
     assert default_dht_prefix("/models/SmolLM2-135M-Instruct/") == "SmolLM2-135M-Instruct"

@@ -7,22 +7,27 @@ records. All of it while an honest client generates, token for token as the loca
 
 from __future__ import annotations
 
+import asyncio
+import math
+import secrets
 import subprocess
 import sys
 import time
 from functools import partial
 
 import pytest
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
 from client import aio
+from client.routing import plan_route
 from swarm.auth import Keyring, SwarmKey, generate_key_file, read_key_file
 from swarm.dht_records import block_key, fetch_servers
 from swarm.join import SwarmRefused, SwarmUnreachable, join_swarm
 from swarm.keyed_p2p import KeyedDHT, KeyedP2P, Sealed, keyed
+from swarm.record_auth import MAX_SUBKEYS, MAX_VALUE_BYTES, SwarmRecordValidator, peer_id_of
 from swarm.service import BlockService
 from tests.conftest import SWARM_KEY_FILE
 
@@ -234,3 +239,168 @@ async def _store_signed(dht, node, key: str, size: int) -> list:
     signed = node.protocol.record_validator.sign_value(record)
     return [list(await node.protocol.call_store(peer.peer_id, [key_id], [signed], [expiration], subkeys=[owner]) or [])
             for peer in (await node.protocol.p2p.list_peers())[:4]]
+
+
+# ------------------------------------------------------------------------------------------------------ floods
+
+def test_a_member_flooding_keys_with_entries_or_huge_values_is_capped(tiny_swarm, dist_model, honest_generation):
+    """A key holder makes up peer identities (they cost nothing) and stores more entries than a key may hold under
+    the key that block 0's server announces on and under a fresh key, then values far over the size cap: every DHT
+    peer keeps at most MAX_SUBKEYS entries per key and none of the huge values, the servers' records stay readable
+    and routes still go through them, while an honest client generates."""
+    connection = dist_model.remote_layers.connection
+    before = {(str(s.peer_id), s.record.start, s.record.end) for s in fetch_servers(connection.dht, PREFIX, BLOCKS)}
+    owners = sorted({peer for peer, _, _ in before})
+    mallory = join_swarm(all_addresses(tiny_swarm), host_maddrs=["/ip4/127.0.0.1/tcp/0"])  # holds the key
+    try:
+        tag = secrets.token_hex(4)
+        # The made-up entries expire soon after this test: while block 0's key is full, no new server could announce
+        # on it (the servers announced there already renew their own entries).
+        expiration = get_dht_time() + 45
+        for key in (block_key(PREFIX, 0), f"flood-{tag}"):
+            peers = mallory.run_coroutine(partial(_nearest, key=key))
+            held_before = mallory.run_coroutine(partial(_entries_held, key=key, peers=peers, owners=owners))
+            stored = mallory.run_coroutine(partial(_flood, key=key, peers=peers, count=MAX_SUBKEYS + 16,
+                                                   expiration=expiration))
+            answered = sorted(peer for peer, accepted in stored.items() if accepted is not None)
+            assert len(answered) >= 3, (key, stored)
+            held = mallory.run_coroutine(partial(_entries_held, key=key, peers=answered, owners=owners))
+            for peer in answered:
+                count, kept = held[peer]
+                assert count == MAX_SUBKEYS, (key, peer, held[peer])  # full, and not one entry more
+                assert sum(stored[peer]) <= MAX_SUBKEYS - held_before[peer][0], (key, peer, held_before[peer])
+                assert set(held_before[peer][1]) <= set(kept), (key, peer)  # the servers' own entries stay
+
+        huge = f"flood-{tag}-huge"
+        peers = mallory.run_coroutine(partial(_nearest, key=huge))
+        for size in (2 * MAX_VALUE_BYTES, 1 << 20):
+            results = mallory.run_coroutine(partial(_store_own, key=huge, peers=peers, size=size, expiration=expiration))
+            assert not any(any(accepted or []) for accepted in results.values()), (size, results)
+        assert all(count == 0 for count, _ in mallory.run_coroutine(
+            partial(_entries_held, key=huge, peers=peers, owners=owners)).values())
+        # The same store of a small value is kept (and read back): the read-back above counts what peers hold.
+        results = mallory.run_coroutine(partial(_store_own, key=huge, peers=peers, size=100, expiration=expiration))
+        assert any(all(accepted or [False]) for accepted in results.values()), results
+        assert any(count == 1 for count, _ in mallory.run_coroutine(
+            partial(_entries_held, key=huge, peers=peers, owners=owners)).values())
+    finally:
+        mallory.shutdown()
+    found = fetch_servers(connection.dht, PREFIX, BLOCKS)  # what the honest client reads now
+    assert {(str(s.peer_id), s.record.start, s.record.end) for s in found} == before
+    route = plan_route(found, 0, BLOCKS)
+    assert [route[0].start, *(step.end for step in route)] == [0, *(step.start for step in route[1:]), BLOCKS]
+    assert {str(step.peer_id) for step in route} <= set(owners)
+    honest_generation.wait_for_more(2)  # generations that ran through the flood's aftermath, checked at the end
+
+
+class _MadeUpIdentity:
+    """A peer identity as a flood makes them: an RSA key whose peer id no peer runs (swarm.record_auth.IdentityKey's
+    interface). Identities cost nothing: one modulus with another public exponent is another valid key, so a
+    thousand take milliseconds, as they would an attacker."""
+
+    def __init__(self, private):
+        from cryptography.hazmat.primitives import serialization
+
+        self.private = private
+        self.public_der = private.public_key().public_bytes(serialization.Encoding.DER,
+                                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        self.peer_id = PeerID(peer_id_of(self.public_der)).to_base58()
+
+    def sign(self, data: bytes) -> tuple[bytes, bytes]:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        return self.public_der, self.private.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def _made_up_identities(count: int) -> list[_MadeUpIdentity]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    numbers = rsa.generate_private_key(65537, 1024).private_numbers()
+    p, q, n = numbers.p, numbers.q, numbers.public_numbers.n
+    totient, iqmp = math.lcm(p - 1, q - 1), rsa.rsa_crt_iqmp(p, q)
+    identities, exponent = [], 65537
+    while len(identities) < count:
+        exponent += 2
+        if math.gcd(exponent, totient) != 1:
+            continue
+        d = pow(exponent, -1, totient)
+        private = rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), iqmp, rsa.RSAPublicNumbers(exponent, n))
+        identities.append(_MadeUpIdentity(private.private_key(unsafe_skip_rsa_key_validation=True)))
+    return identities
+
+
+async def _flood(dht, node, key: str, peers: list[str], count: int, expiration: float) -> dict:
+    """Store `count` entries under `key` at each of `peers` (in one request each), every entry owned and signed by a
+    made-up peer (made here: hivemind's pipe to its DHT process does not carry that many): peer -> whether it
+    accepted each (None: no answer)."""
+    entries = _made_up_entries(Keyring.load(SWARM_KEY_FILE), key, count, expiration)
+    return await _store_entries(dht, node, key, peers, entries, expiration)
+
+
+def _made_up_entries(keyring: Keyring, key: str, count: int, expiration: float) -> list[tuple[str, bytes]]:
+    """`count` entries under `key`, each owned and signed by a made-up peer as swarm.record_auth asks: valid records
+    that only the cap on entries per key keeps out."""
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+
+    key_bytes, entries = DHTID.generate(source=key).to_bytes(), []
+    for number, identity in enumerate(_made_up_identities(count)):
+        record = DHTRecord(key_bytes, MSGPackSerializer.dumps(identity.peer_id), MSGPackSerializer.dumps({"flood": number}),
+                           expiration)
+        entries.append((identity.peer_id, SwarmRecordValidator(keyring, identity).sign_value(record)))
+    return entries
+
+
+async def _nearest(dht, node, key: str) -> list[str]:
+    """The peers a store of `key` goes to (as hivemind's own store finds them), by peer id."""
+    from hivemind.dht.routing import DHTID
+
+    key_id = DHTID.generate(source=key)
+    nearest = await node.find_nearest_nodes([key_id], k_nearest=node.num_replicas, exclude_self=True)
+    return [peer.to_base58() for peer in nearest[key_id].values()]
+
+
+async def _store_entries(dht, node, key: str, peers: list[str], entries: list[tuple[str, bytes]],
+                         expiration: float) -> dict:
+    """Store signed `entries` (subkey, value) under `key` at each of `peers`, in one request each: peer -> whether it
+    accepted each entry (None: no answer)."""
+    from hivemind.dht.routing import DHTID
+
+    key_id = DHTID.generate(source=key)
+
+    async def store(peer: str) -> list[bool] | None:
+        stored = await node.protocol.call_store(PeerID.from_base58(peer), [key_id] * len(entries),
+                                                [value for _, value in entries], expiration,
+                                                subkeys=[subkey for subkey, _ in entries])
+        return None if stored is None else list(stored)  # (a protobuf repeated field does not pickle back)
+
+    return dict(zip(peers, await asyncio.gather(*map(store, peers)), strict=True))
+
+
+async def _store_own(dht, node, key: str, peers: list[str], size: int, expiration: float) -> dict:
+    """Store an entry of `size` bytes under `key`, owned and signed by this peer (made here: hivemind's pipe to its
+    DHT process does not carry such values)."""
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+
+    owner = node.peer_id.to_base58()
+    record = DHTRecord(DHTID.generate(source=key).to_bytes(), MSGPackSerializer.dumps(owner),
+                       MSGPackSerializer.dumps(b"x" * size), expiration)
+    signed = node.protocol.record_validator.sign_value(record)
+    return await _store_entries(dht, node, key, peers, [(owner, signed)], expiration)
+
+
+async def _entries_held(dht, node, key: str, peers: list[str], owners: list[str]) -> dict:
+    """What each of `peers` holds under `key`: peer -> (its number of entries, which of `owners` have one)."""
+    from hivemind.dht.routing import DHTID
+
+    key_id = DHTID.generate(source=key)
+
+    async def held(peer: str) -> tuple[int, list[str]]:
+        found = await node.protocol.call_find(PeerID.from_base58(peer), [key_id])
+        entry = (found or {}).get(key_id, (None, None))[0]
+        value = entry.value if entry is not None and hasattr(entry.value, "items") else {}
+        return len(value), [owner for owner in owners if owner in value]
+
+    return dict(zip(peers, await asyncio.gather(*map(held, peers)), strict=True))

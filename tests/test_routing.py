@@ -67,6 +67,7 @@ A_BC = [server("a", 0, 6), server("b", 0, 3), server("c", 3, 6)]  # one hop, or 
         ([server("a", 0, 6, batch=2), server("b", 0, 6, ms=5)], dict(batch_size=4), [("b", 0, 6)]),
         ([server("a", 0, 6, batch=4), server("b", 0, 6, ms=5)], dict(batch_size=4), [("a", 0, 6)]),
         (A_BC, dict(banned={"a"}), [("b", 0, 3), ("c", 3, 6)]),
+        (A_BC, dict(full={"a"}), [("b", 0, 3), ("c", 3, 6)]),  # it answered it has no room: routed around
         (A_BC, dict(choice=choice(allowed=["b", "c"])), [("b", 0, 3), ("c", 3, 6)]),
         (A_BC, dict(choice=choice(blocked=["a", "x"])), [("b", 0, 3), ("c", 3, 6)]),
         ([server("a", 0, 3), server("b", 3, 6), server("c", 3, 6, ms=9)], dict(choice=choice(blocked=["b"])),
@@ -106,6 +107,9 @@ NO_ROUTE = [
     ([server("a", 0, 6), server("b", 0, 6), server("c", 0, 6, state=ServerState.JOINING)],
      dict(choice=choice(blocked=["a"]), banned={"b"}), r"a \(in blocked_servers\), b \(banned after a failure\), c \(joining\)",
      {"blocked", "banned", "joining"}),
+    ([server("a", 0, 3), server("b", 3, 6)], dict(full={"b"}),
+     r"block 3 .*: b \(answered it has no room for this client\)\. Retry later, when they have room, or run a server "
+     r"for these blocks to add capacity", {"full"}),
 ]
 
 

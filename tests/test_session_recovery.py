@@ -113,3 +113,56 @@ def test_when_every_server_is_gone_the_error_says_what_was_tried():
         with pytest.raises(RemoteError, match=rf"blocks 0:6 failed and could not be moved; tried: {tried}; "
                                               r"a new route \(no online server hosts block 0\)"):
             session.step(torch.zeros(1, 1, 4))
+
+
+# ------------------------------------------------------------------------------------------------ full servers
+
+class FullSwarm(FakeSwarm):
+    """Servers in `full` answer that they have no room for this client (limit reached). As the client's connection
+    does, a route leaves out the servers of `full=` always and those marked full while another server is left."""
+
+    def __init__(self, servers: list[str], full: set[str]):
+        super().__init__(servers, dead=set())
+        self.full, self.marked = full, []
+
+    def plan(self, start: int, end: int, adapter=None, full=(), **_) -> list[RouteStep]:
+        usable = [peer for peer in self.order if peer not in full]
+        preferred = [peer for peer in usable if peer not in self.marked] or usable
+        if not preferred:
+            raise NoRouteError(f"block {start} is served only by servers left out of routes here", start,
+                               frozenset({"full"}))
+        return [RouteStep(preferred[0], start, end)]
+
+    def mark_full(self, peer_id) -> None:
+        self.marked.append(str(peer_id))
+
+
+class FullStream(FakeStream):
+    def _check(self) -> None:
+        if self.step.peer_id in self.swarm.full:
+            raise RemoteError("limit_reached", "limit reached for open sessions: ended to make room for another peer",
+                              self.step.peer_id)
+
+
+def test_a_session_opens_past_full_servers_and_moves_off_one_that_ends_it(monkeypatch):
+    monkeypatch.setattr(inference_session, "SpanStream", FullStream)
+    swarm = FullSwarm(["full-0", "full-1", "first", "live"], full={"full-0", "full-1"})
+    with InferenceSession(swarm, max_length=8) as session:
+        session.step(torch.zeros(1, 2, 4))
+        assert [s.step.peer_id for s in session.streams] == ["first"]
+        swarm.full.add("first")  # it ends the session to make room for another peer
+        output = session.step(torch.zeros(1, 1, 4))
+        assert [s.step.peer_id for s in session.streams] == ["live"]
+        assert len(session.streams[0].history) == 2  # the first step replayed, then the new one
+    assert torch.equal(output, torch.ones(1, 1, 4))
+    assert swarm.marked == ["full-0", "full-1", "first"] and swarm.bans == []  # alive: routed around, not banned
+
+
+def test_when_every_server_is_full_the_error_says_the_swarm_is_full(monkeypatch):
+    monkeypatch.setattr(inference_session, "SpanStream", FullStream)
+    swarm = FullSwarm(["a", "b", "c"], full={"a", "b", "c"})
+    with pytest.raises(RemoteError, match=r"^opening blocks 0:6 failed: no server of these blocks has room for it now, "
+                                          r"the swarm is full \(tried: a \(.*\); b \(.*\); c \(.*\)\)\. Retry later, or "
+                                          r"run a server for these blocks to add capacity$") as caught:
+        InferenceSession(swarm, max_length=8).step(torch.zeros(1, 2, 4))
+    assert caught.value.code == "limit_reached" and swarm.marked == ["a", "b", "c"]

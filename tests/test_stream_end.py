@@ -98,3 +98,33 @@ def test_a_caller_still_writing_reads_the_error_that_ended_its_stream(swarm):
 @pytest.mark.parametrize("swarm", list(KEYS))
 def test_a_caller_still_writing_reads_the_last_reply_then_the_end(swarm):
     assert asyncio.run(_scenario(KEYS[swarm], _one_reply, [b"x"])) == ["done x", "end"]
+
+
+@pytest.mark.parametrize("swarm", list(KEYS))
+def test_a_caller_that_disconnects_ends_the_handler(swarm):
+    """A caller gone mid-request frees what its handler holds at once (an inference session's cache, say)."""
+    released = asyncio.Event()
+
+    async def holding(requests, context):
+        try:
+            async for request in requests:
+                yield runtime_pb2.ExpertResponse(metadata=b"holding " + request.metadata)
+                await asyncio.Event().wait()  # works on until cancelled
+        finally:
+            released.set()
+
+    async def scenario():
+        server = keyed(await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"]), KEYS[swarm])
+        client = keyed(await P2P.create(initial_peers=await server.get_visible_maddrs()), KEYS[swarm])
+        await server.add_protobuf_handler(NAME, holding, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True)
+        try:
+            replies = await client.iterate_protobuf_handler(server.peer_id, NAME, runtime_pb2.ExpertRequest(metadata=b"a"),
+                                                            runtime_pb2.ExpertResponse)
+            assert (await anext(replies)).metadata == b"holding a"
+            await replies.aclose()  # the caller's stream closes without its end-of-stream marker
+            await asyncio.wait_for(released.wait(), 10)
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+
+    asyncio.run(scenario())

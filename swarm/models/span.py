@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,24 +25,61 @@ def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedCon
     return config
 
 
-class BlockSpan(nn.Module):
-    """Blocks [start, end) of a model. Inputs and outputs are hidden states of shape [batch, length, hidden]."""
+@dataclass(frozen=True)
+class SpanPart:
+    """Blocks [start, end) of a span (model numbering), held by one device."""
 
-    def __init__(self, family: ModelFamily, config: PretrainedConfig, start: int, end: int, layers: list[nn.Module]):
+    start: int
+    end: int
+    device: torch.device
+
+
+def to_part(values: tuple, device: torch.device) -> tuple:
+    """What blocks need (hidden states, mask, position embeddings (cos, sin)...) on a part's device; None and other
+    values pass as they are."""
+    def move(value):
+        if isinstance(value, tuple):
+            return tuple(move(v) for v in value)
+        return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+    return move(values)
+
+
+class BlockSpan(nn.Module):
+    """Blocks [start, end) of a model. Inputs and outputs are hidden states of shape [batch, length, hidden]. The
+    blocks may be held by several devices, each a contiguous part (`parts`); hidden states go from one to the next."""
+
+    def __init__(self, family: ModelFamily, config: PretrainedConfig, start: int, end: int, layers: list[nn.Module],
+                 parts: Sequence[SpanPart] = ()):
         super().__init__()
         self.family, self.start, self.end = family, start, end
         self.config = span_config(config, start, end)
         for local_index, layer in enumerate(layers):
             # The cache indexes layers by position; a span's cache holds only its own blocks.
             layer.self_attn.layer_idx = local_index
-        self.layers = nn.ModuleList(layers)
-        self.rotary_emb = family.rotary_class(config=self.config)
+        self.parts = tuple(parts) or (SpanPart(start, end, torch.device("cpu")),)
+        if (self.parts[0].start, self.parts[-1].end) != (start, end) or any(
+                a.end != b.start for a, b in zip(self.parts, self.parts[1:])):  # noqa: B905 - one shorter
+            raise ValueError(f"parts {[(p.start, p.end) for p in self.parts]} do not cover blocks {start}:{end} in order")
+        # Each block on its part's device (a no-op for blocks already placed there while loading).
+        self.layers = nn.ModuleList(layer.to(self.part_of(start + i).device) for i, layer in enumerate(layers))
+        # The rotary embedding and the mask are computed on the first part's device, then follow the hidden states.
+        self.rotary_emb = family.rotary_class(config=self.config).to(self.parts[0].device)
         self._mask_function = family.mask_function(self.config)
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the first part's device."""
+        return self.parts[0].device
+
+    def part_of(self, block: int) -> SpanPart:
+        return next(part for part in self.parts if part.start <= block < part.end)
 
     @classmethod
     def from_state_dict(cls, family: ModelFamily, config: PretrainedConfig, start: int, end: int,
-                        tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> BlockSpan:
-        """Build the span from checkpoint tensors named as in the full model (e.g. 'model.layers.3.mlp...')."""
+                        tensors: dict[str, torch.Tensor], dtype: torch.dtype, parts: Sequence[SpanPart] = ()) -> BlockSpan:
+        """Build the span from checkpoint tensors named as in the full model (e.g. 'model.layers.3.mlp...'), each block
+        on its part's device (default: all on the CPU)."""
         layers = []
         for index in range(start, end):
             prefix = family.block_keys_prefix(index)
@@ -53,7 +92,7 @@ class BlockSpan(nn.Module):
             layer.load_state_dict(state, strict=True, assign=True)
             layers.append(layer.to(dtype))
         # The rotary embedding keeps its float32 frequencies, as in transformers' own loading.
-        return cls(family, config, start, end, layers).eval().requires_grad_(False)
+        return cls(family, config, start, end, layers, parts).eval().requires_grad_(False)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
@@ -70,10 +109,17 @@ class BlockSpan(nn.Module):
         """
         first = (self.start if start is None else start) - self.start
         last = (self.end if end is None else end) - self.start
+        part = self.parts[0]  # where the rotary embedding is
+        hidden, position_ids, attention_mask = to_part((hidden, position_ids, attention_mask), part.device)
         mask = self._mask_function(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                    position_ids=position_ids, layer_idx=first, **{CACHE_KWARG: cache})
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for index, layer in enumerate(self.layers[first:last]):
+            block = self.start + first + index
+            if not part.start <= block < part.end:  # the block is another part's: on to its device
+                part = self.part_of(block)
+                hidden, mask, position_embeddings, position_ids = to_part((hidden, mask, position_embeddings,
+                                                                          position_ids), part.device)
             if prompts is not None:
                 hidden = add_prompt(hidden, prompts[index], first_token)
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
@@ -86,5 +132,5 @@ def add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, first_token: int = 0)
     overlap = min(prompt.shape[1] - first_token, hidden.shape[1])
     if overlap <= 0:
         return hidden
-    head = hidden[:, :overlap] + prompt[:, first_token : first_token + overlap].to(hidden.dtype)
+    head = hidden[:, :overlap] + prompt[:, first_token : first_token + overlap].to(hidden.device, hidden.dtype)
     return torch.cat([head, hidden[:, overlap:]], dim=1)
