@@ -46,10 +46,9 @@ Sealed = _sealed_type()
 
 
 class ServingP2P:
-    """A hivemind P2P whose stream handlers are served so that their last message reaches a caller that is still
-    writing (swarm.stream_end), as an open swarm's peers use it; with an `ingress` (a server's), every request it
-    serves is charged on arrival (swarm.ingress, which ends streams the same way). Everything else is the wrapped
-    P2P's."""
+    """A hivemind P2P whose stream handlers are served by swarm.stream_end (their last message reaches a caller that
+    is still writing), as an open swarm's peers use it; with an `ingress` (a server's), every request it serves is
+    charged on arrival (swarm.ingress). Everything else is the wrapped P2P's."""
 
     def __init__(self, inner: hivemind.P2P, ingress: Ingress | None = None):
         self._inner, self.ingress = inner, ingress
@@ -60,19 +59,13 @@ class ServingP2P:
     async def add_protobuf_handler(self, name: str, handler, input_protobuf_type, *, stream_input: bool = False,
                                    stream_output: bool = False, balanced: bool = False) -> None:
         if stream_input and stream_output:
-            await self._add_stream_handler(name, handler, input_protobuf_type, balanced)
+            await add_stream_handler(self._inner, name, handler, input_protobuf_type, balanced=balanced,
+                                     ingress=self.ingress)
             return
         if not stream_input and not stream_output and self.ingress is not None:
             handler = self.ingress.unary(handler, size=lambda request: request.ByteSize())
         await self._inner.add_protobuf_handler(name, handler, input_protobuf_type, stream_input=stream_input,
                                                stream_output=stream_output, balanced=balanced)
-
-    async def _add_stream_handler(self, name: str, handler, input_protobuf_type, balanced: bool) -> None:
-        """A stream-in, stream-out handler: read through the ingress (which ends streams cleanly itself), or hivemind."""
-        if self.ingress is not None:
-            await self.ingress.add_stream_handler(self._inner, name, handler, input_protobuf_type, balanced)
-        else:
-            await add_stream_handler(self._inner, name, handler, input_protobuf_type, balanced=balanced)
 
 
 class KeyedP2P(ServingP2P):
@@ -178,7 +171,7 @@ class KeyedP2P(ServingP2P):
                 yield self._seal_reply(name, context, nonce, seq, reply)
                 seq += 1
 
-        await self._add_stream_handler(name, serve, Sealed, balanced)
+        await add_stream_handler(self._inner, name, serve, Sealed, balanced=balanced, ingress=self.ingress)
 
 
 class SealedCall:

@@ -84,9 +84,13 @@ def test_stream_messages_are_charged_as_they_arrive(keep):
         server, client, compute, _ = await _stream_pair(keep, MiB)
         try:
             messages = [runtime_pb2.ExpertRequest(metadata=b"x" * n) for n in (1000, 3000)]
-            replies = await client.iterate_protobuf_handler(server.peer_id, "rpc_echo", _slowly(messages),
+            answered = asyncio.Queue()
+            replies = await client.iterate_protobuf_handler(server.peer_id, "rpc_echo", _each_after_a_reply(messages, answered),
                                                             runtime_pb2.ExpertResponse)
-            used = [int(reply.metadata) async for reply in replies]
+            used = []
+            async for reply in replies:
+                used.append(int(reply.metadata))
+                answered.put_nowait(None)
             await asyncio.sleep(0.1)
             return used, [STREAM_COPIES * m.ByteSize() for m in messages], compute.inflight.used
         finally:
@@ -118,7 +122,9 @@ def test_a_stream_message_longer_than_the_limit_is_refused_before_its_body_is_re
                                     f"{64 * 1024} bytes")
 
 
-async def _slowly(messages):
-    for message in messages:
+async def _each_after_a_reply(messages, answered: asyncio.Queue):
+    """The messages, each after the reply to the one before (so none is read ahead of the handler)."""
+    for i, message in enumerate(messages):
+        if i:
+            await answered.get()
         yield message
-        await asyncio.sleep(0.05)  # each is read only once the handler asks for it anyway
