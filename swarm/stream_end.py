@@ -120,10 +120,6 @@ class _Requests:
                 await self._queue.put(_END)
 
     async def messages(self) -> AsyncIterator:
-        if self.ingress is None:  # nothing can fail the stream from outside
-            while (item := await self._queue.get()) is not _END:
-                yield item
-            return
         while True:
             getting = asyncio.ensure_future(self._queue.get())
             try:
