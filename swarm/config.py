@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from swarm.kv_cache import parse_size
 from swarm.options import option
 
 # The wire protocol: this build writes version PROTOCOL_VERSION and still reads every version down to
@@ -81,7 +82,11 @@ class ServerConfig:
     # Every budget below is shared fairly among the peers that hold some (server.fair_share): when it is short, a peer
     # over its share gets a "limit reached" error, and a peer that holds less takes the place of the largest holder's
     # least recently used holding.
-    cache_tokens: int = option(16384, "KV-cache budget in tokens, summed over sessions as batch_size * max_length")
+    cache_tokens: int = option(16384, "KV-cache budget in tokens, summed over sessions as batch_size * max_length, "
+                                      "converted to bytes with the model's KV geometry and the span's length (unless "
+                                      "--cache-bytes is given)")
+    cache_bytes: int | None = option(None, "KV-cache budget in bytes (e.g. 2GiB, 512MiB), over all the span's blocks "
+                                           "and devices; wins over --cache-tokens", type=parse_size, metavar="SIZE")
     max_sessions: int = option(256, "inference sessions open at once, all peers together")
     inflight_mb: float = option(512.0, "memory for requests received and waiting for (or in) compute, each charged "
                                        "as it arrives, its copies included (swarm.ingress); the compute thread serves "
