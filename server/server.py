@@ -7,11 +7,10 @@ import dataclasses
 import logging
 import signal
 import threading
-import time
 
 import hivemind
-import torch
 
+from server import memory_plan, throughput
 from server.backend import Limits, SpanBackend
 from server.block_selection import choose_span
 from server.cache_budget import SessionBudget
@@ -21,7 +20,7 @@ from server.rebalance import ActiveHandler, Rebalancer, drain
 from swarm import __version__, compression, versions
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
 from swarm.config import ServerConfig
-from swarm.devices import DeviceFacts, describe_devices, probe, resolve_devices, split_span, synchronize
+from swarm.devices import DeviceFacts, describe_devices, probe, resolve_devices, split_span
 from swarm.dht_records import ServerRecord, ServerState, announce_span, fetch_servers
 from swarm.identity import ModelIdentity
 from swarm.ingress import Ingress
@@ -52,32 +51,6 @@ class Hosted:
     devices: str = ""  # what holds them, as records name it (swarm.devices.describe_devices)
 
 
-def measure_speed(span: BlockSpan, dtype: torch.dtype) -> tuple[float, float]:
-    """(ms per block for one decode step, forward tokens/s of the whole span), measured on random input."""
-    hidden_size, device = span.config.hidden_size, span.device
-    devices = [part.device for part in span.parts]  # GPU kernels run asynchronously: wait for them before each clock
-    with torch.inference_mode():
-        cache = span.new_cache()
-        prompt = torch.randn(1, 8, hidden_size, dtype=dtype, device=device)
-        span(prompt, torch.arange(8, device=device)[None], cache=cache)
-        times = []
-        for step in range(8, 12):
-            token, position = torch.randn(1, 1, hidden_size, dtype=dtype, device=device), torch.tensor([[step]], device=device)
-            synchronize(devices)
-            begin = time.perf_counter()
-            span(token, position, cache=cache)
-            synchronize(devices)
-            times.append(time.perf_counter() - begin)
-        batch = torch.randn(1, 128, hidden_size, dtype=dtype, device=device)
-        synchronize(devices)
-        begin = time.perf_counter()
-        span(batch, torch.arange(128, device=device)[None])
-        synchronize(devices)
-        forward_s = time.perf_counter() - begin
-    decode_ms = sorted(times)[len(times) // 2] * 1000
-    return decode_ms / (span.end - span.start), 128 / forward_s
-
-
 class Server:
     def __init__(self, options: ServerConfig):
         if (options.blocks is None) == (options.num_blocks is None):
@@ -104,6 +77,9 @@ class Server:
         # One dtype for the whole span: bfloat16 only if every device has it natively.
         self.dtype = resolve_dtype(options.torch_dtype, self.config,
                                    DeviceFacts(facts[0].kind, all(f.fast_bf16 for f in facts), facts[0].name))
+        # The span's split between the devices: equal parts, or with --num-blocks auto what each device's memory holds.
+        self.part_weights = (1.0,) * len(self.devices)
+        self.auto_blocks = self._plan_memory() if options.num_blocks == "auto" else None  # before joining: errors first
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -125,6 +101,18 @@ class Server:
 
     # ------------------------------------------------------------------------------------ setup
 
+    def _plan_memory(self) -> int:
+        """--num-blocks auto: how many blocks fit the devices' free memory (and what each device holds)."""
+        plan = memory_plan.server_plan(self.options, self.family, self.config, self.dtype, self.devices)
+        logger.info("%s", plan.describe())
+        pairs = list(zip(self.devices, plan.device_weights, strict=True))
+        if any(weight <= 0 for _, weight in pairs):
+            logger.warning("--num-blocks auto: no block fits on %s; the span goes on the other devices",
+                           ", ".join(str(d) for d, weight in pairs if weight <= 0))
+        self.devices = tuple(d for d, weight in pairs if weight > 0)
+        self.part_weights = tuple(weight for _, weight in pairs if weight > 0)
+        return plan.num_blocks
+
     def _choose_blocks(self) -> tuple[int, int]:
         o = self.options
         if o.blocks is not None:
@@ -136,7 +124,8 @@ class Server:
         # Our own record may still be there from before a restart with the same identity: ignore it.
         spans = [(s.record.start, s.record.end) for s in servers
                  if s.record.state != ServerState.OFFLINE and s.peer_id != self.dht.peer_id]
-        return choose_span(self.num_model_blocks, min(o.num_blocks, self.num_model_blocks), spans)
+        length = self.auto_blocks if self.auto_blocks is not None else o.num_blocks
+        return choose_span(self.num_model_blocks, min(length, self.num_model_blocks), spans)
 
     def _record(self, state: ServerState, hosted: Hosted | None = None) -> ServerRecord:
         hosted = self.hosted if hosted is None else hosted
@@ -193,7 +182,7 @@ class Server:
 
     def span_parts(self, start: int, end: int) -> list[SpanPart]:
         """Blocks start:end split between the devices, a contiguous part each, in the order --device lists them."""
-        bounds = split_span(start, end, [1.0] * len(self.devices))
+        bounds = split_span(start, end, self.part_weights)
         if len(bounds) < len(self.devices):
             logger.warning("%d blocks cannot be split between %d devices: using the first %d", end - start,
                            len(self.devices), len(bounds))
@@ -207,7 +196,9 @@ class Server:
                     f", {o.quant}" if o.quant != "none" else "", ", ".join(f"{p.start}:{p.end} {p.device}" for p in parts))
         span = BlockSpan.from_checkpoint(self.family, self.config, start, end, self.checkpoint, self.dtype, parts,
                                          quantizer(o.quant, self.dtype) if o.quant != "none" else None)
-        ms_per_block, forward_tps = measure_speed(span, self.dtype)
+        # Measured once per kind of device (cached across starts): a move or a restart reads the figures back.
+        speed = throughput.span_speed(span, self.dtype, o.quant, remeasure=o.remeasure and self.hosted is None)
+        ms_per_block, forward_tps = speed.ms_per_block, speed.forward_tps
         backend = SpanBackend(span, self.dtype, Limits(o.max_batch_size, o.max_chunk_tokens, o.max_request_tensors))
         for name, path in o.adapters.items():
             backend.host_adapter(name, read_peft_adapter(path, range(start, end)))

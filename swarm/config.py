@@ -52,7 +52,7 @@ class ServerConfig:
     # --new-swarm (swarm.cli.add_swarm_arguments) and --adapters NAME=PATH (name -> folder of a peft LoRA adapter).
     model: str
     blocks: tuple[int, int] | None = None
-    num_blocks: int | None = None
+    num_blocks: int | str | None = None  # a count, or "auto": as many as fit the devices' memory (server.memory_plan)
     initial_peers: Sequence[str] = ()
     new_swarm: bool = False
     adapters: Mapping[str, str] = field(default_factory=dict)
@@ -130,3 +130,13 @@ class ServerConfig:
     # A move reloads weights and moves sessions: worth it only for a clear gain.
     balance_margin: float = option(0.2, "move to even out coverage only if the least-served block would get more "
                                         "than 1 + this times as many servers (blocks with no server always get one)")
+    # --num-blocks auto (server.memory_plan): memory it leaves unplanned on each device (on a CPU, of the RAM), for
+    # allocator fragmentation, the CUDA context and what the estimates miss.
+    memory_headroom: float = option(0.1, "with --num-blocks auto: fraction of each device's free memory left unused "
+                                         "(at least --memory-headroom-min)")
+    memory_headroom_min: int = option(2**30, "with --num-blocks auto: the least memory left unused on each device "
+                                             "(e.g. 1GiB, 512MiB)", type=parse_size, metavar="SIZE")
+    # server.throughput: measured once per device, dtype, quantization and block shape, then read from
+    # $SWARM_CACHE_DIR (default ~/.cache/swarm)/throughput.json.
+    remeasure: bool = option(False, "measure this device's throughput again instead of using the figures cached by "
+                                    "an earlier start")

@@ -22,6 +22,8 @@ os.environ[ENV_VAR] = SWARM_KEY_FILE
 # The suite compares with local float32 models on the CPU, so its servers (and clients) run on the CPU even on a GPU
 # machine: `--device auto` finds no GPU (set before anything initialises CUDA). bench/ checks the GPU paths.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Servers cache their measured throughput (server.throughput): the suite's servers share one cache, never the home's.
+os.environ["SWARM_CACHE_DIR"] = tempfile.mkdtemp(prefix="swarm-test-cache-")
 
 TINY_SPANS = [(0, 2), (2, 4), (4, 6)]
 TINY_CACHE_TOKENS = 4096

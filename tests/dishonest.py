@@ -21,7 +21,7 @@ def lying(scale: float = 1.5) -> dict[str, str]:
 
 
 def install() -> None:
-    import server.server
+    import server.throughput
     from swarm.models.span import BlockSpan
 
     scale = float(json.loads(os.environ.get(_ENV, "{}")).get("scale", 1.5))
@@ -30,8 +30,8 @@ def install() -> None:
     def lying_forward(self, *args, **kwargs):
         return forward(self, *args, **kwargs) * scale
 
-    def fast(span, dtype) -> tuple[float, float]:  # (ms per block, forward tokens per second): it wants the traffic
-        return 0.001, 1e9
+    def fast(*args, **kwargs) -> server.throughput.SpanSpeed:  # it wants the traffic (and caches nothing)
+        return server.throughput.SpanSpeed(ms_per_block=0.001, forward_tps=1e9)
 
     BlockSpan.forward = lying_forward
-    server.server.measure_speed = fast
+    server.throughput.span_speed = fast
