@@ -100,8 +100,11 @@ class InferenceSession:
                 output, count = await self._recover(index, inputs, hypo_ids, exc)
                 index, pushed = index + count, False
             else:
-                if await self._outvoted(index, output, hypo_ids):  # its later streams took its wrong outputs too
-                    output, count = await self._rebuild(index, inputs, hypo_ids)
+                if await self._outvoted(index, output, hypo_ids):
+                    # Every later stream took its wrong outputs as inputs, so their KV caches are wrong too: all of
+                    # them move to new servers, the first one's history replayed (this step's inputs sent after it).
+                    self.streams[index].history.pop()
+                    output, count = await self._recover(index, inputs, hypo_ids, None, through=len(self.streams))
                     index, pushed = index + count, False
                 else:
                     pushed = self._pushes_on(index, chain_end, reply)
@@ -154,12 +157,6 @@ class InferenceSession:
         checked = await self.connection.spot_checks.session_step(stream.step, output, steps, stream.batch_size,
                                                                  stream.max_length, self.additions)
         return str(stream.step.peer_id) in checked.outvoted
-
-    async def _rebuild(self, index: int, inputs: list, hypo_ids: list[int]) -> tuple[runtime_pb2.Tensor, int]:
-        """After stream `index`'s server was caught returning wrong outputs: every later stream took them as inputs,
-        so their KV caches are wrong too. All of them move to new servers, the first one's history replayed."""
-        self.streams[index].history.pop()  # this step's inputs, which _recover sends after the history
-        return await self._recover(index, inputs, hypo_ids, None, through=len(self.streams))
 
     async def _recover(self, index: int, inputs: list, hypo_ids: list[int], error: RemoteError | None,
                        through: int | None = None) -> tuple[runtime_pb2.Tensor, int]:
