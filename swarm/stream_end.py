@@ -125,8 +125,7 @@ class _Requests:
             try:
                 await asyncio.wait({getting, self._failed}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if not getting.done():
-                    getting.cancel()
+                getting.cancel()  # a no-op when the request came
             if self._failed.done():
                 raise self._failed.result()
             if (item := getting.result()) is _END:
