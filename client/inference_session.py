@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -135,10 +136,8 @@ class InferenceSession:
         finally:
             failure.cancel()
             result.cancel()  # a no-op when the result came
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             return await result
-        except asyncio.CancelledError:
-            pass
         stream.accepts_pushes = False  # the client sends it its steps from now on
         logger.info("server %s could not push step %d to %s (%s); sending that hop from the client instead",
                     str(pusher.step.peer_id)[-6:], pusher.step_id - 1, str(stream.step.peer_id)[-6:], failure.result()[:200])
