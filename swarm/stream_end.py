@@ -19,6 +19,7 @@ handler asks for the next one (or, for handlers that keep every message of a req
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -152,10 +153,8 @@ async def _respond(replies: AsyncIterator, writer: asyncio.StreamWriter, name: s
                 return
     except Exception as exc:  # noqa: BLE001 - the handler's error, for the caller (typed errors carry their code)
         logger.debug("%s failed: %r", name, exc)
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await P2P.send_protobuf(RPCError(message=str(exc)), writer)
-        except (ConnectionError, OSError):
-            pass
     finally:
         await replies.aclose()
 
