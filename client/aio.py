@@ -20,8 +20,7 @@ def get_loop() -> asyncio.AbstractEventLoop:
     with _lock:
         if _loop is None or _loop.is_closed():
             loop = uvloop.new_event_loop()
-            thread = threading.Thread(target=loop.run_forever, name="swarm-client-loop", daemon=True)
-            thread.start()
+            threading.Thread(target=loop.run_forever, name="swarm-client-loop", daemon=True).start()
             _loop = loop
         return _loop
 

@@ -82,9 +82,8 @@ class DistributedBaseModel(nn.Module):
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], dim=1)
         offset = virtual or (session.virtual_tokens if session is not None else 0)
-        device = inputs_embeds.device
         if position_ids is None:
-            position_ids = torch.arange(past, past + virtual + length, device=device).expand(batch, virtual + length)
+            position_ids = torch.arange(past, past + virtual + length, device=inputs_embeds.device).expand(batch, -1)
         else:
             position_ids = position_ids.expand(batch, length) + offset
             if virtual:

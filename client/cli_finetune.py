@@ -129,8 +129,7 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[list
         if full_text.startswith(prompt_text):
             completion_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
         else:  # a template that rewrites earlier turns: fall back to the token count of the prompt
-            full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-            completion_ids = full_ids[len(prompt_ids):]
+            completion_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"][len(prompt_ids):]
     else:
         prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
         completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + eos

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -246,10 +247,8 @@ class SwarmConnection:
 
     def shutdown(self) -> None:
         self.pinger.stop()
-        try:
+        with contextlib.suppress(Exception):  # best effort on the way out
             aio.run(self.p2p.shutdown(), timeout=5)
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
         self.dht.shutdown()
 
 

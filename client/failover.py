@@ -5,6 +5,7 @@ or give up saying what was tried)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -109,8 +110,7 @@ async def with_failover(connection: SwarmConnection, what: str, attempt: Callabl
     `tried`); a NoRouteError after a failure ends the tries with one error that names every server tried and why
     there is no other (or, if servers refused as full, that the swarm is full)."""
     tried = [] if tried is None else tried
-    number = 0
-    while True:
+    for number in itertools.count():
         try:
             return await attempt(number)
         except NoRouteError as exc:
@@ -130,4 +130,3 @@ async def with_failover(connection: SwarmConnection, what: str, attempt: Callabl
                 raise
             logger.info("%s: %s failed ([%s] %s); trying another server", what, str(exc.peer)[-8:], exc.code,
                         exc.message[:120])
-        number += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -100,8 +101,11 @@ class InferenceSession:
                 output, count = await self._recover(index, inputs, hypo_ids, exc)
                 index, pushed = index + count, False
             else:
-                if await self._outvoted(index, output, hypo_ids):  # its later streams took its wrong outputs too
-                    output, count = await self._rebuild(index, inputs, hypo_ids)
+                if await self._outvoted(index, output, hypo_ids):
+                    # Every later stream took its wrong outputs as inputs, so their KV caches are wrong too: all of
+                    # them move to new servers, the first one's history replayed (this step's inputs sent after it).
+                    self.streams[index].history.pop()
+                    output, count = await self._recover(index, inputs, hypo_ids, None, through=len(self.streams))
                     index, pushed = index + count, False
                 else:
                     pushed = self._pushes_on(index, chain_end, reply)
@@ -132,10 +136,8 @@ class InferenceSession:
         finally:
             failure.cancel()
             result.cancel()  # a no-op when the result came
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             return await result
-        except asyncio.CancelledError:
-            pass
         stream.accepts_pushes = False  # the client sends it its steps from now on
         logger.info("server %s could not push step %d to %s (%s); sending that hop from the client instead",
                     str(pusher.step.peer_id)[-6:], pusher.step_id - 1, str(stream.step.peer_id)[-6:], failure.result()[:200])
@@ -154,12 +156,6 @@ class InferenceSession:
         checked = await self.connection.spot_checks.session_step(stream.step, output, steps, stream.batch_size,
                                                                  stream.max_length, self.additions)
         return str(stream.step.peer_id) in checked.outvoted
-
-    async def _rebuild(self, index: int, inputs: list, hypo_ids: list[int]) -> tuple[runtime_pb2.Tensor, int]:
-        """After stream `index`'s server was caught returning wrong outputs: every later stream took them as inputs,
-        so their KV caches are wrong too. All of them move to new servers, the first one's history replayed."""
-        self.streams[index].history.pop()  # this step's inputs, which _recover sends after the history
-        return await self._recover(index, inputs, hypo_ids, None, through=len(self.streams))
 
     async def _recover(self, index: int, inputs: list, hypo_ids: list[int], error: RemoteError | None,
                        through: int | None = None) -> tuple[runtime_pb2.Tensor, int]:

@@ -87,8 +87,7 @@ class RemoteLora(nn.Module):
         Computed from the contents every time: optimizers such as fused AdamW update parameters without bumping
         their version counters, so nothing cheaper tells reliably whether they changed.
         """
-        names, params = self.for_blocks(start, end)
-        return digest(names, params)
+        return digest(*self.for_blocks(start, end))
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         result = {}

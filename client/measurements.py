@@ -83,10 +83,8 @@ class Pinger:
         while True:
             self._wake.clear()
             await self.ping_round()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.period)
-            except asyncio.TimeoutError:
-                pass
 
 
 class InFlight:

@@ -8,12 +8,13 @@ import contextlib
 import copy
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import GenerationConfig
+from transformers.modeling_utils import local_torch_dtype
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from client.base_model import DistributedBaseModel, RemoteSessionCache
@@ -90,7 +91,7 @@ def _client_side_model(cls: type, checkpoint: Checkpoint, family: ModelFamily, d
     empty.num_hidden_layers = 0
     if getattr(empty, "layer_types", None) is not None:
         empty.layer_types = []
-    with torch.device("meta"), _default_dtype(dtype):
+    with torch.device("meta"), local_torch_dtype(dtype):
         lm = cls(empty)
     tensors = checkpoint.load(lambda k: k.startswith(family.client_prefixes), dtype)
     missing, unexpected = lm.load_state_dict(tensors, strict=False, assign=True)
@@ -99,16 +100,6 @@ def _client_side_model(cls: type, checkpoint: Checkpoint, family: ModelFamily, d
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return lm
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 class DistributedCausalLMMixin(DistributedModelForCausalLM):

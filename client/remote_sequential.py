@@ -10,7 +10,6 @@ import weakref
 from collections import Counter
 
 import torch
-from hivemind.proto import runtime_pb2
 from torch import nn
 
 from client import aio
@@ -25,7 +24,7 @@ from client.routing import NoRouteError, RouteStep
 from swarm.compression.delta import row_keys
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES
 from swarm.errors import RemoteError
-from swarm.tensors import unpack_tensor
+from swarm.tensors import decoded, unpack_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +32,6 @@ logger = logging.getLogger(__name__)
 def _extras(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, where: slice) -> list[torch.Tensor]:
     """A chunk's positions and mask (if any): what each span request sends after the hidden states."""
     return [position_ids[where]] + ([] if attention_mask is None else [attention_mask[where]])
-
-
-def _decoded(tensor):
-    return unpack_tensor(tensor, "server gradient") if isinstance(tensor, runtime_pb2.Tensor) else tensor
 
 
 async def _gather(coroutines) -> list:
@@ -143,7 +138,7 @@ class _RemoteChain(torch.autograd.Function):
                     return ([packed[0]] if input_grad else []) + params
                 except RemoteError as exc:  # the server lost it: recompute from the inputs kept here
                     logger.info("training stream to %s failed in backward (%s); recomputing", step.peer_id, exc)
-            grad = _decoded(grad)
+            grad = decoded(grad, "server gradient")
 
             async def backward(step: RouteStep):
                 call = span_call(additions, step, inputs, grad, seed=ctx.base_seed + index,
@@ -161,7 +156,7 @@ class _RemoteChain(torch.autograd.Function):
                 grads = await step_backward(index, step, [hidden, *extras], grad, wants_grad)
                 grad = grads.pop(0) if wants_grad else None
                 param_grads.append((step, grads))
-            return _decoded(grad), param_grads
+            return decoded(grad, "server gradient"), param_grads
 
         chunks = zip(ctx.slices, ctx.chunk_inputs, strict=True)
         try:

@@ -27,7 +27,7 @@ from client.routing import RouteStep
 from client.spot_checks import agreement, judge, relative_error, replicas, sampled, tolerance
 from client.streams import SpanStream
 from swarm.errors import RemoteError
-from swarm.tensors import Traffic, unpack_tensor
+from swarm.tensors import Traffic, decoded
 
 if TYPE_CHECKING:
     from client.connection import SwarmConnection
@@ -117,11 +117,11 @@ class SpotChecks:
         self.rng.shuffle(candidates)
         dtype = {str(s.peer_id): s.record.torch_dtype for s in servers}
         quant = {str(s.peer_id): s.record.quant for s in servers}
-        steps, outputs = [step], [_decoded(output)]
+        steps, outputs = [step], [decoded(output)]
         for server in candidates:
             replica = RouteStep(server.peer_id, step.start, step.end, server.record.max_chunk_tokens)
             try:
-                result = _decoded(await rerun(replica))
+                result = decoded(await rerun(replica))
             except RemoteError as exc:  # it could not answer: that says nothing about the output checked
                 logger.debug("spot check of %s on %s failed (%s); trying another replica", step.peer_id, replica.peer_id, exc)
                 continue
@@ -164,8 +164,3 @@ class SpotChecks:
             return Checked(steps[0], output, tuple(outvoted))
         stands = verdict.majority[0]
         return Checked(steps[stands], outputs[stands], tuple(outvoted))
-
-
-def _decoded(output: Output) -> torch.Tensor:
-    return unpack_tensor(output, "server output") if isinstance(output, runtime_pb2.Tensor) else output
-

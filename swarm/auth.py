@@ -123,16 +123,6 @@ def load_key(source: KeySource) -> SwarmKey:
                         f"{type(source).__name__}")
 
 
-def key_sources(given: KeySource | Sequence[KeySource] | None, env: dict | None = None) -> list[KeySource]:
-    """The keys a peer was given: the argument (one source or several), else the environment's SWARM_KEY_FILE."""
-    if given is None or (isinstance(given, (list, tuple)) and not given):
-        path = (os.environ if env is None else env).get(ENV_VAR)
-        return [path] if path else []
-    if isinstance(given, (list, tuple)):
-        return list(given)
-    return [given]
-
-
 def warn_if_open(keyring: Keyring | None) -> None:
     """Say once, when a new swarm starts without a key, that anyone who can reach it can join it."""
     if keyring is None:
@@ -161,8 +151,11 @@ class Keyring:
 
     @classmethod
     def load(cls, given: KeySource | Sequence[KeySource] | None, env: dict | None = None) -> Keyring | None:
-        """The keyring of the given keys (or SWARM_KEY_FILE's), or None for an open swarm."""
-        sources = key_sources(given, env)
+        """The keyring of the given keys (one source or several; none: SWARM_KEY_FILE's), or None for an open swarm."""
+        if given is None or (isinstance(given, (list, tuple)) and not given):
+            path = (os.environ if env is None else env).get(ENV_VAR)
+            given = [path] if path else []
+        sources = list(given) if isinstance(given, (list, tuple)) else [given]
         return cls([load_key(source) for source in sources]) if sources else None
 
     @property
@@ -173,8 +166,7 @@ class Keyring:
         """Keyed BLAKE2b of the parts framed as _frame frames them; the last (the message) is hashed where it lies,
         not copied into the frame (training requests are megabytes), and the few calls keep a step's MAC cheap."""
         *head, body = parts
-        mac = hashlib.blake2b(b"".join([len(part).to_bytes(4, "big") + part for part in head]), key=key.rpc,
-                              digest_size=32)
+        mac = hashlib.blake2b(_frame(*head), key=key.rpc, digest_size=32)
         mac.update(len(body).to_bytes(4, "big"))
         mac.update(body)
         return mac.digest()
@@ -219,8 +211,7 @@ class Keyring:
         messages (an inference step each) then cost two small updates and the message's own bytes."""
         state = self._heads.get((key.key_id, head))
         if state is None:
-            state = hashlib.blake2b(b"".join([len(part).to_bytes(4, "big") + part for part in head]), key=key.rpc,
-                                    digest_size=32)
+            state = hashlib.blake2b(_frame(*head), key=key.rpc, digest_size=32)
             if len(self._heads) >= 4096:  # calls are short-lived: forget the oldest
                 del self._heads[next(iter(self._heads))]
             self._heads[(key.key_id, head)] = state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -77,11 +78,8 @@ class Checkpoint:
         return Path(cached) if isinstance(cached, str) else None
 
     def _read_weight_map(self) -> dict[str, str]:
-        try:
-            index = json.loads(self._fetch(INDEX_FILE).read_text())
-            return dict(index["weight_map"])
-        except FileNotFoundError:
-            pass
+        with contextlib.suppress(FileNotFoundError):  # no index: a single file
+            return dict(json.loads(self._fetch(INDEX_FILE).read_text())["weight_map"])
         path = self._fetch(SINGLE_FILE)
         with safe_open(str(path), framework="pt") as f:
             return dict.fromkeys(f.keys(), SINGLE_FILE)

@@ -36,9 +36,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The parser of `swarm`. With `argv`, only the subcommand it names gets its options (and its module imported);
-    without, every subcommand does."""
-    chosen = _subcommand(argv) if argv is not None else None
+    """The parser of `swarm`. With `argv`, only the subcommand it names (its first word that is not an option) gets
+    its options (and its module imported); without, every subcommand does."""
+    chosen = next((word for word in argv if not word.startswith("-")), None) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog="swarm",
         description="Run and fine-tune large language models together: servers host spans of a model's "
@@ -54,11 +54,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             module.add_arguments(sub_parser)
             sub_parser.set_defaults(_module=module)
     return parser
-
-
-def _subcommand(argv: list[str]) -> str | None:
-    """The subcommand `argv` runs (its first word that is not an option), or None."""
-    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def add_swarm_arguments(parser: argparse.ArgumentParser, allow_new_swarm: bool = False) -> None:

@@ -67,6 +67,7 @@ class Ticket:
             raise LimitReached(self.ended)
 
 
+@dataclass(frozen=True)
 class AdmittedContext(P2PContext):
     """A handler's context with the charge of its unary request (None for a stream's handler)."""
 
@@ -93,7 +94,8 @@ class Ingress:
         async def admitted(request, context: P2PContext):
             ticket = self.charge(str(context.remote_id), UNARY_COPIES * size(request))
             try:
-                return await handler(request, _with_ticket(context, ticket))
+                context = AdmittedContext(context.handle_name, context.local_id, context.remote_id, ticket)
+                return await handler(request, context)
             except asyncio.CancelledError:
                 # The caller gave up (hivemind cancels the handler). A unary handler's task that ends cancelled stays
                 # in hivemind's table of handler tasks for good, with the frames its error holds (the request and its
@@ -103,9 +105,3 @@ class Ingress:
                 self.gate.release(ticket)
 
         return admitted
-
-
-def _with_ticket(context: P2PContext, ticket: Ticket) -> AdmittedContext:
-    admitted = AdmittedContext(handle_name=context.handle_name, local_id=context.local_id, remote_id=context.remote_id)
-    admitted.ticket = ticket
-    return admitted

@@ -60,17 +60,15 @@ def address_problem(address: str) -> str | None:
     if not isinstance(address, str) or not address.startswith("/"):
         return "is not a multiaddress (those start with /)"
     parts = address.rstrip("/").split("/")[1:]
-    peer_id, index = None, 0
-    while index < len(parts):
-        name = parts[index]
+    peer_id, words = None, iter(parts)
+    for name in words:
         if name in _WITHOUT_VALUE:
-            index += 1
             continue
         if name not in _WITH_VALUE:
             return f"names an unknown protocol {name!r}"
-        if index + 1 >= len(parts) or not parts[index + 1]:
+        value = next(words, "")
+        if not value:
             return f"gives no value after /{name}"
-        value, index = parts[index + 1], index + 2
         if name in ("ip4", "ip6"):
             try:
                 (ipaddress.IPv4Address if name == "ip4" else ipaddress.IPv6Address)(value)

@@ -19,6 +19,7 @@ from typing import Any
 import hivemind
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
+from hivemind.utils.asyncio import as_aiter
 
 from swarm.auth import Keyring, Refused
 from swarm.errors import BadRequest
@@ -94,12 +95,10 @@ class KeyedP2P(ServingP2P):
 
     async def iterate_protobuf_handler(self, peer_id, name: str, input, output_protobuf_type) -> AsyncIterator:
         call = self.call(name, peer_id)
+        messages = input if isinstance(input, AsyncIterable) else as_aiter(input)
 
         async def requests():
-            if not isinstance(input, AsyncIterable):
-                yield call.seal(input)
-                return
-            async for message in input:
+            async for message in messages:
                 yield call.seal(message)
 
         raw = await self._inner.iterate_protobuf_handler(peer_id, name, requests(), Sealed)
@@ -113,8 +112,12 @@ class KeyedP2P(ServingP2P):
     # -- serving ---------------------------------------------------------------------------------------------------
 
     def _open(self, name: str, context, sealed, input_type) -> tuple[Any, bytes]:
-        self.keyring.check(name, context.remote_id.to_bytes(), context.local_id.to_bytes(), sealed.payload, sealed.time,
-                           sealed.nonce, sealed.mac)
+        try:
+            self.keyring.check(name, context.remote_id.to_bytes(), context.local_id.to_bytes(), sealed.payload,
+                               sealed.time, sealed.nonce, sealed.mac)
+        except Refused:
+            logger.debug("refused %s from %s", name, context.remote_id)
+            raise
         return _parse(input_type, sealed.payload, name), sealed.nonce
 
     def _open_later(self, name: str, context, nonce: bytes, seq: int, sealed, input_type):
@@ -134,11 +137,7 @@ class KeyedP2P(ServingP2P):
                                    stream_output: bool = False, balanced: bool = False) -> None:
         if not stream_input and not stream_output:
             async def unary(sealed, context):
-                try:
-                    request, nonce = self._open(name, context, sealed, input_protobuf_type)
-                except Refused:
-                    logger.debug("refused %s from %s", name, context.remote_id)
-                    raise
+                request, nonce = self._open(name, context, sealed, input_protobuf_type)
                 return self._seal_reply(name, context, nonce, 0, await handler(request, context))
 
             if self.ingress is not None:  # charged before the payload is even checked, let alone parsed
@@ -151,9 +150,6 @@ class KeyedP2P(ServingP2P):
                 first, nonce = self._open(name, context, await iterator.__anext__(), input_protobuf_type)
             except StopAsyncIteration:
                 return
-            except Refused:
-                logger.debug("refused %s from %s", name, context.remote_id)
-                raise
 
             async def requests():
                 yield first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -30,12 +31,10 @@ def even_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
 
 def _die_with_parent() -> None:
     """Ask Linux to send SIGTERM to the child when the process that started it dies (no orphaned peers)."""
-    try:
-        import ctypes
+    import ctypes
 
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class PeerProcess:
@@ -94,10 +93,8 @@ class PeerProcess:
         return self.process.returncode
 
     def _kill_group(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class LocalSwarm:
@@ -139,10 +136,8 @@ class LocalSwarm:
                 server.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for server in self.servers:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # stop() below signals it again, then kills it
                 server.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass  # stop() below signals it again, then kills it
         for peer in [*self.servers, *([self.bootstrap] if self.bootstrap else [])]:
             peer.stop()
         self.servers, self.bootstrap = [], None

@@ -19,6 +19,7 @@ handler asks for the next one (or, for handlers that keep every message of a req
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -125,8 +126,7 @@ class _Requests:
             try:
                 await asyncio.wait({getting, self._failed}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if not getting.done():
-                    getting.cancel()
+                getting.cancel()  # a no-op when the request came
             if self._failed.done():
                 raise self._failed.result()
             if (item := getting.result()) is _END:
@@ -153,10 +153,8 @@ async def _respond(replies: AsyncIterator, writer: asyncio.StreamWriter, name: s
                 return
     except Exception as exc:  # noqa: BLE001 - the handler's error, for the caller (typed errors carry their code)
         logger.debug("%s failed: %r", name, exc)
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await P2P.send_protobuf(RPCError(message=str(exc)), writer)
-        except (ConnectionError, OSError):
-            pass
     finally:
         await replies.aclose()
 

@@ -21,9 +21,7 @@ def split_message(meta: _Meta, packed: Sequence[runtime_pb2.Tensor], message_typ
         for offset in range(0, max(len(p.buffer), 1), STREAM_CHUNK_BYTES):
             # The chunk's index into the inputs rides in `size` so the receiver can reassemble.
             chunks.append(runtime_pb2.Tensor(buffer=p.buffer[offset : offset + STREAM_CHUNK_BYTES], size=[index]))
-    messages = [message_type(metadata=meta.encode(), tensors=headers)]
-    messages += [message_type(tensors=[c]) for c in chunks]
-    return messages
+    return [message_type(metadata=meta.encode(), tensors=headers), *(message_type(tensors=[c]) for c in chunks)]
 
 
 def join_message(first, rest: Iterable, max_bytes: int = 1 << 31) -> list[runtime_pb2.Tensor]:

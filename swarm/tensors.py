@@ -72,6 +72,11 @@ def unpack_tensor(proto: runtime_pb2.Tensor, what: str = "tensor") -> torch.Tens
     return torch.frombuffer(bytearray(buffer), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
+def decoded(tensor: runtime_pb2.Tensor | torch.Tensor, what: str = "server output") -> torch.Tensor:
+    """A tensor as it is, or a packed one unpacked (`what` names it in errors)."""
+    return unpack_tensor(tensor, what) if isinstance(tensor, runtime_pb2.Tensor) else tensor
+
+
 def payload_bytes(tensors: Iterable[runtime_pb2.Tensor]) -> int:
     return sum(len(t.buffer) for t in tensors)
 
