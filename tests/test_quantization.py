@@ -113,6 +113,12 @@ def references(tiny_model_path):
         return LlamaForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32, **extra).eval()
 
     models = {"float": load(), "int8": load("int8"), "nf4": load("nf4")}
+    # On a CPU with AVX-512 BF16, bitsandbytes repacks a Linear4bit's weights at its first forward without gradients and
+    # from then on computes it with another kernel (other rounding, no autograd). Servers keep the differentiable layout
+    # (swarm.quantize.quantized_linear); the reference computes the same way, so both run the same arithmetic.
+    for module in models["nf4"].modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
     mixed = copy.deepcopy(models["float"])
     for index, source in ((2, "int8"), (3, "int8"), (4, "nf4"), (5, "nf4")):  # as SERVERS' mixed route
         mixed.model.layers[index] = models[source].model.layers[index]
