@@ -89,3 +89,105 @@ def test_a_sliding_window_family_decodes_with_the_preallocated_cache(tmp_path):
     keep = mask.bool()
     ours = _decode(span, span.new_cache(2, 10), hidden, mask, prefill=2)
     torch.testing.assert_close(ours[keep], _full(span, hidden, mask)[keep], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- budgets in bytes
+
+
+def test_a_sessions_bytes_follow_the_models_kv_geometry_and_cache_bytes_win():
+    from swarm.cli import build_parser
+    from swarm.config import ServerConfig
+    from swarm.kv_cache import cache_budget_bytes, kv_bytes_per_token, session_bytes
+    from swarm.options import from_args
+    from tests.conftest import tiny_llama_config
+
+    config = tiny_llama_config()  # 2 KV heads of 16 dims
+    assert kv_bytes_per_token(config, torch.float32) == 2 * 2 * 16 * 4
+    assert kv_bytes_per_token(config, torch.bfloat16) == 2 * 2 * 16 * 2
+    assert session_bytes(2, 100, 3, 256) == 2 * 100 * 3 * 256
+    assert cache_budget_bytes(None, 4096, config, torch.float32, 2) == 4096 * 2 * 256  # tokens in each block
+    assert cache_budget_bytes(3 * 2**20, 4096, config, torch.float32, 2) == 3 * 2**20
+    args = build_parser().parse_args(["server", "m", "--blocks", "0:3", "--new-swarm", "--cache-bytes", "1.5GiB",
+                                      "--cache-wait", "0.25"])
+    options = from_args(ServerConfig, args, adapters={})
+    assert (options.cache_bytes, options.cache_wait) == (3 * 2**29, 0.25)
+    assert from_args(ServerConfig, build_parser().parse_args(["server", "m", "--blocks", "0:3", "--new-swarm"]), adapters={}).cache_wait == 1.0
+    # What a session's cache allocates is what it is charged.
+    span = BlockSpan.of_blocks(*_tiny_span_parts())
+    assert span.new_cache(2, 100, start=1, end=4).nbytes == session_bytes(2, 100, 3, kv_bytes_per_token(config, torch.float32))
+
+
+def _tiny_span_parts():
+    from swarm.models import family_for
+    from tests.conftest import tiny_llama_config
+
+    config = tiny_llama_config()
+    family = family_for(config)
+    with torch.device("meta"):
+        layers = [family.decoder_layer_class(config, i) for i in range(6)]
+    return family, config, 0, 6, [layer.to_empty(device=CPU).float() for layer in layers]
+
+
+MIB = 2**20
+
+
+def _budget():
+    from server.cache_budget import SessionBudget
+
+    return SessionBudget(100 * MIB, max_sessions=8, token_bytes=MIB // 4, blocks=4)  # a token over 4 blocks: 1 MiB
+
+
+def test_a_session_that_does_not_fit_waits_without_blocking_then_gets_a_clear_error():
+    import asyncio
+    import time
+
+    from swarm.errors import CacheFull, LimitReached
+
+    budget = _budget()
+    budget.acquire("a", "a1", 60 * MIB, print)
+    ticks = []
+
+    async def ticker():
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    async def main():
+        beat = asyncio.create_task(ticker())
+        began = time.monotonic()
+        with pytest.raises(CacheFull, match=r"KV cache is full: 40.0 MiB free \(40 tokens\) of 100.0 MiB \(100 tokens "
+                                            r"over its 4 blocks\), 50.0 MiB requested .* smaller max_length or batch"):
+            await budget.acquire_waiting("a", "a2", 50 * MIB, print, wait=0.3)  # the sole holder: simply full
+        waited = time.monotonic() - began
+        # Over the fair share (a holds 60 of 100 and 2 peers hold some): refused at once, no wait.
+        budget.acquire("b", "b0", 30 * MIB, print)
+        began = time.monotonic()
+        with pytest.raises(LimitReached, match="over its fair share"):
+            await budget.acquire_waiting("a", "a3", 20 * MIB, print, wait=5.0)
+        refused = time.monotonic() - began
+        beat.cancel()
+        return waited, refused
+
+    waited, refused = asyncio.run(main())
+    assert 0.3 <= waited < 1.0 and refused < 0.1
+    assert len(ticks) >= 15  # the event loop ran other work while the session waited
+
+
+def test_a_waiting_session_gets_in_when_another_closes():
+    import asyncio
+    import time
+
+    budget = _budget()
+    budget.acquire("a", "a1", 80 * MIB, print)
+
+    async def main():
+        began = time.monotonic()
+        waiting = asyncio.create_task(budget.acquire_waiting("a", "a2", 50 * MIB, print, wait=10.0))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        budget.release("a1")  # the other session closes
+        await waiting
+        return time.monotonic() - began
+
+    assert asyncio.run(main()) < 1.0
+    assert budget.free == 50 * MIB and budget.tokens_left == 50
