@@ -4,8 +4,9 @@ servers' preallocated cache (swarm.models.preallocated: written in place, attent
 All 30 blocks as one BlockSpan in this process, float32, batch --batch, as a server runs a session's steps (the 2-D
 padding mask over cached + new tokens, positions given). Per context: prefill to --contexts tokens, then time
 --steps decode steps one by one; the modes are interleaved within each of --repeats repetitions (the machine is
-shared), and each mode's figure is the median over all timed steps of all repetitions. "prealloc-contig" gives
-attention contiguous copies of the views, to show what a contiguous layout would buy.
+shared), and each mode's figure is the median over all timed steps of all repetitions. The preallocated cache
+hands attention either contiguous copies of the filled prefix ("prealloc-copies": what servers do on a CPU) or
+strided views of it ("prealloc-views": what they do on other devices).
 Run: python bench/kv_cache.py [--contexts 128 1024] [--steps 24] [--repeats 5] [--batch 1]
 """
 # ruff: noqa: E402  (the OpenMP waiting settings must be set before torch is imported)
@@ -26,25 +27,15 @@ from common import warn_if_busy  # bench/common.py
 from swarm.assets import ensure_smollm2
 from swarm.checkpoint import Checkpoint
 from swarm.models import family_for
-from swarm.models.preallocated import PreallocatedLayer
 from swarm.models.span import BlockSpan
-
-
-class ContiguousLayer(PreallocatedLayer):
-    """The preallocated layer, but attention gets contiguous copies (what a [max_length]-strided view costs)."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        keys, values = super().update(key_states, value_states)
-        return keys.contiguous(), values.contiguous()
 
 
 def new_cache(span: BlockSpan, mode: str, batch: int, max_length: int):
     if mode == "dynamic":
         return span.new_cache()
     cache = span.new_cache(batch, max_length)
-    if mode == "prealloc-contig":
-        for layer in cache.layers:
-            layer.__class__ = ContiguousLayer
+    for layer in cache.layers:
+        layer.contiguous = {"prealloc-copies": True, "prealloc-views": False}[mode]
     return cache
 
 
@@ -71,7 +62,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--modes", nargs="+", default=["dynamic", "prealloc", "prealloc-contig"])
+    parser.add_argument("--modes", nargs="+", default=["dynamic", "prealloc-copies", "prealloc-views"])
     args = parser.parse_args()
     checkpoint = Checkpoint(str(ensure_smollm2()))
     config = checkpoint.config

@@ -35,10 +35,14 @@ def _padded_batch(length: int = 9, seed: int = 1):
     return torch.randn(2, length, 64, generator=generator), mask
 
 
-def test_decode_steps_with_the_preallocated_cache_equal_a_full_forward(tiny_model_path):
+@pytest.mark.parametrize("contiguous", [True, False], ids=["copies", "views"])
+def test_decode_steps_with_the_preallocated_cache_equal_a_full_forward(tiny_model_path, contiguous):
     span = load_span(tiny_model_path, 0, 6)
     hidden, mask = _padded_batch()
     cache = span.new_cache(2, 12)
+    assert all(layer.contiguous for layer in cache.layers)  # on a CPU (see swarm.models.preallocated)
+    for layer in cache.layers:
+        layer.contiguous = contiguous
     assert isinstance(cache, PreallocatedCache) and cache.nbytes == 6 * 2 * 2 * 2 * 12 * 16 * 4  # 6 blocks, k+v
     ours = _decode(span, cache, hidden, mask, prefill=4)
     assert cache.get_seq_length() == 9 and cache.layers[0].keys.shape == (2, 2, 9, 16)  # attention sees 9, not 12
