@@ -7,7 +7,7 @@ padding mask over cached + new tokens, positions given). Per context: prefill to
 shared), and each mode's figure is the median over all timed steps of all repetitions. The preallocated cache
 hands attention either contiguous copies of the filled prefix ("prealloc-copies": what servers do on a CPU) or
 strided views of it ("prealloc-views": what they do on other devices).
-Run: python bench/kv_cache.py [--contexts 128 1024] [--steps 24] [--repeats 5] [--batch 1]
+Run: python bench/kv_cache.py [--contexts 128 1024] [--steps 24] [--repeats 5] [--batch 1] [--threads N]
 """
 # ruff: noqa: E402  (the OpenMP waiting settings must be set before torch is imported)
 from __future__ import annotations
@@ -62,8 +62,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--modes", nargs="+", default=["dynamic", "prealloc-copies", "prealloc-views"])
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     checkpoint = Checkpoint(str(ensure_smollm2()))
     config = checkpoint.config
     span = BlockSpan.from_checkpoint(family_for(config), config, 0, config.num_hidden_layers, checkpoint, torch.float32)
