@@ -38,6 +38,14 @@ def device_label(record) -> str:
     return label if record.quant == "none" else f"{label}, {record.quant}"
 
 
+def kv_cache_label(record) -> str:
+    """A server's KV cache: "12.0 / 64.0 (6144 tok)", free / total MiB and the tokens (batch_size * max_length) of a
+    session over its whole span that fit in the free part (older records: the tokens)."""
+    if not record.cache_bytes:
+        return f"{record.cache_tokens_left} tok"
+    return f"{record.cache_bytes_left / 2**20:.1f} / {record.cache_bytes / 2**20:.1f} ({record.cache_tokens_left} tok)"
+
+
 def render(models: dict[str, tuple[int, list[ServerInfo]]]):
     from rich.console import Group
     from rich.table import Table
@@ -50,7 +58,7 @@ def render(models: dict[str, tuple[int, list[ServerInfo]]]):
     for prefix, (num_blocks, servers) in sorted(models.items()):
         table = Table(title=f"{prefix}: {num_blocks} blocks, {len(servers)} server(s)")
         for column in ("server", "name", "blocks", "state", "version / proto", "device, dtype", "ms/block (decode)",
-                       "forward tok/s", "free cache tokens", "traffic MB (wire / raw)"):
+                       "forward tok/s", "KV cache MiB free / total", "traffic MB (wire / raw)"):
             # Peer ids are what users pass to --allowed-servers: never cut; nor the versions they compare.
             table.add_column(column, no_wrap=column in ("server", "version / proto", "device, dtype"))
         for s in servers:
@@ -58,7 +66,7 @@ def render(models: dict[str, tuple[int, list[ServerInfo]]]):
             table.add_row(str(s.peer_id)[-12:], r.public_name or "-", f"{r.start}:{r.end}", r.state.value,
                           f"{r.version} / {describe(normalized(r.protocol_min, r.protocol_max))}", device_label(r),
                           f"{r.ms_per_block:.2f}" if r.ms_per_block else "-",
-                          f"{r.forward_tokens_per_s:.0f}" if r.forward_tokens_per_s else "-", str(r.cache_tokens_left),
+                          f"{r.forward_tokens_per_s:.0f}" if r.forward_tokens_per_s else "-", kv_cache_label(r),
                           f"{r.bytes_wire / 1e6:.1f} / {r.bytes_raw / 1e6:.1f}")
         parts.append(table)
         cover = Table(title=f"{prefix}: coverage")

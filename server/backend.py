@@ -14,6 +14,7 @@ from swarm import compression, lora
 from swarm.config import ServerConfig
 from swarm.devices import to_device, to_host
 from swarm.errors import BadRequest, BlocksNotServed, MaxLengthExceeded
+from swarm.kv_cache import kv_bytes_per_token
 from swarm.models.span import BlockSpan
 from swarm.tensors import unpack_tensor
 
@@ -85,6 +86,7 @@ class SpanBackend:
         self.hidden_size = span.config.hidden_size
         self.adapters: dict[str, tuple[list[lora.LoraPair], float]] = {}  # hosted adapters: name -> (pairs, scaling)
         self.max_position = getattr(span.config, "max_position_embeddings", None) or (1 << 20)
+        self.kv_token_bytes = kv_bytes_per_token(span.config, dtype)  # one token in one block's KV cache
 
     # ------------------------------------------------------------------------------------ validation
 
@@ -233,8 +235,9 @@ class InferenceState:
         self.backend, self.start, self.end = backend, start, end
         self.lora_pairs, self.lora_scaling, self.prompts = list(lora_pairs), lora_scaling, prompts
         self.batch_size, self.max_length = batch_size, max_length
-        self.cache = backend.span.new_cache()
-        self.mask = torch.ones(batch_size, 0, dtype=torch.int64, device=backend.device)
+        # Both allocated once for max_length (swarm.models.preallocated): a step writes its tokens in place.
+        self.cache = backend.span.new_cache(batch_size, max_length, backend.dtype, start, end)
+        self._mask = torch.ones(batch_size, max_length, dtype=torch.int64, device=backend.device)
         self.position = 0
         self.broken = False
 
@@ -253,10 +256,12 @@ class InferenceState:
                                     f"{length} more do not fit. Open the session with a larger max_length")
         if hypo_ids:
             self._reorder(torch.tensor(hypo_ids, dtype=torch.int64).to(self.backend.device))
-        new_mask = inputs.attention_mask
-        if new_mask is None:
-            new_mask = torch.ones(batch, length, dtype=torch.int64, device=self.backend.device)
-        mask = torch.cat([self.mask, new_mask], dim=1)
+        end = self.position + length
+        if inputs.attention_mask is not None:
+            self._mask[:, self.position : end].copy_(inputs.attention_mask)
+        else:
+            self._mask[:, self.position : end].fill_(1)
+        mask = self._mask[:, :end]
         try:
             with lora.applied(self.lora_pairs, self.lora_scaling):
                 output = self.backend.span(inputs.hidden, inputs.position_ids, mask, cache=self.cache, start=self.start,
@@ -264,12 +269,17 @@ class InferenceState:
         except Exception:
             self.broken = True  # the cache may hold part of this step: never serve from it again
             raise
-        self.mask, self.position = mask, self.position + length
+        self.position = end
         return to_host(output)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The 2-D padding mask of the tokens the cache holds."""
+        return self._mask[:, : self.position]
 
     def _reorder(self, rows: torch.Tensor) -> None:
         """Everything kept per row follows the rows: the KV cache, the padding mask and per-row deep prompts."""
         self.cache.reorder_cache(rows)
-        self.mask = self.mask[rows]
+        self.mask.copy_(self.mask[rows])
         if self.prompts is not None and self.prompts.shape[1] > 1:
             self.prompts = self.prompts[:, rows]

@@ -1,9 +1,10 @@
-"""Budgets of what peers hold on a server (KV-cache tokens, open sessions, kept activations, requests in flight):
+"""Budgets of what peers hold on a server (KV-cache bytes, open sessions, kept activations, requests in flight):
 ledgers of holdings per peer, admitted by the fair-share policy (server.fair_share), which says what to end to make
 room for a peer that holds less. Ending a holding is its owner's business: each holding comes with a callback."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from server.fair_share import Admission, Holding, admit
 from swarm.errors import CacheFull, LimitReached, SwarmError
+from swarm.kv_cache import mib
 
 Evict = Callable[[str], None]  # ends a holding; takes the reason, to give its peer
 
@@ -121,20 +123,6 @@ class FairBudget:
                 f"{self._fmt(held)} of this server's {self._fmt(self.total)}, the most of any peer, while it was short")
 
 
-class CacheBudget(FairBudget):
-    """KV-cache tokens (batch_size * max_length summed over sessions) that sessions may reserve."""
-
-    what = "KV-cache tokens"
-
-    def too_large(self, tokens: int) -> SwarmError:
-        return CacheFull(f"a session of {tokens} tokens (batch_size * max_length) exceeds this server's whole KV-cache "
-                         f"budget of {self.total}; use a smaller max_length or batch")
-
-    def full(self, tokens: int) -> SwarmError:
-        return CacheFull(f"KV cache is full: {self.free} of {self.total} tokens free, {tokens} requested; retry later "
-                         "or use another server")
-
-
 class SessionCount(FairBudget):
     what = "open sessions"
 
@@ -164,36 +152,107 @@ class InflightBudget(MiBBudget):
                          "requests waiting for or in compute (--inflight-mb); send smaller requests")
 
 
-class SessionBudget:
-    """An inference session holds one of `max_sessions` and batch_size * max_length of `cache_tokens`: admitted
-    only if both budgets admit it, ending what either policy says to."""
+class CacheBudget(MiBBudget):
+    """Bytes of KV cache (swarm.kv_cache.session_bytes summed over sessions) that sessions may reserve. `token_bytes`
+    is what one token takes in one block, `blocks` the server's span length: messages also say what the bytes
+    amount to in tokens of a session over the whole span."""
 
-    def __init__(self, cache_tokens: int, max_sessions: int, clock: Callable[[], float] = time.monotonic):
-        self.tokens, self.sessions = CacheBudget(cache_tokens, clock), SessionCount(max_sessions, clock)
+    what = "KV-cache bytes"
+
+    def __init__(self, total: int, token_bytes: int = 1, blocks: int = 1, clock: Callable[[], float] = time.monotonic):
+        super().__init__(total, clock)
+        self.token_bytes, self.blocks = token_bytes, blocks
+
+    def tokens(self, nbytes: int) -> int:
+        """Tokens (batch_size * max_length) of a session over the whole span that `nbytes` hold."""
+        return nbytes // (self.token_bytes * self.blocks)
+
+    def _budget(self) -> str:
+        return f"{mib(self.total)} ({self.tokens(self.total)} tokens over its {self.blocks} blocks)"
+
+    def too_large(self, nbytes: int) -> SwarmError:
+        return CacheFull(f"a session's KV cache of {mib(nbytes)} (batch_size * max_length tokens in each of its blocks) "
+                         f"exceeds this server's whole KV-cache budget of {self._budget()}; use a smaller max_length or "
+                         "batch, or give the server a larger --cache-bytes (or --cache-tokens)")
+
+    def full(self, nbytes: int) -> SwarmError:
+        return CacheFull(f"KV cache is full: {mib(self.free)} free ({self.tokens(self.free)} tokens) of "
+                         f"{self._budget()}, {mib(nbytes)} requested ({self.tokens(nbytes)} tokens); retry later, use "
+                         "another server or a smaller max_length or batch (a server takes more with --cache-bytes or "
+                         "--cache-tokens)")
+
+
+class SessionBudget:
+    """An inference session holds one of `max_sessions` and the bytes of its KV cache of `cache_bytes` (see
+    CacheBudget): admitted only if both budgets admit it, ending what either policy says to."""
+
+    def __init__(self, cache_bytes: int, max_sessions: int, token_bytes: int = 1, blocks: int = 1,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cache = CacheBudget(cache_bytes, token_bytes, blocks, clock)
+        self.sessions = SessionCount(max_sessions, clock)
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # sessions waiting for room
 
     @property
     def free(self) -> int:
-        return self.tokens.free
+        """Free bytes of KV cache."""
+        return self.cache.free
 
-    def acquire(self, peer: str, key: Hashable, tokens: int, on_evict: Evict) -> None:
+    @property
+    def tokens_left(self) -> int:
+        """Tokens of a session over the whole span that fit in the free bytes (what records announce)."""
+        return self.cache.tokens(self.cache.free)
+
+    def acquire(self, peer: str, key: Hashable, nbytes: int, on_evict: Evict) -> None:
+        error, _ = self._admit(peer, key, nbytes, on_evict)
+        if error is not None:
+            raise error
+
+    async def acquire_waiting(self, peer: str, key: Hashable, nbytes: int, on_evict: Evict, wait: float) -> None:
+        """acquire, but a session refused only because the KV cache is full (not over the peer's fair share, nor
+        larger than the whole budget) waits up to `wait` seconds for others to release theirs, without blocking the
+        event loop; then the same clear error."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            woken = asyncio.Event()
+            error, waits = self._admit(peer, key, nbytes, on_evict)
+            if error is None:
+                return
+            if not waits or loop.time() >= deadline:
+                raise error
+            self._waiters.append(waiter := (loop, woken))
+            try:
+                await asyncio.wait_for(woken.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def _admit(self, peer: str, key: Hashable, nbytes: int, on_evict: Evict) -> tuple[SwarmError | None, bool]:
+        """Take the holding (None) or why not, and whether waiting for memory may help."""
         count = self.sessions.plan(peer, 1)
         if not count.admitted:
-            raise self.sessions.refusal(peer, 1, count)
-        cache = self.tokens.plan(peer, tokens, without=count.evict)
+            return self.sessions.refusal(peer, 1, count), False
+        cache = self.cache.plan(peer, nbytes, without=count.evict)
         if not cache.admitted:
-            raise self.tokens.refusal(peer, tokens, cache)
+            return self.cache.refusal(peer, nbytes, cache), not cache.limited
         evict = list(dict.fromkeys([*count.evict, *cache.evict]))
         for victim in evict:  # ended by the policy that chose it, with that budget's reason
-            (self.sessions if victim in count.evict else self.tokens).evict(victim, tokens)
+            (self.sessions if victim in count.evict else self.cache).evict(victim, nbytes)
             self.sessions.release(victim)
-            self.tokens.release(victim)
+            self.cache.release(victim)
         self.sessions.take(peer, key, 1, on_evict)
-        self.tokens.take(peer, key, tokens, on_evict)
+        self.cache.take(peer, key, nbytes, on_evict)
+        return None, False
 
     def release(self, key: Hashable) -> None:
         self.sessions.release(key)
-        self.tokens.release(key)
+        self.cache.release(key)
+        waiters, self._waiters = self._waiters, []
+        for loop, woken in waiters:  # each tries again (on its own loop: a release may come from another thread)
+            loop.call_soon_threadsafe(woken.set)
 
     def touch(self, key: Hashable) -> None:
         self.sessions.touch(key)
-        self.tokens.touch(key)
+        self.cache.touch(key)

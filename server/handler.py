@@ -69,7 +69,7 @@ class BlockHandler(InferenceRpcs):
         self.compute = FairCompute(int(config.inflight_mb * 2**20))
         self.stats = TrafficStats()
         self.leaving = False  # set on shutdown: open inference sessions are told to move on their next step
-        self._init_inference(config.push_timeout)
+        self._init_inference(config.push_timeout, config.cache_wait)
 
     @property
     def executor(self):

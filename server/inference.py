@@ -18,6 +18,7 @@ from swarm.config import MAX_UNARY_PAYLOAD_BYTES
 from swarm.errors import BadRequest, LimitReached, RemoteError, ServerLeaving
 from swarm.forwarding import ForwardHop, ForwardStep, PushStep
 from swarm.ingress import Ticket
+from swarm.kv_cache import session_bytes
 from swarm.protocol import InferenceOpen, InferenceReply
 from swarm.service import BlockService
 from swarm.tensors import pack_tensor, payload_bytes, raw_bytes, tensor_bytes, unpack_tensor
@@ -87,7 +88,8 @@ class InferenceRpcs:
     """rpc_inference and rpc_push of server.handler.BlockHandler, which provides the backend, the cache budget, the
     compute thread, statistics and error handling (_compute, _guard, _guarded, _count)."""
 
-    def _init_inference(self, push_timeout: float) -> None:
+    def _init_inference(self, push_timeout: float, cache_wait: float) -> None:
+        self.cache_wait = cache_wait  # how long a session waits for KV-cache memory (ServerConfig.cache_wait)
         self.sessions: dict[str, OpenSession] = {}  # by the session id clients push under
         self.push_timeout = push_timeout
         self.p2p = None  # set by attach(): pushes need this server's own P2P node
@@ -129,8 +131,9 @@ class InferenceRpcs:
             # tensors it opened with (LoRA, prompts) are kept as long as it lives: they hold in-flight memory as long.
             opening = self._keep(peer, tensor_bytes([*lora_tensors, *([prompts] if prompts is not None else [])]), inbox)
             try:
-                self.budget.acquire(peer, holding, meta.batch_size * meta.max_length,
-                                    lambda reason: inbox.put_nowait(Evicted(reason)))
+                nbytes = session_bytes(meta.batch_size, meta.max_length, meta.end - meta.start, self.backend.kv_token_bytes)
+                await self.budget.acquire_waiting(peer, holding, nbytes, lambda reason: inbox.put_nowait(Evicted(reason)),
+                                                  self.cache_wait)
             except BaseException:
                 self.compute.release(opening)
                 raise
@@ -142,7 +145,7 @@ class InferenceRpcs:
             session = OpenSession(meta, state, peer, inbox)
             if meta.session_id:
                 self.sessions[meta.session_id] = session
-            yield runtime_pb2.ExpertResponse(metadata=InferenceReply(cache_tokens_left=self.budget.free).encode())
+            yield runtime_pb2.ExpertResponse(metadata=InferenceReply(cache_tokens_left=self.budget.tokens_left).encode())
             reader = asyncio.create_task(_read_stream(requests, session.inbox, session.handled))
             while True:
                 try:
@@ -212,7 +215,7 @@ class InferenceRpcs:
         output = (await self._compute(session.peer, tensor_bytes(tensors), session.state.step, inputs,
                                       meta.hypo_ids)).to(tensors[0].dtype)
         session.steps += 1
-        reply = InferenceReply(position=session.state.position, cache_tokens_left=self.budget.free)
+        reply = InferenceReply(position=session.state.position, cache_tokens_left=self.budget.tokens_left)
         if meta.forward:
             # The next server and the client get the same bytes: the client's copy is that server's input history.
             hidden = pack_tensor(output, meta.forward[0].codec or None)

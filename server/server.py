@@ -26,6 +26,7 @@ from swarm.identity import ModelIdentity
 from swarm.ingress import Ingress
 from swarm.join import join_as_configured
 from swarm.keyed_p2p import keyed
+from swarm.kv_cache import cache_budget_bytes, kv_bytes_per_token
 from swarm.lora import read_peft_adapter
 from swarm.models import family_for
 from swarm.models.span import BlockSpan, SpanPart
@@ -141,7 +142,9 @@ class Server:
             quant=self.options.quant,
             ms_per_block=round(hosted.ms_per_block, 3),
             forward_tokens_per_s=round(hosted.forward_tps, 1),
-            cache_tokens_left=self.budget.free,
+            cache_tokens_left=self.budget.tokens_left,
+            cache_bytes_left=self.budget.free,
+            cache_bytes=self.budget.cache.total,
             adapters=tuple(sorted(self.options.adapters)),
             codecs=tuple(compression.available()),
             bytes_raw=stats.raw_in + stats.raw_out,
@@ -244,8 +247,12 @@ class Server:
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
         self.dht = join_as_configured(o)
         try:
-            self.budget = SessionBudget(o.cache_tokens, o.max_sessions)
-            self.hosted = self.load(*self._choose_blocks())
+            start, end = self._choose_blocks()
+            # In bytes, sized for the first span's length; shared by the spans the server moves to.
+            token_bytes = kv_bytes_per_token(self.config, self.dtype)
+            self.budget = SessionBudget(cache_budget_bytes(o.cache_bytes, o.cache_tokens, self.config, self.dtype, end - start),
+                                        o.max_sessions, token_bytes, end - start)
+            self.hosted = self.load(start, end)
             try:
                 import uvloop
 

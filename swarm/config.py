@@ -87,6 +87,8 @@ class ServerConfig:
                                       "--cache-bytes is given)")
     cache_bytes: int | None = option(None, "KV-cache budget in bytes (e.g. 2GiB, 512MiB), over all the span's blocks "
                                            "and devices; wins over --cache-tokens", type=parse_size, metavar="SIZE")
+    cache_wait: float = option(1.0, "seconds a session waits for KV-cache memory when the cache is full (others' "
+                                    "sessions may close meanwhile) before it is refused")
     max_sessions: int = option(256, "inference sessions open at once, all peers together")
     inflight_mb: float = option(512.0, "memory for requests received and waiting for (or in) compute, each charged "
                                        "as it arrives, its copies included (swarm.ingress); the compute thread serves "

@@ -44,7 +44,9 @@ class ServerRecord:
     quant: str = "none"  # how its blocks' linear layers are quantized (swarm.quantize): none, int8, nf4
     ms_per_block: float | None = None  # measured time of one block for a decode step (batch 1)
     forward_tokens_per_s: float | None = None  # measured throughput of the whole span for a forward pass
-    cache_tokens_left: int = 0
+    cache_tokens_left: int = 0  # tokens (batch_size * max_length) of a session over its whole span that fit now
+    cache_bytes_left: int = 0  # free bytes of its KV-cache budget, and the budget (0: not announced)
+    cache_bytes: int = 0
     codecs: tuple[str, ...] = ("none",)
     adapters: tuple[str, ...] = ()
     bytes_raw: int = 0  # tensors this server received and sent since it started, uncompressed
@@ -86,6 +88,9 @@ class ServerRecord:
             for name in ("config_digest", "weights_digest", "device", "quant"):
                 if not isinstance(values.get(name, ""), str):
                     values.pop(name)
+            for name in ("cache_bytes_left", "cache_bytes"):
+                if not (type(values.get(name)) is int and values[name] >= 0):
+                    values.pop(name, None)
             for name in ("max_chunk_tokens", "max_batch_size"):  # a bad limit is ignored, not the whole record
                 if not (type(values.get(name)) is int and values[name] >= 1):
                     values.pop(name, None)

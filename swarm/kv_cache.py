@@ -42,3 +42,13 @@ def cache_budget_bytes(cache_bytes: int | None, cache_tokens: int, config: Pretr
     if cache_bytes is not None:
         return cache_bytes
     return cache_tokens * num_blocks * kv_bytes_per_token(config, dtype)
+
+
+def session_bytes(batch_size: int, max_length: int, num_blocks: int, token_bytes: int) -> int:
+    """What a session's preallocated cache takes: batch_size * max_length tokens in each of its `num_blocks` blocks,
+    `token_bytes` (kv_bytes_per_token) each."""
+    return batch_size * max_length * num_blocks * token_bytes
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"

@@ -98,7 +98,7 @@ class Clock:
 
 def test_session_budget_ends_the_largest_holders_session_with_a_clear_reason():
     clock, ended = Clock(), []
-    budget = SessionBudget(cache_tokens=100, max_sessions=4, clock=clock)
+    budget = SessionBudget(cache_bytes=100, max_sessions=4, clock=clock)
     for i in range(4):
         budget.acquire("abuser", f"s{i}", 10, functools.partial(lambda i, reason: ended.append((i, reason)), i))
         clock.now += 1
@@ -115,16 +115,19 @@ def test_session_budget_ends_the_largest_holders_session_with_a_clear_reason():
     assert budget.free == 70 and budget.sessions.free == 1
 
 
-def test_kv_tokens_are_shared_fairly_too():
-    budget = CacheBudget(100)
-    budget.acquire("a", "a1", 60, print)
-    budget.acquire("a", "a2", 30, print)
-    with pytest.raises(CacheFull, match="KV cache is full: 10 of 100 tokens free, 20 requested"):
-        budget.acquire("a", "a3", 20, print)
-    with pytest.raises(CacheFull, match="exceeds this server's whole KV-cache budget of 100"):
-        budget.acquire("b", "b1", 101, print)
-    budget.acquire("b", "b1", 40, print)  # takes a1 (60): a held 90 > 40
-    assert budget.held("a") == 30 and budget.held("b") == 40
+def test_kv_cache_bytes_are_shared_fairly_too():
+    mib = 2**20
+    budget = CacheBudget(100 * mib, token_bytes=mib // 4, blocks=4)  # a token over the 4 blocks: 1 MiB
+    budget.acquire("a", "a1", 60 * mib, print)
+    budget.acquire("a", "a2", 30 * mib, print)
+    with pytest.raises(CacheFull, match=r"KV cache is full: 10.0 MiB free \(10 tokens\) of 100.0 MiB \(100 tokens over "
+                                        r"its 4 blocks\), 20.0 MiB requested \(20 tokens\); retry later.*--cache-bytes"):
+        budget.acquire("a", "a3", 20 * mib, print)
+    with pytest.raises(CacheFull, match=r"exceeds this server's whole KV-cache budget of 100.0 MiB \(100 tokens over "
+                                        r"its 4 blocks\); use a smaller max_length or batch, or .*--cache-bytes"):
+        budget.acquire("b", "b1", 101 * mib, print)
+    budget.acquire("b", "b1", 40 * mib, print)  # takes a1 (60): a held 90 > 40
+    assert budget.held("a") == 30 * mib and budget.held("b") == 40 * mib
 
 
 def test_kept_activations_are_never_ended():

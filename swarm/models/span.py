@@ -9,8 +9,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
+from transformers.cache_utils import Cache
 
+from swarm.kv_cache import head_dim, kv_heads
 from swarm.models import CACHE_KWARG, ModelFamily
+from swarm.models.preallocated import preallocated_cache
 
 
 def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
@@ -108,11 +111,22 @@ class BlockSpan(nn.Module):
         # The rotary embedding keeps its float32 frequencies, as in transformers' own loading.
         return cls(family, config, start, end, layers, parts).eval().requires_grad_(False)
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+    def new_cache(self, batch_size: int | None = None, max_length: int | None = None, dtype: torch.dtype | None = None,
+                  start: int | None = None, end: int | None = None) -> Cache:
+        """A DynamicCache without sizes (it grows by concatenation); with them, a PreallocatedCache of batch_size x
+        max_length tokens for blocks [start, end) (all by default), each block's on its device, in `dtype` (by
+        default the blocks' floating-point dtype: a quantized block computes in it)."""
+        if batch_size is None or max_length is None:
+            return DynamicCache(config=self.config)
+        first = (self.start if start is None else start) - self.start
+        last = (self.end if end is None else end) - self.start
+        dtype = dtype or next(p.dtype for p in self.layers.parameters() if p.is_floating_point())
+        devices = [self.part_of(self.start + i).device for i in range(len(self.layers))]
+        return preallocated_cache(batch_size, max_length, kv_heads(self.config), head_dim(self.config), dtype, devices,
+                                  range(first, last))
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: DynamicCache | None = None, start: int | None = None, end: int | None = None,
+                cache: Cache | None = None, start: int | None = None, end: int | None = None,
                 prompts: torch.Tensor | None = None, first_token: int = 0) -> torch.Tensor:
         """Run blocks [start, end) of the span (all by default).
 
