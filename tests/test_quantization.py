@@ -215,6 +215,30 @@ def test_status_shows_each_servers_quantization(mixed_model, quant_swarm):
         assert ("float32, " + mode if mode != "none" else "float32 ") in row, row
 
 
+def test_records_and_status_give_each_servers_kv_cache_in_bytes(mixed_model, quant_swarm, tiny_model_path):
+    """--cache-tokens 2048 is 2048 tokens in each block of the span: the record announces those bytes (by the model's
+    KV geometry), and `swarm status` shows them free / total in MiB."""
+    from rich.console import Console
+    from transformers import AutoConfig
+
+    from client.cli_status import render
+    from swarm.kv_cache import kv_bytes_per_token
+
+    token_bytes = kv_bytes_per_token(AutoConfig.from_pretrained(tiny_model_path), torch.float32)
+    connection = mixed_model.remote_layers.connection
+    servers = {str(s.peer_id): s.record for s in connection.servers()}
+    console = Console(width=200, record=True)
+    console.print(render({QUANT: (6, connection.servers())}))
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") > 5}
+    for name, ((start, end), _) in SERVERS.items():
+        record = servers[quant_swarm[name]]
+        assert record.cache_bytes == 2048 * (end - start) * token_bytes, name
+        assert 0 < record.cache_bytes_left <= record.cache_bytes
+        assert record.cache_tokens_left == record.cache_bytes_left // ((end - start) * token_bytes)
+        total = f"/ {record.cache_bytes / 2**20:.1f} ({record.cache_tokens_left} tok)"
+        assert total in rows[quant_swarm[name][-12:]], rows[quant_swarm[name][-12:]]
+
+
 # ---------------------------------------------------------------------------------------------- memory while loading
 
 
