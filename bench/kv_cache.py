@@ -5,8 +5,8 @@ All 30 blocks as one BlockSpan in this process, float32, batch --batch, as a ser
 padding mask over cached + new tokens, positions given). Per context: prefill to --contexts tokens, then time
 --steps decode steps one by one; the modes are interleaved within each of --repeats repetitions (the machine is
 shared), and each mode's figure is the median over all timed steps of all repetitions. The preallocated cache
-hands attention either contiguous copies of the filled prefix ("prealloc-copies": what servers do on a CPU) or
-strided views of it ("prealloc-views": what they do on other devices).
+hands attention either strided views of the filled prefix ("prealloc-views": what servers do) or contiguous copies
+of it ("prealloc-copies").
 Run: python bench/kv_cache.py [--contexts 128 1024] [--steps 24] [--repeats 5] [--batch 1] [--threads N]
 """
 # ruff: noqa: E402  (the OpenMP waiting settings must be set before torch is imported)

@@ -154,7 +154,7 @@ def measure_part(span, part, dtype: torch.dtype, bound_s: float = BOUND_S,
         return torch.randn(1, length, hidden_size, dtype=dtype, device=device)
 
     with torch.inference_mode():
-        cache = span.new_cache()
+        cache = span.new_cache(1, PROMPT_TOKENS + DECODE_STEPS, dtype, first, last)  # as a session's (preallocated)
         timed(random(PROMPT_TOKENS), torch.arange(PROMPT_TOKENS, device=device)[None], cache)
         steps: list[float] = []
         while not steps or (len(steps) < DECODE_STEPS and clock() - began < bound_s / 2):
