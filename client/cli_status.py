@@ -16,14 +16,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="show only this model (its DHT prefix); default: every model")
 
 
-def coverage_ranges(num_blocks: int, servers: list[ServerInfo]) -> list[tuple[int, int, int]]:
-    """Runs of blocks served by the same number of online servers: (start, end, servers)."""
+def block_counts(num_blocks: int, servers: list[ServerInfo]) -> list[int]:
+    """How many online servers host each block (0: a gap no client can route through)."""
     from swarm.dht_records import ServerState
 
     online = [s.record for s in servers if s.record.state == ServerState.ONLINE]
+    return [sum(r.start <= index < r.end for r in online) for index in range(num_blocks)]
+
+
+def coverage_ranges(num_blocks: int, servers: list[ServerInfo]) -> list[tuple[int, int, int]]:
+    """Runs of blocks served by the same number of online servers: (start, end, servers)."""
     runs: list[tuple[int, int, int]] = []
-    for index in range(num_blocks):
-        count = sum(r.start <= index < r.end for r in online)
+    for index, count in enumerate(block_counts(num_blocks, servers)):
         if runs and runs[-1][2] == count:
             runs[-1] = (runs[-1][0], index + 1, count)
         else:

@@ -16,6 +16,7 @@ from server.block_selection import choose_span
 from server.cache_budget import SessionBudget
 from server.compute_queue import CurrentCompute
 from server.handler import KEEPS_MESSAGES, BlockHandler
+from server.metrics import MetricsEndpoint, ServerSample
 from server.rebalance import ActiveHandler, Rebalancer, drain
 from swarm import __version__, compression, versions
 from swarm.checkpoint import Checkpoint, default_dht_prefix, resolve_dtype
@@ -64,6 +65,8 @@ class Server:
         if options.rebalance_period < 0 or options.balance_margin < 0:
             raise ValueError(f"--rebalance-period ({options.rebalance_period}) and --balance-margin "
                              f"({options.balance_margin}) must be >= 0")
+        if options.metrics_port is not None and not 0 <= options.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be a TCP port (0-65535; 0: any free one), got {options.metrics_port}")
         if options.quant != "none":
             require_bitsandbytes(options.quant)  # before joining: a clear error, not a traceback after the DHT starts
         self.options = options
@@ -88,6 +91,7 @@ class Server:
         self.ready = threading.Event()
         self.hosted: Hosted | None = None
         self.active: ActiveHandler | None = None  # what the RPC layer calls: the current span's handler
+        self.state = ServerState.JOINING  # what it last announced for its current span (its /metrics shows it)
         # One DHT call at a time from the event loop: announcements must land in order (the record that expires last
         # wins), and hivemind's DHT pipe is not meant for concurrent senders.
         self.dht_lock: asyncio.Lock | None = None
@@ -149,6 +153,8 @@ class Server:
             codecs=tuple(compression.available()),
             bytes_raw=stats.raw_in + stats.raw_out,
             bytes_wire=stats.bytes_in + stats.bytes_out,
+            requests=stats.requests,
+            errors=stats.errors,
             rebalances=self.rebalances,
             protocol_min=versions.ours()[0],
             protocol_max=versions.ours()[1],
@@ -173,8 +179,20 @@ class Server:
             "delta": self.handler.delta.info(),
         }
 
+    def sample(self) -> ServerSample | None:
+        """What --metrics-port shows now (read from its HTTP thread; None until blocks are loaded)."""
+        hosted = self.hosted
+        if hosted is None or self.dht is None:
+            return None
+        stats = hosted.handler.stats
+        return ServerSample(self.prefix, self.dht.peer_id.to_base58(), self._record(self.state, hosted),
+                            stats.sessions_open, stats.bytes_in, stats.bytes_out, stats.raw_in, stats.raw_out,
+                            dict(stats.by_kind), dict(stats.compute_s))
+
     def _announce(self, state: ServerState, timeout: float = 10.0, hosted: Hosted | None = None) -> None:
         ttl = self.options.update_period * self.options.expiration_factor
+        if hosted is None:
+            self.state = state
         if not announce_span(self.dht, self.prefix, self.num_model_blocks, self._record(state, hosted), ttl, timeout):
             logger.warning("announcing %s to the DHT timed out after %.0f s; will retry", state.value, timeout)
 
@@ -246,6 +264,7 @@ class Server:
             # Until the event loop takes over, SIGTERM during loading stops the server once it can (Ctrl-C aborts at once).
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
         self.dht = join_as_configured(o)
+        metrics = None
         try:
             start, end = self._choose_blocks()
             # In bytes, sized for the first span's length; shared by the spans the server moves to.
@@ -253,6 +272,8 @@ class Server:
             self.budget = SessionBudget(cache_budget_bytes(o.cache_bytes, o.cache_tokens, self.config, self.dtype, end - start),
                                         o.max_sessions, token_bytes, end - start)
             self.hosted = self.load(start, end)
+            if o.metrics_port is not None:
+                metrics = MetricsEndpoint(o.metrics_host, o.metrics_port, self.sample)
             try:
                 import uvloop
 
@@ -261,6 +282,8 @@ class Server:
                 runner = asyncio.run
             runner(self._serve(install_signal_handlers))
         finally:
+            if metrics is not None:
+                metrics.stop()
             self.dht.shutdown()
             logger.info("server stopped")
 

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "generate": ("client.cli_generate", "generate text through the swarm, streaming tokens as they come"),
     "status": ("client.cli_status", "show the servers of a swarm and the coverage of every block"),
     "finetune": ("client.cli_finetune", "fine-tune a LoRA adapter through the swarm"),
+    "monitor": ("client.monitor", "serve a web page, a JSON API and Prometheus metrics of a swarm's servers and coverage"),
     "keygen": ("swarm.cli_keygen", "write a new random key for a private swarm to a file (mode 0600)"),
     "demo": ("client.demo", "start a local swarm of SmolLM2-135M-Instruct, ask it a question, show its status"),
 }

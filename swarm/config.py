@@ -142,3 +142,23 @@ class ServerConfig:
     # $SWARM_CACHE_DIR (default ~/.cache/swarm)/throughput.json.
     remeasure: bool = option(False, "measure this device's throughput again instead of using the figures cached by "
                                     "an earlier start")
+    # server.metrics: the server's own counters for Prometheus (requests, errors, sessions, KV cache, bytes).
+    metrics_port: int | None = option(None, "serve this server's own counters in Prometheus' text format at "
+                                            "http://HOST:PORT/metrics (default: off)", metavar="PORT")
+    metrics_host: str = option("127.0.0.1", "address --metrics-port listens on (0.0.0.0: every interface, for a "
+                                            "Prometheus on another machine)")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """`swarm monitor` (client.monitor): a web page, a JSON API and Prometheus metrics of a swarm, read from its DHT."""
+
+    # --initial-peers and --swarm-key-file: swarm.cli.add_swarm_arguments.
+    initial_peers: Sequence[str] = ()
+    swarm_key: Any = None
+
+    host: str = option("127.0.0.1", "address the monitor's web server listens on (0.0.0.0: every interface)")
+    port: int = option(8001, "port of the monitor's web server: / (the page), /api/swarm (JSON), /metrics (Prometheus)")
+    # The page polls every ~2 s; servers announce every --update-period (30 s by default), so a shorter poll only
+    # notices records that expired or went offline sooner.
+    poll_period: float = option(2.0, "seconds between reads of the swarm's records from the DHT")

@@ -51,6 +51,8 @@ class ServerRecord:
     adapters: tuple[str, ...] = ()
     bytes_raw: int = 0  # tensors this server received and sent since it started, uncompressed
     bytes_wire: int = 0  # the same on the wire
+    requests: int = 0  # requests it served since it started, and those it refused or failed (for monitors)
+    errors: int = 0
     rebalances: bool = False  # it moves to other blocks when the swarm needs them (see server.block_selection)
     # Protocol versions it speaks (swarm.versions); a record older than ranges speaks version 1 only.
     protocol_min: int = 1
@@ -88,7 +90,7 @@ class ServerRecord:
             for name in ("config_digest", "weights_digest", "device", "quant"):
                 if not isinstance(values.get(name, ""), str):
                     values.pop(name)
-            for name in ("cache_bytes_left", "cache_bytes"):
+            for name in ("cache_bytes_left", "cache_bytes", "requests", "errors"):
                 if not (type(values.get(name)) is int and values[name] >= 0):
                     values.pop(name, None)
             for name in ("max_chunk_tokens", "max_batch_size"):  # a bad limit is ignored, not the whole record
