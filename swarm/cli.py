@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "server": ("server.cli", "host a span of a model's blocks and serve it to the swarm"),
     "dht": ("swarm.bootstrap", "run a DHT-only bootstrap node that others join through"),
     "generate": ("client.cli_generate", "generate text through the swarm, streaming tokens as they come"),
+    "api": ("client.cli_api", "serve a model of the swarm over an OpenAI-compatible HTTP API"),
     "status": ("client.cli_status", "show the servers of a swarm and the coverage of every block"),
     "finetune": ("client.cli_finetune", "fine-tune a LoRA adapter through the swarm"),
     "keygen": ("swarm.cli_keygen", "write a new random key for a private swarm to a file (mode 0600)"),
