@@ -138,8 +138,8 @@ class Run:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def _work(self) -> None:
-        self.gateway.jobs.add(self.job)
         try:
+            self.gateway.jobs.add(self.job)
             outcome = self.job.run(lambda text: self._put("text", text))
             self._put("end", outcome)
         except BaseException as exc:  # noqa: BLE001 - reported to the HTTP client

@@ -14,6 +14,7 @@ import torch
 from client.base_model import RemoteSessionCache
 from client.inference_session import InferenceSession
 from client.requests import Additions
+from swarm.models import CACHE_KWARG
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Outcome:
     text: str
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: the gateway keeps a set of those running
 class GenerationJob:
     """One request's generation, run in a thread of its own (`run`); `cancel()` (the HTTP client went away) makes it
     stop before its next step, and its servers' sessions close."""
@@ -110,6 +111,7 @@ class GenerationJob:
     decode: Callable[[list[int]], str]
     cancelled: threading.Event = field(default_factory=threading.Event)
     session: InferenceSession | None = None
+    steps: int = 0  # tokens generated so far
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -134,8 +136,9 @@ class GenerationJob:
                 for _ in range(self.sampling.max_tokens):
                     if self.cancelled.is_set():
                         return None
-                    out = self.model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    out = self.model(input_ids=inputs, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
                     token = pick_token(out.logits[0, -1].float(), self.sampling, generator)
+                    self.steps += 1
                     inputs = torch.tensor([[token]])
                     if token in self.eos_ids:
                         assembler.tokens.append(token)  # counted, never shown (skip_special_tokens)

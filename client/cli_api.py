@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from client.api_schema import ApiConfig
-from client.config import GENERATE_FLAGS, add_client_arguments, client_config_from
+from client.config import GENERATE_FLAGS, add_client_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -25,27 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from swarm.join import interrupted_if_join_fails, start_joining
+    from client.cli_generate import load_model
     from swarm.options import from_args
 
     config = from_args(ApiConfig, args)
-    # The DHT peer joins in its own process while the tokenizer and the client-side weights load here.
-    dht = start_joining(args.initial_peers, args.swarm_key, client_mode=True)
-    try:
-        with interrupted_if_join_fails(dht):
-            import uvicorn
-            from transformers import AutoTokenizer
+    tokenizer, model = load_model(args)  # the DHT join overlaps the imports below
+    import uvicorn
 
-            from client.api import create_app
-            from client.model import DistributedModelForCausalLM
-
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-            model = DistributedModelForCausalLM.from_pretrained(
-                args.model, args.initial_peers, dht_prefix=args.dht_prefix, torch_dtype=args.torch_dtype,
-                client_config=client_config_from(args, GENERATE_FLAGS), dht=dht)
-    except BaseException:
-        dht.shutdown()
-        raise
+    from client.api import create_app
     try:
         app = create_app(model, tokenizer, config)
         if config.api_key_file is None and config.host not in ("127.0.0.1", "localhost", "::1"):
