@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_client_arguments(parser, GENERATE_FLAGS)
 
 
-def run(args: argparse.Namespace) -> int:
+def load_model(args: argparse.Namespace):
+    """(tokenizer, distributed model) of `args.model` as `swarm generate`'s flags say (`swarm api` shares them)."""
     from swarm.join import interrupted_if_join_fails, start_joining
 
     # The DHT peer joins in its own process while transformers imports and the tokenizer and weights load here; if
@@ -38,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
     dht = start_joining(args.initial_peers, args.swarm_key, client_mode=True)
     try:
         with interrupted_if_join_fails(dht):
-            import torch
-            from transformers import AutoTokenizer, TextStreamer
+            from transformers import AutoTokenizer
 
             from client.model import DistributedModelForCausalLM
 
@@ -50,6 +50,14 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         dht.shutdown()
         raise
+    return tokenizer, model
+
+
+def run(args: argparse.Namespace) -> int:
+    tokenizer, model = load_model(args)
+    import torch
+    from transformers import TextStreamer
+
     try:
         if args.adapter is not None:
             if Path(args.adapter).is_dir():

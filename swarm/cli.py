@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "server": ("server.cli", "host a span of a model's blocks and serve it to the swarm"),
     "dht": ("swarm.bootstrap", "run a DHT-only bootstrap node that others join through"),
     "generate": ("client.cli_generate", "generate text through the swarm, streaming tokens as they come"),
+    "api": ("client.cli_api", "serve a model of the swarm over an OpenAI-compatible HTTP API"),
     "status": ("client.cli_status", "show the servers of a swarm and the coverage of every block"),
     "finetune": ("client.cli_finetune", "fine-tune a LoRA adapter through the swarm"),
     "monitor": ("client.monitor", "serve a web page, a JSON API and Prometheus metrics of a swarm's servers and coverage"),
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    if args.command in ("generate", "demo", "finetune"):
+    if args.command in ("generate", "demo", "finetune", "api"):
         # A client mostly waits on the network while servers compute, often on the same machine: its OpenMP threads
         # should not spin long while they wait (set before torch starts its thread pool; the user's setting wins).
         apply_colocated_omp_env()
