@@ -1,10 +1,13 @@
-"""`swarm demo`: start a private swarm of SmolLM2-135M-Instruct on 127.0.0.1, ask it a question through
-three servers, show the swarm's status, and shut everything down."""
+"""`swarm demo`: start a private swarm of SmolLM2-135M-Instruct on 127.0.0.1 with its OpenAI-compatible gateway
+(`swarm api`) and its monitor (`swarm monitor`), ask it a question through the gateway with the `openai` client,
+show the swarm's status, and shut everything down (or keep it up with --linger)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import threading
 import time
 
 logger = logging.getLogger(__name__)
@@ -19,14 +22,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swarm-key-file", action="append", metavar="FILE", default=None,
                         help="the swarm's key (`swarm keygen FILE`); default: $SWARM_KEY_FILE, else a new key for this "
                              "demo only, so that the demo's swarm is private")
+    parser.add_argument("--api-port", type=int, default=0, help="port of the OpenAI-compatible gateway (0: any free one)")
+    parser.add_argument("--monitor-port", type=int, default=0, help="port of the monitor's page (0: any free one)")
+    parser.add_argument("--linger", type=float, default=0.0,
+                        help="seconds to keep the swarm, the gateway and the monitor up after the answer, to open their "
+                             "URLs (Ctrl-C ends it sooner)")
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from transformers import AutoConfig, AutoTokenizer, TextStreamer
+    from transformers import AutoConfig, AutoTokenizer
 
+    from client.api import create_app
+    from client.api_schema import ApiConfig
     from client.cli_status import render
     from client.model import DistributedModelForCausalLM
+    from client.monitor import Poller
+    from client.monitor import create_app as monitor_app
     from swarm.assets import ensure_smollm2
     from swarm.checkpoint import default_dht_prefix
     from swarm.dht_records import fetch_servers
@@ -49,26 +61,75 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = DistributedModelForCausalLM.from_pretrained(model_path, swarm.initial_peers, torch_dtype="float32",
                                                             swarm_key=key_file)
+        connection = model.model.layers.connection
         try:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-            inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-            console.print(f"\n[bold]User:[/] {args.prompt}\n[bold]Assistant:[/] ", end="")
-            begin = time.monotonic()
-            output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                    streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-                                    pad_token_id=tokenizer.pad_token_id)
-            new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
-            elapsed = time.monotonic() - begin
-            console.print(f"\n[dim]{new_tokens} tokens in {elapsed:.2f} s ({new_tokens / elapsed:.1f} tokens/s) through {len(spans)} servers[/]\n")
-            prefix = default_dht_prefix(model_path)
-            servers = fetch_servers(model.model.layers.connection.dht, prefix, num_blocks)
-            console.print(render({prefix: (num_blocks, servers)}))
+            with contextlib.ExitStack() as stack:
+                api_url = stack.enter_context(_serving(create_app(model, tokenizer, ApiConfig()), args.api_port)) + "/v1"
+                poller = Poller(connection.dht, period=2.0, private=True).start()
+                stack.callback(poller.stop)
+                monitor_url = stack.enter_context(_serving(monitor_app(poller), args.monitor_port))
+                console.print(f"OpenAI-compatible API at [bold]{api_url}[/] (model {default_dht_prefix(model_path)!r}); "
+                              f"monitor at [bold]{monitor_url}/[/]", soft_wrap=True)
+                _ask(console, api_url, default_dht_prefix(model_path), args.prompt, args.max_new_tokens, len(spans))
+                prefix = default_dht_prefix(model_path)
+                servers = fetch_servers(connection.dht, prefix, num_blocks)
+                console.print(render({prefix: (num_blocks, servers)}))
+                if args.linger > 0:
+                    console.print(f"Serving for {args.linger:.0f} s (Ctrl-C to end): {api_url}, {monitor_url}/")
+                    with contextlib.suppress(KeyboardInterrupt):
+                        time.sleep(args.linger)
         finally:
-            model.model.layers.connection.shutdown()
+            connection.shutdown()
         console.print("[bold]Shutting the swarm down[/]")
     console.print("Done.")
     return 0
+
+
+def _ask(console, api_url: str, model_name: str, prompt: str, max_tokens: int, hops: int) -> None:
+    """The question through the gateway, as any OpenAI client would ask it (greedy, streamed)."""
+    try:
+        import openai
+    except ImportError as exc:
+        raise RuntimeError("the demo asks through the gateway with the openai package: pip install openai "
+                           "(or `pip install -e .[demo]`)") from exc
+    client = openai.OpenAI(base_url=api_url, api_key="not-needed", max_retries=0, timeout=300)
+    console.print(f"\n[bold]User:[/] {prompt}\n[bold]Assistant:[/] ", end="")
+    begin, usage = time.monotonic(), None
+    stream = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=max_tokens, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            console.print(chunk.choices[0].delta.content, end="", soft_wrap=True, highlight=False, markup=False)
+        usage = chunk.usage or usage
+    elapsed = time.monotonic() - begin
+    tokens = usage.completion_tokens if usage is not None else 0
+    console.print(f"\n[dim]{tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tokens/s) through the gateway "
+                  f"and {hops} servers[/]\n")
+
+
+@contextlib.contextmanager
+def _serving(app, port: int):
+    """Serve the ASGI `app` on 127.0.0.1:`port` (0: any free one) in a thread; yields its URL."""
+    import uvicorn
+
+    from client.monitor import listen
+
+    sock = listen("127.0.0.1", port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="demo-http", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not server.started:
+            raise RuntimeError(f"the demo's web server on 127.0.0.1:{sock.getsockname()[1]} did not start")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def _key_file(given: list[str] | None) -> str:

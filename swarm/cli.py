@@ -32,7 +32,7 @@ SUBCOMMANDS = {
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("hivemind", "transformers", "httpx", "huggingface_hub", "bitsandbytes"):
+    for noisy in ("hivemind", "transformers", "httpx", "httpx2", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
