@@ -52,11 +52,46 @@ def test_hosted_adapter_serves_generation_and_unknown_adapter_is_clear(tiny_mode
                 torch.testing.assert_close(model(prompt).logits, expected_logits, atol=1e-4, rtol=0)
             model.use_hosted_adapter(None)
             assert torch.equal(model.generate(prompt, **kwargs), plain)
+            _the_gateway_serves_the_hosted_adapter_as_a_model(model, tiny_model_path, local)
             model.use_hosted_adapter("nope")
             with pytest.raises(NoRouteError, match="no online server with adapter 'nope' hosts block 0"):
                 model.generate(prompt, **kwargs)
         finally:
             model.model.layers.connection.shutdown()
+
+
+def _the_gateway_serves_the_hosted_adapter_as_a_model(model, tiny_model_path, local):
+    """`swarm api --adapter support=demo`: /v1/models lists "support", which generates with the servers' adapter
+    what local peft generates with it; the model's own name still generates without it."""
+    import contextlib
+
+    import openai
+    from transformers import AutoTokenizer
+
+    from client.api import create_app
+    from client.api_schema import ApiConfig
+    from tests.test_api import Uvicorn
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    server = Uvicorn(create_app(model, tokenizer, ApiConfig(adapter=("support=demo",))))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        names = [m.id for m in client.models.list()]
+        assert len(names) == 2 and "support" in names, names
+        base = next(name for name in names if name != "support")
+        ids = tokenizer("The quick brown fox").input_ids
+        texts = {}
+        for name, adapter_off in (("support", contextlib.nullcontext), (base, local.disable_adapter)):
+            with torch.no_grad(), adapter_off():
+                output = local.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
+            expected = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+            reply = client.completions.create(model=name, prompt="The quick brown fox", max_tokens=12, temperature=0)
+            assert reply.choices[0].text == expected, name
+            texts[name] = expected
+        assert texts["support"] != texts[base]  # the adapter changes what is generated
+    finally:
+        server.stop()
 
 
 def test_client_loads_a_saved_adapter(dist_model, saved_adapter):
