@@ -52,15 +52,19 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory) -> str:
-    torch.manual_seed(2024)
-    model = LlamaForCausalLM(tiny_llama_config())
-    # Random init has tiny weights; scale them up so logits are peaked and token-identity tests mean something.
+def sharpened(model: torch.nn.Module) -> torch.nn.Module:
+    """Random init has tiny weights; scale them up so logits are peaked and token-identity tests mean something."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.mul_(8.0 if "embed" in name or "lm_head" in name else 2.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    torch.manual_seed(2024)
+    model = sharpened(LlamaForCausalLM(tiny_llama_config()))
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
