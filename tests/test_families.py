@@ -44,9 +44,9 @@ CASES = {
                   Qwen2ForCausalLM, (*ATTENTION, "down_proj")),
     "qwen3": Case(Qwen3Config(**COMMON, head_dim=16), Qwen3ForCausalLM, (*ATTENTION, "gate_proj", "up_proj")),
     "phi3": Case(Phi3Config(**COMMON), Phi3ForCausalLM, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
-    # Soft caps low enough to bite on these logits; sliding-window and full-attention blocks alternate.
+    # Soft caps low enough to bite on these logits (test_the_features_are_on_in_these_checkpoints); sliding-window and full-attention blocks alternate.
     "gemma2": Case(Gemma2Config(**COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
-                                attn_logit_softcapping=3.0, final_logit_softcapping=4.0),
+                                attn_logit_softcapping=0.5, final_logit_softcapping=4.0),
                    Gemma2ForCausalLM, (*ATTENTION, "down_proj")),
     "mixtral": Case(MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2), MixtralForCausalLM, tuple(ATTENTION)),
 }
@@ -83,13 +83,19 @@ def family_swarm(tiny_swarm, checkpoints):
 
 
 @pytest.fixture(scope="module")
-def models(family_swarm, checkpoints):
+def references(checkpoints):
+    """For each family, transformers' own model of the checkpoint."""
+    return {name: CASES[name].lm_class.from_pretrained(path, dtype=torch.float32).eval()
+            for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def models(family_swarm, checkpoints, references):
     """For each family: (the distributed model, transformers' own model of the same checkpoint)."""
     from client.model import DistributedModelForCausalLM
 
     pairs = {name: (exact(DistributedModelForCausalLM.from_pretrained(path, family_swarm, dht_prefix=prefix(name))),
-                    CASES[name].lm_class.from_pretrained(path, dtype=torch.float32).eval())
-             for name, path in checkpoints.items()}
+                    references[name]) for name, path in checkpoints.items()}
     yield pairs
     for model, _ in pairs.values():
         model.remote_layers.connection.shutdown()
@@ -165,3 +171,36 @@ def test_lora_gradients_equal_peft(models, checkpoints, name):
             torch.testing.assert_close(param.grad, reference_grads[key], atol=1e-5 * scale, rtol=1e-5, msg=key)
     finally:
         layers.lora, layers.config = None, saved
+
+
+def no_window(reference):
+    return [(reference.config, "sliding_window", 1000)]
+
+
+def no_attention_cap(reference):
+    return [(layer.self_attn, "attn_logit_softcapping", None) for layer in reference.model.layers]
+
+
+def no_final_cap(reference):
+    return [(reference.config, "final_logit_softcapping", None)]
+
+
+@pytest.mark.parametrize(("name", "without"), [("qwen2", no_window), ("gemma2", no_window),
+                                               ("gemma2", no_attention_cap), ("gemma2", no_final_cap)])
+def test_the_features_are_on_in_these_checkpoints(references, name, without):
+    """The tests above would pass for a swarm that ignored a feature if the tiny checkpoints did not use it: turning
+    it off in transformers' model moves its logits."""
+    reference = references[name]
+    input_ids, mask = left_padded(1, 10)
+    changes = without(reference)
+    saved = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in changes]
+    with torch.no_grad():
+        expected = reference(input_ids, attention_mask=mask).logits
+        try:
+            for owner, attribute, value in changes:
+                setattr(owner, attribute, value)
+            changed = reference(input_ids, attention_mask=mask).logits
+        finally:
+            for owner, attribute, value in saved:
+                setattr(owner, attribute, value)
+    assert (changed - expected).abs().max() > 100 * 1e-4  # far beyond the 1e-4 the swarm's logits are held to
