@@ -164,6 +164,22 @@ def local_peft(tiny_model_path, lora) -> torch.nn.Module:
     return peft_model
 
 
+def assert_backward_equals_peft(ours: torch.Tensor, theirs: torch.Tensor, lora, reference, count: int,
+                                rel: float) -> None:
+    """Back-propagate the swarm's loss `ours` and peft's `theirs` (of `reference`, holding the same adapter): equal
+    losses, and each of the `count` LoRA tensors' gradient equal to peft's to `rel` of its largest value."""
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    reference_grads = {k.replace(".default", ""): p.grad for k, p in reference.named_parameters() if "lora_" in k}
+    ours_by_key = dict(zip(lora.peft_state_dict(), lora.params, strict=True))
+    assert set(ours_by_key) == set(reference_grads) and len(ours_by_key) == count
+    for key, param in ours_by_key.items():
+        scale = reference_grads[key].abs().max()
+        assert scale > 0, key
+        torch.testing.assert_close(param.grad, reference_grads[key], atol=rel * scale, rtol=rel, msg=key)
+
+
 class HonestGeneration:
     """Greedy generation by an honest client, over and over in a thread, while a module's attacks or malformed requests
     run; `finish()` stops it and checks that each of its outputs equals the local model's, token for token."""

@@ -22,7 +22,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from tests.conftest import JoinedSwarm, exact, own_prefix, sharpened
+from tests.conftest import JoinedSwarm, assert_backward_equals_peft, exact, own_prefix, sharpened
 
 SPANS = [(0, 2), (2, 4)]
 VOCAB, WINDOW = 256, 4
@@ -158,17 +158,7 @@ def test_lora_gradients_equal_peft(models, checkpoints, name):
         input_ids, mask = left_padded(3, 9, pad=2)
         ours = model(input_ids, attention_mask=mask, labels=input_ids).loss
         theirs = local(input_ids, attention_mask=mask, labels=input_ids).loss
-        ours.backward()
-        theirs.backward()
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-        reference_grads = {k.replace(".default", ""): p.grad for k, p in local.named_parameters() if "lora_" in k}
-        ours_by_key = dict(zip(lora.peft_state_dict(), lora.params, strict=True))
-        assert set(ours_by_key) == set(reference_grads)
-        assert len(ours_by_key) == 4 * 2 * len(CASES[name].lora_targets)
-        for key, param in ours_by_key.items():
-            scale = reference_grads[key].abs().max()
-            assert scale > 0, key
-            torch.testing.assert_close(param.grad, reference_grads[key], atol=1e-5 * scale, rtol=1e-5, msg=key)
+        assert_backward_equals_peft(ours, theirs, lora, local, count=4 * 2 * len(CASES[name].lora_targets), rel=1e-5)
     finally:
         layers.lora, layers.config = None, saved
 
