@@ -63,7 +63,8 @@ class DistributedBaseModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, cache=None, **kwargs) -> BaseModelOutputWithPast:
         past_key_values = cache if cache is not None else past_key_values  # the name depends on the transformers release
-        options = {key: kwargs.get(key, getattr(self.config, key, False)) for key in ("output_attentions", "output_hidden_states")}
+        options = {key: kwargs.get(key, getattr(self.config, key, False)) for key in ("output_attentions", "output_hidden_states",
+                                                                              "output_router_logits")}
         if reason := unsupported_forward_options(options):
             raise ValueError(f"a distributed model cannot serve {reason}")
         if (input_ids is None) == (inputs_embeds is None):
@@ -98,4 +99,4 @@ class DistributedBaseModel(nn.Module):
                 raise ValueError("a local KV cache cannot be used with remote blocks; use model.inference_session()")
             hidden = self.layers(inputs_embeds, position_ids, attention_mask)
         hidden = self.family.final_norm(self, hidden)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_KWARG: past_key_values})
+        return self.family.base_output_class(last_hidden_state=hidden, **{CACHE_KWARG: past_key_values})

@@ -51,4 +51,7 @@ def unsupported_forward_options(options: Mapping[str, object]) -> str | None:
     if options.get("output_hidden_states"):
         return ("output_hidden_states=True: the servers return only the last block's output, not each block's; run the "
                 "model locally to inspect intermediate layers")
+    if options.get("output_router_logits"):
+        return ("output_router_logits=True: the servers return only hidden states, not their experts' router logits (so "
+                "no auxiliary load-balancing loss); set model.config.output_router_logits = False")
     return None

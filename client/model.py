@@ -99,7 +99,21 @@ def _client_side_model(cls: type, checkpoint: Checkpoint, family: ModelFamily, d
     missing = [k for k in missing if not (tied and k.startswith("lm_head."))]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _initialise_unsaved_buffers(lm)
     return lm
+
+
+def _initialise_unsaved_buffers(lm: nn.Module) -> None:
+    """Buffers that checkpoints do not hold (Gemma 2's embedding scale) are still on the meta device after loading:
+    real ones, set by the model's own initialisation, as transformers' loading does (it skips tensors marked loaded)."""
+    for param in lm.parameters():
+        param._is_hf_initialized = True
+    for name, buffer in list(lm.named_buffers()):
+        if buffer.is_meta:
+            owner_name, _, attribute = name.rpartition(".")
+            owner = lm.get_submodule(owner_name)
+            owner._buffers[attribute] = torch.empty_like(buffer, device="cpu")
+            lm._init_weights(owner)
 
 
 class DistributedCausalLMMixin(DistributedModelForCausalLM):

@@ -52,15 +52,19 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory) -> str:
-    torch.manual_seed(2024)
-    model = LlamaForCausalLM(tiny_llama_config())
-    # Random init has tiny weights; scale them up so logits are peaked and token-identity tests mean something.
+def sharpened(model: torch.nn.Module) -> torch.nn.Module:
+    """Random init has tiny weights; scale them up so logits are peaked and token-identity tests mean something."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.mul_(8.0 if "embed" in name or "lm_head" in name else 2.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    torch.manual_seed(2024)
+    model = sharpened(LlamaForCausalLM(tiny_llama_config()))
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
@@ -158,6 +162,22 @@ def local_peft(tiny_model_path, lora) -> torch.nn.Module:
     result = set_peft_model_state_dict(peft_model, lora.peft_state_dict())
     assert not [k for k in result.unexpected_keys if "lora" in k]
     return peft_model
+
+
+def assert_backward_equals_peft(ours: torch.Tensor, theirs: torch.Tensor, lora, reference, count: int,
+                                rel: float) -> None:
+    """Back-propagate the swarm's loss `ours` and peft's `theirs` (of `reference`, holding the same adapter): equal
+    losses, and each of the `count` LoRA tensors' gradient equal to peft's to `rel` of its largest value."""
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    reference_grads = {k.replace(".default", ""): p.grad for k, p in reference.named_parameters() if "lora_" in k}
+    ours_by_key = dict(zip(lora.peft_state_dict(), lora.params, strict=True))
+    assert set(ours_by_key) == set(reference_grads) and len(ours_by_key) == count
+    for key, param in ours_by_key.items():
+        scale = reference_grads[key].abs().max()
+        assert scale > 0, key
+        torch.testing.assert_close(param.grad, reference_grads[key], atol=rel * scale, rtol=rel, msg=key)
 
 
 class HonestGeneration:

@@ -18,7 +18,7 @@ from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 from swarm import quantize
 from swarm.dht_records import ServerRecord, ServerState
-from tests.conftest import LORA, JoinedSwarm, exact, own_prefix, tiny_llama_config
+from tests.conftest import LORA, JoinedSwarm, assert_backward_equals_peft, exact, own_prefix, tiny_llama_config
 
 QUANT = "tiny-llama-quant"  # the module's own DHT prefix: no other test's client routes through these servers
 # Blocks 0:2 float32, 2:4 int8, 4:6 nf4 (the mixed route), and 0:4 nf4 (with 4:6, the all-nf4 route).
@@ -187,16 +187,7 @@ def test_lora_gradients_through_nf4_servers_equal_peft_on_the_nf4_model(tiny_swa
         mask[1, :2] = 0
         ours = model(input_ids, attention_mask=mask, labels=input_ids).loss
         theirs = reference(input_ids, attention_mask=mask, labels=input_ids).loss
-        ours.backward()
-        theirs.backward()
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-        reference_grads = {k.replace(".default", ""): p.grad for k, p in reference.named_parameters() if "lora_" in k}
-        ours_by_key = dict(zip(lora.peft_state_dict(), lora.params, strict=True))
-        assert set(ours_by_key) == set(reference_grads) and len(ours_by_key) == 6 * 5 * 2
-        for key, param in ours_by_key.items():
-            assert reference_grads[key].abs().max() > 0, key
-            torch.testing.assert_close(param.grad, reference_grads[key], atol=1e-4 * reference_grads[key].abs().max(),
-                                       rtol=1e-4, msg=key)
+        assert_backward_equals_peft(ours, theirs, lora, reference, count=6 * 5 * 2, rel=1e-4)
     finally:
         model.remote_layers.connection.shutdown()
 

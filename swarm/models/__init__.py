@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 # transformers 5.24 renamed the KV-cache argument of models, layers and mask functions from `past_key_values` to
 # `cache` (the old name still works for models, with a warning, but not for decoder layers or mask functions).
@@ -22,9 +23,22 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
-def causal_mask_for(config: PretrainedConfig) -> Callable:
-    """create_causal_mask, or its sliding-window variant when the config sets a window (as Mistral does)."""
-    return create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
+def causal_mask_for(config: PretrainedConfig, layer_type: str | None = None) -> Callable:
+    """The mask function of a block of type `layer_type` (an entry of config.layer_types, as Qwen2 and Gemma 2 name
+    their full and sliding-window layers); for a config without layer types (None), create_causal_mask, or its
+    sliding-window variant when the config sets a window (as Mistral does)."""
+    if layer_type is None:
+        layer_type = "full_attention" if getattr(config, "sliding_window", None) is None else "sliding_attention"
+    if layer_type not in LAYER_MASKS:
+        raise ValueError(f"layer type {layer_type!r} is not supported yet; supported: {sorted(LAYER_MASKS)}")
+    return LAYER_MASKS[layer_type]
+
+
+LAYER_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+def same_tensors(tensors: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    return tensors
 
 
 @dataclass(frozen=True)
@@ -34,7 +48,15 @@ class ModelFamily:
     causal_lm_class: type  # the transformers class the client model derives from
     decoder_layer_class: type
     rotary_class: type
-    mask_function: Callable[[PretrainedConfig], Callable] = causal_mask_for  # the mask function for a config
+    # The mask function of a block, from the config and the block's entry of config.layer_types (None without them).
+    mask_function: Callable[[PretrainedConfig, str | None], Callable] = causal_mask_for
+    # One block's checkpoint tensors (names relative to the block) -> the decoder layer's state dict, for families
+    # whose checkpoints store weights otherwise than their modules hold them (e.g. one tensor per MoE expert).
+    block_state: Callable[[dict[str, torch.Tensor], PretrainedConfig], dict[str, torch.Tensor]] = same_tensors
+    # What the base model's forward returns: its causal LM head reads fields of it (MoE heads: router_logits).
+    base_output_class: type = BaseModelOutputWithPast
+    # The attention kernel blocks run with: "eager" where sdpa would drop a feature (Gemma 2's logit soft-capping).
+    attn_implementation: str = "sdpa"
     block_prefix: str = "model.layers.{index}."
     base_model_attr: str = "model"  # attribute of the causal LM that holds embeddings, layers and norm
     client_prefixes: tuple[str, ...] = field(default=("model.embed_tokens.", "model.norm.", "lm_head."))

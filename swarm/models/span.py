@@ -16,15 +16,16 @@ from swarm.models import CACHE_KWARG, ModelFamily
 from swarm.models.preallocated import preallocated_cache
 
 
-def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
-    """A copy of the model config that describes only blocks [start, end), numbered from 0."""
+def span_config(config: PretrainedConfig, start: int, end: int, attn_implementation: str = "sdpa") -> PretrainedConfig:
+    """A copy of the model config that describes only blocks [start, end), numbered from 0, run with
+    `attn_implementation` unless the config names one."""
     config = copy.deepcopy(config)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         config.layer_types = list(layer_types[start:end])
     config.num_hidden_layers = end - start
     if getattr(config, "_attn_implementation", None) is None:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = attn_implementation
     return config
 
 
@@ -43,6 +44,8 @@ def to_part(values: tuple, device: torch.device) -> tuple:
     def move(value):
         if isinstance(value, tuple):
             return tuple(move(v) for v in value)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
         return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 
     return move(values)
@@ -56,7 +59,7 @@ class BlockSpan(nn.Module):
                  parts: Sequence[SpanPart] = ()):
         super().__init__()
         self.family, self.start, self.end = family, start, end
-        self.config = span_config(config, start, end)
+        self.config = span_config(config, start, end, family.attn_implementation)
         for local_index, layer in enumerate(layers):
             # The cache indexes layers by position; a span's cache holds only its own blocks.
             layer.self_attn.layer_idx = local_index
@@ -68,7 +71,10 @@ class BlockSpan(nn.Module):
         self.layers = nn.ModuleList(layer.to(self.part_of(start + i).device) for i, layer in enumerate(layers))
         # The rotary embedding and the mask are computed on the first part's device, then follow the hidden states.
         self.rotary_emb = family.rotary_class(config=self.config).to(self.parts[0].device)
-        self._mask_function = family.mask_function(self.config)
+        # Each block's type (Gemma 2 alternates sliding-window and full attention) and its mask function.
+        layer_types = getattr(self.config, "layer_types", None) or [None] * len(layers)
+        self._layer_types = tuple(layer_types)
+        self._mask_functions = {t: family.mask_function(self.config, t) for t in set(layer_types)}
 
     @property
     def device(self) -> torch.device:
@@ -139,18 +145,23 @@ class BlockSpan(nn.Module):
         last = (self.end if end is None else end) - self.start
         part = self.parts[0]  # where the rotary embedding is
         hidden, position_ids, attention_mask = to_part((hidden, position_ids, attention_mask), part.device)
-        mask = self._mask_function(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                   position_ids=position_ids, layer_idx=first, **{CACHE_KWARG: cache})
+        masks = {}  # by layer type, each built for the first block of that type (a cache may size them differently)
+        for local in range(first, last):
+            layer_type = self._layer_types[local]
+            if layer_type not in masks:
+                masks[layer_type] = self._mask_functions[layer_type](
+                    config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                    layer_idx=local, **{CACHE_KWARG: cache})
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for index, layer in enumerate(self.layers[first:last]):
             block = self.start + first + index
             if not part.start <= block < part.end:  # the block is another part's: on to its device
                 part = self.part_of(block)
-                hidden, mask, position_embeddings, position_ids = to_part((hidden, mask, position_embeddings,
-                                                                          position_ids), part.device)
+                hidden, masks, position_embeddings, position_ids = to_part((hidden, masks, position_embeddings,
+                                                                           position_ids), part.device)
             if prompts is not None:
                 hidden = add_prompt(hidden, prompts[index], first_token)
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
+            hidden = layer(hidden, attention_mask=masks[self._layer_types[first + index]], position_embeddings=position_embeddings, position_ids=position_ids,
                            use_cache=cache is not None, **{CACHE_KWARG: cache})
         return hidden
 
@@ -159,9 +170,9 @@ def build_block(family: ModelFamily, config: PretrainedConfig, start: int, end: 
                 tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
     """Block `index` of the span [start, end) from checkpoint tensors named as in the full model."""
     prefix = family.block_keys_prefix(index)
-    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state = family.block_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, config)
     with torch.device("meta"):
-        layer = family.decoder_layer_class(span_config(config, start, end), index - start)
+        layer = family.decoder_layer_class(span_config(config, start, end, family.attn_implementation), index - start)
     missing = set(layer.state_dict()) - set(state)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors of block {index}, e.g. {prefix}{min(missing)}")
