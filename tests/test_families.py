@@ -194,3 +194,55 @@ def test_the_features_are_on_in_these_checkpoints(references, name, without):
             for owner, attribute, value in saved:
                 setattr(owner, attribute, value)
     assert (changed - expected).abs().max() > 100 * 1e-4  # far beyond the 1e-4 the swarm's logits are held to
+
+
+def deep_prompted(reference, prompts, virtual: int):
+    """peft's prompt tuning over transformers' model with our shallow prompt, and pre-hooks that add the deep prompts
+    at each block's input (as tests/test_prompts.py does for Llama); the hooks' handles."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    local = get_peft_model(reference, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual))
+    with torch.no_grad():
+        local.prompt_encoder["default"].embedding.weight.copy_(prompts.shallow)
+
+    def hook(module, args, kwargs, index):
+        hidden = args[0]
+        return (torch.cat([hidden[:, :virtual] + prompts.deep[index].detach(), hidden[:, virtual:]], dim=1),
+                *args[1:]), kwargs
+
+    handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: hook(m, a, k, i), with_kwargs=True)
+               for i, layer in enumerate(reference.model.layers)]
+    return local, handles
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_deep_prompts_and_compressed_activations_work_for_each_family(models, checkpoints, name):
+    """Deep prompt tuning equals peft's prompt tuning plus the same deep prompts locally; with the default lossy
+    codecs (int8 activations, int5 gradients) the loss and the prompts' gradients stay close to the exact ones."""
+    model, _ = models[name]
+    reference = CASES[name].lm_class.from_pretrained(checkpoints[name], dtype=torch.float32).eval()
+    prompts, handles = model.add_prompt_tuning(2, deep=True), []
+    try:
+        with torch.no_grad():
+            prompts.shallow.normal_(0, 0.5)
+            prompts.deep.normal_(0, 0.5)
+        local, handles = deep_prompted(reference, prompts, 2)
+        input_ids, mask = left_padded(4, 8, pad=2)
+        with torch.no_grad():
+            expected = local(input_ids=input_ids, attention_mask=mask, labels=input_ids)
+        exact_run = model(input_ids, attention_mask=mask, labels=input_ids)
+        torch.testing.assert_close(exact_run.logits, expected.logits, atol=1e-4, rtol=1e-4)
+        exact_run.loss.backward()
+        exact_grad, prompts.deep.grad = prompts.deep.grad.clone(), None
+        model.set_codecs(activations="int8_outlier", gradients="int5_outlier")
+        lossy = model(input_ids, attention_mask=mask, labels=input_ids).loss
+        lossy.backward()
+        assert lossy.item() != exact_run.loss.item()  # the codecs were used
+        assert abs(lossy.item() - expected.loss.item()) < 0.02 * expected.loss.item()
+        cosine = torch.nn.functional.cosine_similarity(prompts.deep.grad.flatten(), exact_grad.flatten(), dim=0)
+        assert cosine > 0.98, cosine
+    finally:
+        model.set_codecs(activations="none", gradients="none")
+        model.remote_layers.prompts = None
+        for handle in handles:
+            handle.remove()
