@@ -253,6 +253,7 @@ def test_a_member_flooding_keys_with_entries_or_huge_values_is_capped(tiny_swarm
     owners = sorted({peer for peer, _, _ in before})
     mallory = join_swarm(all_addresses(tiny_swarm), host_maddrs=["/ip4/127.0.0.1/tcp/0"])  # holds the key
     try:
+        mallory.run_coroutine(_patient)
         tag = secrets.token_hex(4)
         # The made-up entries expire soon after this test: while block 0's key is full, no new server could announce
         # on it (the servers announced there already renew their own entries).
@@ -328,6 +329,12 @@ def _made_up_identities(count: int) -> list[_MadeUpIdentity]:
         private = rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), iqmp, rsa.RSAPublicNumbers(exponent, n))
         identities.append(_MadeUpIdentity(private.private_key(unsafe_skip_rsa_key_validation=True)))
     return identities
+
+
+async def _patient(dht, node, seconds: float = 30.0) -> None:
+    """This peer waits up to `seconds` for each answer instead of hivemind's 3 s: on a loaded machine, a peer that
+    validates a flood's 528 signed entries in one request can take longer, and no answer would pass for no peer."""
+    node.protocol.wait_timeout = seconds
 
 
 async def _flood(dht, node, key: str, peers: list[str], count: int, expiration: float) -> dict:
