@@ -360,12 +360,17 @@ def _made_up_entries(keyring: Keyring, key: str, count: int, expiration: float) 
 
 
 async def _nearest(dht, node, key: str) -> list[str]:
-    """The peers a store of `key` goes to (as hivemind's own store finds them), by peer id."""
+    """The peers a store of `key` goes to, by peer id: the nearest that answer, as hivemind's own store keeps them.
+    Routing tables still list the servers of test modules that have ended (the shared DHT outlives them): those
+    are left out, as a store leaves them out."""
     from hivemind.dht.routing import DHTID
 
     key_id = DHTID.generate(source=key)
-    nearest = await node.find_nearest_nodes([key_id], k_nearest=node.num_replicas, exclude_self=True)
-    return [peer.to_base58() for peer in nearest[key_id].values()]
+    nearest = await node.find_nearest_nodes([key_id], k_nearest=node.num_replicas + 16, exclude_self=True)
+    candidates = list(nearest[key_id].values())
+    answers = await asyncio.gather(*(node.protocol.call_ping(peer) for peer in candidates))
+    return [peer.to_base58() for peer, answer in zip(candidates, answers, strict=True) if answer is not None][
+        : node.num_replicas]
 
 
 async def _store_entries(dht, node, key: str, peers: list[str], entries: list[tuple[str, bytes]],
