@@ -32,8 +32,8 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from common import build_tiny, warn_if_busy  # bench/common.py
-from transformers import AutoConfig, StoppingCriteria, StoppingCriteriaList
+from common import StepClock, build_tiny, warn_if_busy  # bench/common.py
+from transformers import AutoConfig, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 from client.model import DistributedModelForCausalLM
@@ -44,17 +44,6 @@ from swarm.launch import LocalSwarm, even_spans
 PROMPT_LENGTHS = (16, 64, 128, 32, 200, 8, 96, 48)  # client i gets PROMPT_LENGTHS[i % 8] tokens
 TAG = "SERVING "  # marks a worker's replies on its stdout (libraries may print there too)
 HELDOUT = Path(__file__).with_name("heldout_en.txt")
-
-
-class StepClock(StoppingCriteria):
-    """Never stops generation; records when each new token is ready."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
-        self.times.append(time.time())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def reply(payload: dict) -> None:
@@ -79,7 +68,7 @@ def generate_worker(path: str, peers: list[str], codec: str | None, new_tokens: 
             break
         prompt = torch.tensor([command["prompt"]])
         time.sleep(max(0.0, command["start_at"] - time.time()))
-        clock, started = StepClock(), time.time()
+        clock, started = StepClock(time.time), time.time()  # wall clock: compared across processes
         with torch.inference_mode():
             output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
