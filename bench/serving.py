@@ -202,7 +202,7 @@ def make_prompts(path: Path, count: int, vocab_size: int) -> list[list[int]]:
     try:
         from transformers import AutoTokenizer
 
-        stream = AutoTokenizer.from_pretrained(path)(HELDOUT.read_text())["input_ids"]
+        stream = AutoTokenizer.from_pretrained(path)(HELDOUT.read_text()[:30000])["input_ids"]  # < max length
     except (OSError, ValueError):
         stream = torch.randint(3, vocab_size, (8192,), generator=torch.Generator().manual_seed(0)).tolist()
     prompts = []
