@@ -1,4 +1,5 @@
-"""Helpers the benchmarks share: the tiny model, the baseline's environment, and a busy-machine warning."""
+"""Helpers the benchmarks share: the tiny model, a clock of generated tokens, the baseline's environment, and a
+busy-machine warning."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria
 
 from swarm.config import OMP_WAIT_VARIABLES
 
@@ -29,6 +31,19 @@ def build_tiny(folder: Path, sharpen: bool = True) -> Path:
     path = folder / "tiny-llama"
     model.save_pretrained(path)
     return path
+
+
+class StepClock(StoppingCriteria):
+    """Never stops generation; records when each new token is ready (called once per generated token). `clock`:
+    time.perf_counter within one process, time.time where times from several processes are compared."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        self.times.append(self.clock())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def run_baseline(script: str, worker_args: list, user_env: dict[str, str]) -> dict:

@@ -35,7 +35,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from common import build_tiny, run_baseline, warn_if_busy  # bench/common.py
+from common import StepClock, build_tiny, run_baseline, warn_if_busy  # bench/common.py
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -50,17 +50,6 @@ from swarm.auth import ENV_VAR, generate_key_file
 from swarm.launch import LocalSwarm, even_spans
 
 MODELS = ("tiny", "smollm2")
-
-
-class StepClock(StoppingCriteria):
-    """Never stops generation; records when each new token is ready (called once per generated token)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
