@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import threading
 import time
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from client.api_schema import ApiConfig
     from client.cli_status import render
     from client.model import DistributedModelForCausalLM
-    from client.monitor import Poller
+    from client.monitor import Poller, serving
     from client.monitor import create_app as monitor_app
     from swarm.assets import ensure_smollm2
     from swarm.checkpoint import default_dht_prefix
@@ -64,10 +63,10 @@ def run(args: argparse.Namespace) -> int:
         connection = model.model.layers.connection
         try:
             with contextlib.ExitStack() as stack:
-                api_url = stack.enter_context(_serving(create_app(model, tokenizer, ApiConfig()), args.api_port)) + "/v1"
+                api_url = stack.enter_context(serving(create_app(model, tokenizer, ApiConfig()), "127.0.0.1", args.api_port)) + "/v1"
                 poller = Poller(connection.dht, period=2.0, private=True).start()
                 stack.callback(poller.stop)
-                monitor_url = stack.enter_context(_serving(monitor_app(poller), args.monitor_port))
+                monitor_url = stack.enter_context(serving(monitor_app(poller), "127.0.0.1", args.monitor_port))
                 console.print(f"OpenAI-compatible API at [bold]{api_url}[/] (model {default_dht_prefix(model_path)!r}); "
                               f"monitor at [bold]{monitor_url}/[/]", soft_wrap=True)
                 _ask(console, api_url, default_dht_prefix(model_path), args.prompt, args.max_new_tokens, len(spans))
@@ -106,30 +105,6 @@ def _ask(console, api_url: str, model_name: str, prompt: str, max_tokens: int, h
     tokens = usage.completion_tokens if usage is not None else 0
     console.print(f"\n[dim]{tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tokens/s) through the gateway "
                   f"and {hops} servers[/]\n")
-
-
-@contextlib.contextmanager
-def _serving(app, port: int):
-    """Serve the ASGI `app` on 127.0.0.1:`port` (0: any free one) in a thread; yields its URL."""
-    import uvicorn
-
-    from client.monitor import listen
-
-    sock = listen("127.0.0.1", port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="demo-http", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not server.started:
-            raise RuntimeError(f"the demo's web server on 127.0.0.1:{sock.getsockname()[1]} did not start")
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def _key_file(given: list[str] | None) -> str:

@@ -8,6 +8,7 @@ file with its CSS and script inline: client/data/monitor.html) or Prometheus' te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import threading
 import time
@@ -238,6 +239,29 @@ def listen(host: str, port: int):
         sock.close()
         raise RuntimeError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or --host") from None
     return sock
+
+
+@contextlib.contextmanager
+def serving(app, host: str, port: int):
+    """Serve the ASGI `app` on `host`:`port` (0: any free one) in a thread while the block runs; yields its URL (the
+    demo's gateway and monitor, and tests, serve their apps so)."""
+    import uvicorn
+
+    sock = listen(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http-server", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not server.started:
+            raise RuntimeError(f"the web server on {host}:{sock.getsockname()[1]} did not start")
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,9 +6,8 @@ naming the field; concurrent requests are served each as alone; a client that le
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -19,6 +18,7 @@ try:  # the HTTP client recent openai releases depend on (its module name change
 except ImportError:  # pragma: no cover - an older openai brings httpx
     import httpx
 
+from client.monitor import serving
 from tests.conftest import JoinedSwarm, exact, own_prefix, run_concurrently
 
 KEY = "sk-test-0123456789"
@@ -36,32 +36,6 @@ def _tokenizer(path):
     return tokenizer
 
 
-class Uvicorn:
-    """A uvicorn server of `app` in a thread, on a free port of 127.0.0.1."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.server.started, "uvicorn did not start"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def api(dist_model, tiny_model_path, tmp_path_factory):
     from client.api import create_app
@@ -71,9 +45,8 @@ def api(dist_model, tiny_model_path, tmp_path_factory):
     key_file.write_text(KEY + "\n")
     tokenizer = _tokenizer(tiny_model_path)
     app = create_app(exact(dist_model), tokenizer, ApiConfig(api_key_file=str(key_file), adapter=("absent=no-such-adapter",)))
-    server = Uvicorn(app)
-    yield server, app.state.gateway, tokenizer
-    server.stop()
+    with serving(app, "127.0.0.1", 0) as url:
+        yield SimpleNamespace(url=url), app.state.gateway, tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -70,12 +70,11 @@ def _the_gateway_serves_the_hosted_adapter_as_a_model(model, tiny_model_path, lo
 
     from client.api import create_app
     from client.api_schema import ApiConfig
-    from tests.test_api import Uvicorn
+    from client.monitor import serving
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
-    server = Uvicorn(create_app(model, tokenizer, ApiConfig(adapter=("support=demo",))))
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with serving(create_app(model, tokenizer, ApiConfig(adapter=("support=demo",))), "127.0.0.1", 0) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         names = [m.id for m in client.models.list()]
         assert len(names) == 2 and "support" in names, names
         base = next(name for name in names if name != "support")
@@ -90,8 +89,6 @@ def _the_gateway_serves_the_hosted_adapter_as_a_model(model, tiny_model_path, lo
             assert reply.choices[0].text == expected, name
             texts[name] = expected
         assert texts["support"] != texts[base]  # the adapter changes what is generated
-    finally:
-        server.stop()
 
 
 def test_client_loads_a_saved_adapter(dist_model, saved_adapter):
