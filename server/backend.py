@@ -169,28 +169,44 @@ class SpanBackend:
             raise BadRequest("deep prompts must be finite floating-point values")
         return to_device(prompts, self.device, self.dtype)
 
-    def _run(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation, lora_tensors, prompts) -> torch.Tensor:
-        pairs, scaling = self.resolve_lora(start, end, adapt.adapter, adapt.lora_names, lora_tensors, adapt.scaling)
-        with lora.applied(pairs, scaling, adapt.dropout, adapt.seed):
-            return self.span(inputs.hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end, prompts=prompts)
+    # Each of forward, backward, forward_for_backward and backward_kept is a generator of chunks, one block per
+    # next(), whose return value is its result (server.compute_queue lets decode steps in between chunks; finish()
+    # runs one through). No context (LoRA hooks, grad mode) stays entered between chunks: each block enters its own.
 
-    @torch.inference_mode()
-    def forward(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation = NONE) -> torch.Tensor:
+    def _blocks(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation, lora_tensors, prompts, grad: bool):
+        """Run blocks [start, end) one per chunk, each inside its own LoRA hooks; with `grad`, each block's input is a
+        fresh leaf (one autograd graph per block, for a backward a block at a time). Returns [(input, output)]."""
+        pairs, scaling = self.resolve_lora(start, end, adapt.adapter, adapt.lora_names, lora_tensors, adapt.scaling)
+        blocks = self.span.blocks(inputs.hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end,
+                                  prompts=prompts)
+        hidden, done = inputs.hidden, []
+        for block in range(start, end):
+            mode = torch.enable_grad() if grad else torch.inference_mode()
+            with mode, lora.applied([p for p in pairs if p.block == block], scaling, adapt.dropout, adapt.seed):
+                output = next(blocks) if block == start else blocks.send(hidden)
+            done.append((hidden, output))
+            hidden = output.detach().requires_grad_(True) if grad else output
+            yield
+        return done
+
+    def forward(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation = NONE):
         """The span's output, in host memory."""
-        return to_host(self._run(inputs, start, end, adapt, adapt.lora_tensors, adapt.prompts))
+        done = yield from self._blocks(inputs, start, end, adapt, adapt.lora_tensors, adapt.prompts, grad=False)
+        return to_host(done[-1][1])
 
     def backward(self, inputs: SpanInputs, grad_output: torch.Tensor, start: int, end: int,
-                 adapt: Adaptation = NONE, input_grad: bool = True) -> list[torch.Tensor | None]:
+                 adapt: Adaptation = NONE, input_grad: bool = True):
         """Gradients w.r.t. the span's input (unless `input_grad` is False), each LoRA tensor and the deep prompts
         (if any), in that order. The forward is recomputed (servers keep no activations between requests), with the
         same dropout masks as the forward request. In host memory."""
         self.check_hidden(grad_output, "output gradient")
-        return self.backward_kept(self.forward_for_backward(inputs, start, end, adapt, input_grad), grad_output)
+        kept = yield from self.forward_for_backward(inputs, start, end, adapt, input_grad)
+        return (yield from self.backward_kept(kept, grad_output))
 
     def forward_for_backward(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation = NONE,
-                             input_grad: bool = True) -> KeptForward:
-        """The forward with its autograd graph, for a backward later in the same request; without `input_grad`,
-        only the LoRA tensors and deep prompts are differentiated (BadRequest if there are none)."""
+                             input_grad: bool = True):
+        """The forward with its autograd graphs (KeptForward), for a backward later in the same request; without
+        `input_grad`, only the LoRA tensors and deep prompts are differentiated (BadRequest if there are none)."""
         if not input_grad and not adapt.lora_tensors and adapt.prompts is None:
             raise BadRequest("input_grad is false and the request has no LoRA tensors or deep prompts: "
                              "its backward would have no gradient to return")
@@ -198,17 +214,34 @@ class SpanBackend:
             hidden = inputs.hidden.detach().requires_grad_(input_grad)
             leaves = [t.detach().to(self.dtype).requires_grad_(True) for t in adapt.lora_tensors]
             prompts = adapt.prompts.detach().requires_grad_(True) if adapt.prompts is not None else None
-            output = self._run(SpanInputs(hidden, inputs.position_ids, inputs.attention_mask), start, end, adapt, leaves, prompts)
-        wrt = ([hidden] if input_grad else []) + leaves + ([prompts] if prompts is not None else [])
-        return KeptForward(output, wrt, to_host(output.detach()))
+        done = yield from self._blocks(SpanInputs(hidden, inputs.position_ids, inputs.attention_mask), start, end, adapt,
+                                       leaves, prompts, grad=True)
+        blocks = [lora.block_of(name) for name in adapt.lora_names]
+        return KeptForward(done, leaves, blocks, prompts, input_grad, start, to_host(done[-1][1].detach()))
 
-    def backward_kept(self, kept: KeptForward, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
-        """The backward of a kept forward, in host memory; `grad_output` has passed check_hidden (finite, floating
-        point)."""
-        if grad_output.shape != kept.output.shape:
-            raise BadRequest(f"output gradient has shape {list(grad_output.shape)}, hidden states {list(kept.output.shape)}")
-        grad_output = to_device(grad_output, kept.output.device, kept.output.dtype)
-        grads = torch.autograd.grad(kept.output, kept.wrt, grad_output, allow_unused=True)
+    def backward_kept(self, kept: KeptForward, grad_output: torch.Tensor):
+        """The backward of a kept forward, a block at a time from the last, in host memory; `grad_output` has passed
+        check_hidden (finite, floating point)."""
+        output = kept.output
+        if grad_output.shape != output.shape:
+            raise BadRequest(f"output gradient has shape {list(grad_output.shape)}, hidden states {list(output.shape)}")
+        grad = to_device(grad_output, output.device, output.dtype)
+        leaf_grads: list[torch.Tensor | None] = [None] * len(kept.leaves)
+        prompts_grad = None
+        for index in reversed(range(len(kept.blocks))):
+            block_input, block_output = kept.blocks[index]
+            mine = [i for i, block in enumerate(kept.leaf_blocks) if block == kept.start + index]
+            wrt = [block_input] if block_input.requires_grad else []
+            wrt += [kept.leaves[i] for i in mine] + ([kept.prompts] if kept.prompts is not None else [])
+            grads = list(torch.autograd.grad(block_output, wrt, grad, allow_unused=True)) if wrt else []
+            grad = grads.pop(0) if block_input.requires_grad else None
+            if kept.prompts is not None and (g := grads.pop()) is not None:
+                prompts_grad = g if prompts_grad is None else prompts_grad + g
+            for i, g in zip(mine, grads, strict=True):
+                leaf_grads[i] = g
+            kept.blocks[index] = ()  # its graph is freed
+            yield
+        grads = ([grad] if kept.input_grad else []) + leaf_grads + ([prompts_grad] if kept.prompts is not None else [])
         return [None if g is None else to_host(g) for g in grads]
 
     def activation_bytes(self, batch: int, length: int, start: int, end: int) -> int:
@@ -222,9 +255,26 @@ class SpanBackend:
 
 @dataclass
 class KeptForward:
-    output: torch.Tensor
-    wrt: list[torch.Tensor]  # the input (if its gradient is wanted), the LoRA tensors and the deep prompts: the graph's leaves
+    blocks: list  # per block run: (its input, a leaf where a gradient flows to it, and its output)
+    leaves: list[torch.Tensor]  # the LoRA tensors, differentiated
+    leaf_blocks: list[int]  # the block of each
+    prompts: torch.Tensor | None  # the deep prompts, differentiated
+    input_grad: bool  # whether the span's input gets a gradient
+    start: int  # the first block run
     host_output: torch.Tensor  # the output, detached, in host memory: the reply
+
+    @property
+    def output(self) -> torch.Tensor:
+        return self.blocks[-1][1]
+
+
+def finish(chunks):
+    """Run a generator of chunks (SpanBackend.forward and the like) to its end: its result."""
+    while True:
+        try:
+            next(chunks)
+        except StopIteration as stop:
+            return stop.value
 
 
 class InferenceState:
@@ -245,6 +295,11 @@ class InferenceState:
     def step(self, inputs: SpanInputs, hypo_ids: Sequence[int] = ()) -> torch.Tensor:
         """Run new tokens, after reordering the cached rows by `hypo_ids` (beam search: the beams the client keeps);
         the output is in host memory."""
+        return to_host(self.run(inputs, self.begin(inputs, hypo_ids)))
+
+    def begin(self, inputs: SpanInputs, hypo_ids: Sequence[int] = ()) -> torch.Tensor:
+        """Check a step and prepare the cache for it (rows reordered, the new tokens' padding mask written): the mask
+        over cached + new tokens, for run()."""
         if self.broken:
             raise BadRequest("this session failed earlier; open a new one")
         batch, length, _ = inputs.hidden.shape
@@ -261,7 +316,26 @@ class InferenceState:
             self._mask[:, self.position : end].copy_(inputs.attention_mask)
         else:
             self._mask[:, self.position : end].fill_(1)
-        mask = self._mask[:, :end]
+        return self._mask[:, :end]
+
+    def step_chunks(self, inputs: SpanInputs, hypo_ids: Sequence[int] = ()):
+        """step() a block per chunk (see SpanBackend.forward): for long prefills, which give way to decode steps."""
+        mask = self.begin(inputs, hypo_ids)
+        blocks = self.backend.span.blocks(inputs.hidden, inputs.position_ids, mask, cache=self.cache, start=self.start,
+                                          end=self.end, prompts=self.prompts, first_token=self.position)
+        try:
+            for block in range(self.start, self.end):
+                with torch.inference_mode(), lora.applied([p for p in self.lora_pairs if p.block == block], self.lora_scaling):
+                    output = next(blocks)
+                yield
+        except BaseException:
+            self.broken = True  # the cache may hold part of this step: never serve from it again
+            raise
+        self.position = mask.shape[1]
+        return to_host(output)
+
+    def run(self, inputs: SpanInputs, mask: torch.Tensor) -> torch.Tensor:
+        """The step alone, after begin(): its output on the span's (last) device."""
         try:
             with lora.applied(self.lora_pairs, self.lora_scaling):
                 output = self.backend.span(inputs.hidden, inputs.position_ids, mask, cache=self.cache, start=self.start,
@@ -269,8 +343,8 @@ class InferenceState:
         except Exception:
             self.broken = True  # the cache may hold part of this step: never serve from it again
             raise
-        self.position = end
-        return to_host(output)
+        self.position = mask.shape[1]
+        return output
 
     @property
     def mask(self) -> torch.Tensor:

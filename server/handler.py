@@ -10,7 +10,6 @@ import contextlib
 import functools
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -66,8 +65,9 @@ class BlockHandler(InferenceRpcs):
         tokens, hidden = backend.limits.max_chunk_tokens, backend.hidden_size
         self.max_request_bytes = 2 * tokens * hidden * 4 + 16 * tokens + self.max_lora_bytes + (1 << 20)
         # One compute thread: requests run one at a time, off the event loop, each peer in its fair turn.
-        self.compute = FairCompute(int(config.inflight_mb * 2**20))
         self.stats = TrafficStats()
+        self.compute = FairCompute(int(config.inflight_mb * 2**20), max_batch_rows=backend.limits.max_batch_size,
+                                   account=self._account)
         self.leaving = False  # set on shutdown: open inference sessions are told to move on their next step
         self._init_inference(config.push_timeout, config.cache_wait)
 
@@ -75,18 +75,14 @@ class BlockHandler(InferenceRpcs):
     def executor(self):
         return self.compute.executor
 
-    async def _compute(self, peer: str, nbytes: int, fn, *args, ticket=None):
-        """`fn(*args)` on the compute thread in `peer`'s turn, for a request of `nbytes` (the in-flight budget), or
-        that holds the charge `ticket` since it arrived (swarm.ingress)."""
-        def timed():
-            started = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                kind = fn.__name__
-                self.stats.compute_s[kind] = self.stats.compute_s.get(kind, 0.0) + time.perf_counter() - started
+    async def _compute(self, peer: str, nbytes: int, fn, *args, ticket=None, step=None):
+        """`fn(*args)` (or the decode `step`, server.compute_queue.Batchable) on the compute thread in `peer`'s turn,
+        for a request of `nbytes` (the in-flight budget), or that holds the charge `ticket` since it arrived
+        (swarm.ingress)."""
+        return await self.compute.run(peer, nbytes, fn, *args, ticket=ticket, step=step)
 
-        return await self.compute.run(peer, nbytes, timed, ticket=ticket)
+    def _account(self, kind: str, seconds: float) -> None:
+        self.stats.compute_s[kind] = self.stats.compute_s.get(kind, 0.0) + seconds
 
     def _count(self, kind: str, request_tensors, response_tensors=()) -> None:
         self.stats.requests += 1

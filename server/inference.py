@@ -13,6 +13,8 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from server.backend import InferenceState, check_codec, check_hypo_ids, check_tensor_count, unpack_request
+from server.batching import DECODE_TOKENS, Step, batch_key, run_steps
+from server.compute_queue import Batchable
 from swarm.compression import wire
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES
 from swarm.errors import BadRequest, LimitReached, RemoteError, ServerLeaving
@@ -212,8 +214,14 @@ class InferenceRpcs:
             raise BadRequest(f"step {meta.step} arrived before step {session.steps}")
         self._check_route(meta.forward)
         inputs = self.backend.check_inputs(tensors)
-        output = (await self._compute(session.peer, tensor_bytes(tensors), session.state.step, inputs,
-                                      meta.hypo_ids)).to(tensors[0].dtype)
+        step = Step(session.state, inputs, meta.hypo_ids)
+        if inputs.hidden.shape[1] <= DECODE_TOKENS:  # batched with other sessions' steps, ahead of bulk work
+            output = await self._compute(session.peer, tensor_bytes(tensors), None,
+                                         step=Batchable(batch_key(step), step, run_steps, step.rows))
+        else:  # a prefill: bulk work, a block at a time
+            output = await self._compute(session.peer, tensor_bytes(tensors), session.state.step_chunks, inputs,
+                                         meta.hypo_ids)
+        output = output.to(tensors[0].dtype)
         session.steps += 1
         reply = InferenceReply(position=session.state.position, cache_tokens_left=self.budget.tokens_left)
         if meta.forward:

@@ -173,6 +173,7 @@ class Server:
             "parts": [{"start": p.start, "end": p.end, "device": str(p.device)} for p in self.handler.backend.span.parts],
             **dataclasses.asdict(self.handler.stats),
             "compute_s": {kind: round(seconds, 6) for kind, seconds in self.handler.stats.compute_s.items()},
+            "decode_batches": {"batches": self.handler.compute.batches, "steps": self.handler.compute.batched_steps},
             "train_activation_bytes": self.handler.activations.used,
             "lora_cache": {"entries": len(self.handler.lora_cache), "bytes": self.handler.lora_cache.nbytes,
                            "hits": self.handler.lora_cache.hits, "misses": self.handler.lora_cache.misses},

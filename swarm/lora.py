@@ -184,3 +184,32 @@ def applied(pairs: Sequence[LoraPair], scaling: float, dropout: float = 0.0, see
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def applied_rows(groups: Sequence[tuple[slice, Sequence[LoraPair], float]]) -> Iterator[None]:
+    """`applied` for a batch of sessions (inference, no dropout): each group's pairs add their deltas to the group's
+    rows of the batch only, as `applied` adds them to a lone session's output."""
+    by_linear: dict[int, tuple[nn.Linear, list[tuple[slice, LoraPair, float]]]] = {}
+    for rows, pairs, scaling in groups:
+        for pair in pairs:
+            by_linear.setdefault(id(pair.linear), (pair.linear, []))[1].append((rows, pair, scaling))
+
+    def hook_for(terms: list[tuple[slice, LoraPair, float]]):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            for rows, pair, scaling in terms:
+                output[rows] = output[rows] + scaling * (x[rows] @ pair.A.T) @ pair.B.T
+            return output
+
+        return hook
+
+    handles = []
+    try:
+        for linear, terms in by_linear.values():
+            handles.append(linear.register_forward_hook(hook_for(terms)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+

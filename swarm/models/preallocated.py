@@ -97,6 +97,17 @@ class PreallocatedCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx if self.layers[layer_idx].max_length else self.first].get_seq_length()
 
+    def lengths(self) -> list[int]:
+        """How many tokens each block holds: what restore() goes back to."""
+        return [layer.length for layer in self.layers]
+
+    def restore(self, lengths: Sequence[int]) -> None:
+        """Forget what a step wrote after lengths() (a batch that failed part-way, to be run again session by
+        session)."""
+        for layer, length in zip(self.layers, lengths, strict=True):
+            layer.length = length
+            layer._views()
+
 
 def preallocated_cache(batch_size: int, max_length: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                        devices: Sequence[torch.device], blocks: range) -> PreallocatedCache:

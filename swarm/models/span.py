@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache
 
 from swarm.kv_cache import head_dim, kv_heads
 from swarm.models import CACHE_KWARG, ModelFamily
+from swarm.models.batched import BatchItem, StepBatch, make_batchable
 from swarm.models.preallocated import preallocated_cache
 
 
@@ -63,6 +64,7 @@ class BlockSpan(nn.Module):
         for local_index, layer in enumerate(layers):
             # The cache indexes layers by position; a span's cache holds only its own blocks.
             layer.self_attn.layer_idx = local_index
+            make_batchable(layer)
         self.parts = tuple(parts) or (SpanPart(start, end, torch.device("cpu")),)
         if (self.parts[0].start, self.parts[-1].end) != (start, end) or any(
                 a.end != b.start for a, b in zip(self.parts, self.parts[1:])):  # noqa: B905 - one shorter
@@ -141,17 +143,64 @@ class BlockSpan(nn.Module):
         [blocks run, batch or 1, P, hidden], is added to the input of each block at the sequence's first P
         tokens; `hidden` starts at token `first_token` of its sequence (the tokens a cache already holds).
         """
-        first = (self.start if start is None else start) - self.start
-        last = (self.end if end is None else end) - self.start
-        part = self.parts[0]  # where the rotary embedding is
-        hidden, position_ids, attention_mask = to_part((hidden, position_ids, attention_mask), part.device)
-        masks = {}  # by layer type, each built for the first block of that type (a cache may size them differently)
+        output = hidden
+        for output in self.blocks(hidden, position_ids, attention_mask, cache, start, end, prompts, first_token):  # noqa: B007
+            pass
+        return output
+
+    def blocks(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               cache: Cache | None = None, start: int | None = None, end: int | None = None,
+               prompts: torch.Tensor | None = None, first_token: int = 0):
+        """forward(), one block per next() (see iter_blocks)."""
+        first, last = self._local(start, end)
+        hidden, position_ids, attention_mask = to_part((hidden, position_ids, attention_mask), self.parts[0].device)
+        masks = self.masks(hidden, position_ids, attention_mask, cache, first, last)
+        return (yield from self.iter_blocks(hidden, position_ids, masks, cache, first, last, prompts, first_token))
+
+    def forward_batch(self, items: Sequence[BatchItem], start: int | None = None, end: int | None = None) -> list[torch.Tensor]:
+        """Several sessions' steps of one length through blocks [start, end) at once (swarm.models.batched): each
+        item's output, as forward(item.hidden, item.position_ids, item.attention_mask, cache=item.cache, ...) would
+        give it."""
+        first, last = self._local(start, end)
+        device = self.parts[0].device
+        items = [BatchItem(*to_part((i.hidden, i.position_ids, i.attention_mask), device), i.cache) for i in items]
+        masks = [self.masks(i.hidden, i.position_ids, i.attention_mask, i.cache, first, last) for i in items]
+        batch = StepBatch(items, masks, self._layer_types)
+        hidden = torch.cat([i.hidden for i in items])
+        position_ids = torch.cat([i.position_ids for i in items])
+        output = self.run_layers(hidden, position_ids, dict.fromkeys(self._layer_types), batch, first, last,
+                                 swarm_batch=batch)
+        return list(output.split([i.hidden.shape[0] for i in items]))
+
+    def _local(self, start: int | None, end: int | None) -> tuple[int, int]:
+        return (self.start if start is None else start) - self.start, (self.end if end is None else end) - self.start
+
+    def masks(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+              cache: Cache | None, first: int, last: int) -> dict:
+        """The attention mask of each layer type among blocks [first, last) (local numbering), each built for the
+        first block of that type (a cache may size them differently), before the step updates the cache."""
+        masks = {}
         for local in range(first, last):
             layer_type = self._layer_types[local]
             if layer_type not in masks:
                 masks[layer_type] = self._mask_functions[layer_type](
                     config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
                     layer_idx=local, **{CACHE_KWARG: cache})
+        return masks
+
+    def run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, masks: dict, cache, first: int, last: int,
+                   prompts: torch.Tensor | None = None, first_token: int = 0, **layer_kwargs) -> torch.Tensor:
+        output = hidden
+        for output in self.iter_blocks(hidden, position_ids, masks, cache, first, last, prompts, first_token, **layer_kwargs):  # noqa: B007
+            pass
+        return output
+
+    def iter_blocks(self, hidden: torch.Tensor, position_ids: torch.Tensor, masks: dict, cache, first: int, last: int,
+                    prompts: torch.Tensor | None = None, first_token: int = 0, **layer_kwargs):
+        """Run blocks [first, last) (local numbering) one per next(): each yields the block's output. Whoever drives it
+        may send() a tensor to use as the next block's input instead (the same values, detached: one autograd graph
+        per block), and holds whatever context a block must run in (LoRA hooks, grad mode) around each next()."""
+        part = self.parts[0]  # where the rotary embedding is
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for index, layer in enumerate(self.layers[first:last]):
             block = self.start + first + index
@@ -159,11 +208,15 @@ class BlockSpan(nn.Module):
                 part = self.part_of(block)
                 hidden, masks, position_embeddings, position_ids = to_part((hidden, masks, position_embeddings,
                                                                            position_ids), part.device)
+                if isinstance(cache, StepBatch):
+                    cache.to(part.device)
             if prompts is not None:
                 hidden = add_prompt(hidden, prompts[index], first_token)
-            hidden = layer(hidden, attention_mask=masks[self._layer_types[first + index]], position_embeddings=position_embeddings, position_ids=position_ids,
-                           use_cache=cache is not None, **{CACHE_KWARG: cache})
-        return hidden
+            hidden = layer(hidden, attention_mask=masks[self._layer_types[first + index]], position_embeddings=position_embeddings,
+                           position_ids=position_ids, use_cache=cache is not None, **{CACHE_KWARG: cache}, **layer_kwargs)
+            sent = yield hidden
+            if sent is not None:
+                hidden = sent
 
 
 def build_block(family: ModelFamily, config: PretrainedConfig, start: int, end: int, index: int,
