@@ -109,6 +109,7 @@ class Result:
     swarm: Timing
     new_tokens: int
     same_output: bool
+    prompt_tokens: int = 16
 
     @property
     def ratio(self) -> float:
@@ -119,7 +120,7 @@ class Result:
         return (self.swarm.step_ms - self.local.step_ms) / len(self.spans)
 
     def table(self) -> str:
-        rows = [f"{'':8}{'tok/s':>9}{'total s':>10}{'prefill ms':>12}{'decode ms/tok':>15}"]
+        rows = [f"prompt of {self.prompt_tokens} tokens", f"{'':8}{'tok/s':>9}{'total s':>10}{'prefill ms':>12}{'decode ms/tok':>15}"]
         for label, t in (("local", self.local), ("swarm", self.swarm)):
             rows.append(f"{label:8}{t.tokens_per_s(self.new_tokens):9.1f}{statistics.median(t.totals):10.3f}"
                         f"{t.prefill_ms:12.1f}{t.step_ms:15.2f}")
@@ -130,9 +131,9 @@ class Result:
         return "\n".join(rows)
 
     def summary(self) -> str:
-        return (f"{self.name} {self.dtype}: swarm {self.swarm.tokens_per_s(self.new_tokens):.1f} tok/s, "
-                f"local {self.local.tokens_per_s(self.new_tokens):.1f} tok/s, ratio {self.ratio:.2f}x, "
-                f"per-hop overhead {self.hop_overhead_ms:.1f} ms")
+        return (f"{self.name} {self.dtype}, prompt {self.prompt_tokens}: swarm {self.swarm.tokens_per_s(self.new_tokens):.1f} "
+                f"tok/s, local {self.local.tokens_per_s(self.new_tokens):.1f} tok/s, ratio {self.ratio:.2f}x, decode "
+                f"ratio {self.local.step_ms / self.swarm.step_ms:.2f}x, per-hop overhead {self.hop_overhead_ms:.2f} ms")
 
 
 def prompt_ids(vocab_size: int, length: int) -> torch.Tensor:
@@ -149,18 +150,21 @@ def baseline_worker(path: str, dtype: str, prompt_tokens: int, new_tokens: int, 
                       "output": output.tolist()}))
 
 
-def measure_local(path: Path, args: argparse.Namespace) -> tuple[Timing, torch.Tensor]:
-    data = run_baseline(__file__, [path, args.dtype, args.prompt_tokens, args.new_tokens, args.runs], _USER_OMP_ENV)
+def measure_local(path: Path, args: argparse.Namespace, prompt_tokens: int) -> tuple[Timing, torch.Tensor]:
+    data = run_baseline(__file__, [path, args.dtype, prompt_tokens, args.new_tokens, args.runs], _USER_OMP_ENV)
     return Timing(data["totals"], data["prefills"], data["decode_steps"]), torch.tensor(data["output"])
 
 
-def bench_model(name: str, path: Path, args: argparse.Namespace) -> Result:
-    local_timing, local_output = measure_local(path, args)
+def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[Result]:
+    """The swarm against local transformers at each of --contexts prompt lengths (those the model holds), through
+    one swarm."""
     config = AutoConfig.from_pretrained(path)
     spans = even_spans(config.num_hidden_layers, args.servers)
-    input_ids = prompt_ids(config.vocab_size, args.prompt_tokens)
-
+    contexts = [n for n in args.contexts if n + args.new_tokens <= config.max_position_embeddings]
+    if skipped := sorted(set(args.contexts) - set(contexts)):
+        print(f"  contexts {skipped} skipped: {name} holds {config.max_position_embeddings} positions")
     env = dict(item.split("=", 1) for item in args.server_env)
+    results = []
     with LocalSwarm() as swarm:
         started = time.perf_counter()
         swarm.start_bootstrap()
@@ -169,20 +173,20 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> Result:
               f" (server env: {' '.join(args.server_env) or 'inherited'})")
         model = DistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, torch_dtype=args.dtype)
         try:
-            with torch.inference_mode():
-                swarm_timing, swarm_output = measure(model, input_ids, args.new_tokens, args.runs)
+            for prompt_tokens in contexts:
+                local_timing, local_output = measure_local(path, args, prompt_tokens)
+                input_ids = prompt_ids(config.vocab_size, prompt_tokens)
+                with torch.inference_mode():
+                    swarm_timing, swarm_output = measure(model, input_ids, args.new_tokens, args.runs)
+                same = torch.equal(local_output, swarm_output)
+                if not same:
+                    mismatch = (local_output != swarm_output).nonzero()[0, 1].item() - prompt_tokens
+                    print(f"  WARNING: swarm greedy output differs from local from new token {mismatch} on")
+                results.append(Result(name, args.dtype, spans, local_timing, swarm_timing, args.new_tokens, same,
+                                      prompt_tokens))
         finally:
             model.model.layers.connection.shutdown()
-
-    same = torch.equal(local_output, swarm_output)
-    if not same:
-        mismatch = (local_output != swarm_output).nonzero()[0, 1].item() - args.prompt_tokens
-        print(f"  WARNING: swarm greedy output differs from local from new token {mismatch} on")
-    return Result(name, args.dtype, spans, local_timing, swarm_timing, args.new_tokens, same)
-
-
-
-
+    return results
 
 
 class AlternatingClock(StoppingCriteria):
@@ -394,7 +398,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--runs", type=int, default=5, help="measured runs per side, after one warm-up run")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (never fewer)")
-    parser.add_argument("--prompt-tokens", type=int, default=16, help="random prompt length, batch 1")
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="random prompt length, batch 1 (forwarding, auth)")
+    parser.add_argument("--contexts", default="16,1024,2000",
+                        help="comma-separated prompt lengths of the local comparison (each one the model holds)")
     parser.add_argument("--servers", type=int, default=3, help="servers, splitting the blocks evenly")
     parser.add_argument("--compare", default="local,forwarding",
                         help="comma-separated: 'local' (swarm against local transformers), 'forwarding' "
@@ -405,6 +411,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment variable for the server processes, e.g. OMP_NUM_THREADS=1 (repeatable)")
     args = parser.parse_args()
+    try:
+        args.contexts = [int(n) for n in args.contexts.split(",")]
+    except ValueError:
+        parser.error(f"--contexts takes comma-separated whole numbers, e.g. 16,1024; got {args.contexts!r}")
     if any("=" not in item for item in args.server_env):
         parser.error("--server-env takes NAME=VALUE")
     if set(args.compare.split(",")) - set(COMPARISONS):
@@ -425,7 +435,8 @@ def main() -> None:
     threads = torch.get_num_threads()  # what the distributed client runs with; the local baseline gets the same
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {threads} intra-op threads for the local baseline and the client; "
-          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'default')}; batch 1, prompt {args.prompt_tokens}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'default')}; batch 1, prompts {args.contexts} (local) and "
+          f"{args.prompt_tokens} (forwarding, auth), "
           f"{args.new_tokens} new tokens, greedy, median of {args.runs} runs after a warm-up; "
           "swarm prefill includes opening the session")
     results = []
@@ -436,8 +447,9 @@ def main() -> None:
             for comparison in args.compare.split(","):
                 warn_if_busy()
                 result = COMPARISONS[comparison](name, path, args)
-                print(result.table())
-                results.append(result)
+                for each in result if isinstance(result, list) else [result]:
+                    print(each.table())
+                    results.append(each)
     print()
     for result in results:
         print(result.summary())

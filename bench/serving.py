@@ -8,9 +8,12 @@ per-client tokens/s (median and slowest), per-token latency p50/p95 (time betwee
 excluded), the aggregate over N=1's, and how many outputs differ from the same prompt's output generated alone
 (greedy: must be 0 with --codec none). With --with-training: --training-clients N generating clients, each round
 once alone and once beside one more client process doing LoRA fine-tuning steps (bench/finetune.py's step) through
-the same servers, and the generating clients' p95 latency in both and its ratio.
+the same servers, and the generating clients' p95 latency in both and its ratio. With --compare-unbatched, a second
+set of servers (--batch-rows 1: each decode step alone, as before batching) runs beside the first under another DHT
+prefix, every client holds a model for each, and the rounds alternate between them: both tables, and per N the
+ratio of aggregate tokens/s batched / unbatched.
 Run: python bench/serving.py [--model smollm2|tiny] [--clients 1,2,4,8,16] [--repeats 3] [--new-tokens 32]
-                             [--codec none] [--with-training [--training-clients 4]]
+                             [--codec none] [--with-training [--training-clients 4]] [--compare-unbatched]
 
 Clients and servers share this machine's cores, as in bench/generation.py: every process spins only briefly when
 idle (GOMP_SPINCOUNT=1000, swarm.config), else each would steal the cores the others need.
@@ -38,6 +41,7 @@ from transformers.utils import logging as hf_logging
 
 from client.model import DistributedModelForCausalLM
 from swarm.assets import ensure_smollm2
+from swarm.checkpoint import default_dht_prefix
 from swarm.config import COLOCATED_OMP_ENV
 from swarm.launch import LocalSwarm, even_spans
 
@@ -50,23 +54,26 @@ def reply(payload: dict) -> None:
     print(TAG + json.dumps(payload), flush=True)
 
 
-def load_client(path: str, peers: list[str], codec: str | None) -> DistributedModelForCausalLM:
-    model = DistributedModelForCausalLM.from_pretrained(path, peers, torch_dtype="float32")
+UNBATCHED = "-unbatched"  # the DHT prefix suffix of the --compare-unbatched servers
+
+
+def load_client(path: str, peers: list[str], codec: str | None, prefix: str | None = None) -> DistributedModelForCausalLM:
+    model = DistributedModelForCausalLM.from_pretrained(path, peers, torch_dtype="float32", dht_prefix=prefix)
     if codec is not None:
         model.set_codecs(inference=codec)
     return model
 
 
-def generate_worker(path: str, peers: list[str], codec: str | None, new_tokens: int) -> None:
-    """A client process: for each command line {"prompt", "start_at"}, waits for the start time, generates greedily
-    and replies with its new tokens and when each came."""
-    model = load_client(path, peers, codec)
+def generate_worker(path: str, peers: list[str], codec: str | None, new_tokens: int, prefixes: list[str | None]) -> None:
+    """A client process: for each command line {"prompt", "start_at", "swarm"}, waits for the start time, generates
+    greedily through that swarm (an index into `prefixes`) and replies with its new tokens and when each came."""
+    models = [load_client(path, peers, codec, prefix) for prefix in prefixes]
     reply({"ready": True})
     for line in sys.stdin:
         command = json.loads(line)
         if command.get("quit"):
             break
-        prompt = torch.tensor([command["prompt"]])
+        prompt, model = torch.tensor([command["prompt"]]), models[command.get("swarm", 0)]
         time.sleep(max(0.0, command["start_at"] - time.time()))
         clock, started = StepClock(time.time), time.time()  # wall clock: compared across processes
         with torch.inference_mode():
@@ -74,7 +81,8 @@ def generate_worker(path: str, peers: list[str], codec: str | None, new_tokens: 
                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                                     stopping_criteria=StoppingCriteriaList([clock]))
         reply({"tokens": output[0, prompt.shape[1]:].tolist(), "started": started, "times": clock.times})
-    model.model.layers.connection.shutdown()
+    for model in models:
+        model.model.layers.connection.shutdown()
 
 
 def train_worker(path: str, peers: list[str], batch: int, seq_len: int) -> None:
@@ -185,11 +193,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_round(workers: list[Worker], prompts: list[list[int]], references: list | None, delay: float = 0.5) -> Round:
+def run_round(workers: list[Worker], prompts: list[list[int]], references: list | None, delay: float = 0.5,
+              swarm: int = 0) -> Round:
     """Release `workers` together on their prompts; count outputs that differ from `references` (the alone runs)."""
     start_at = time.time() + delay
     for worker, prompt in zip(workers, prompts, strict=False):
-        worker.send({"prompt": prompt, "start_at": start_at})
+        worker.send({"prompt": prompt, "start_at": start_at, "swarm": swarm})
     clients = [worker.receive() for worker in workers]
     if max(c["started"] for c in clients) > start_at + 0.2:
         print(f"  note: a client started {max(c['started'] for c in clients) - start_at:.2f} s after the barrier")
@@ -259,6 +268,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--training-clients", type=int, default=4, help="generating clients beside the training one")
     parser.add_argument("--train-batch", type=int, default=4, help="the training client's sequences per step")
     parser.add_argument("--train-seq-len", type=int, default=128, help="the training client's tokens per sequence")
+    parser.add_argument("--compare-unbatched", action="store_true",
+                        help="also servers that run each decode step alone (--batch-rows 1), rounds alternating")
     args = parser.parse_args()
     try:
         args.clients = sorted({int(n) for n in args.clients.split(",")})
@@ -276,7 +287,9 @@ def parse_args() -> argparse.Namespace:
 
 def measure(args: argparse.Namespace, path: Path, peers: list[str], logs: Path) -> None:
     count = args.training_clients if args.with_training else max(args.clients)
-    worker_args = [str(path), json.dumps(peers), json.dumps(args.codec), str(args.new_tokens)]
+    prefixes = [None] + ([default_dht_prefix(str(path)) + UNBATCHED] if args.compare_unbatched else [])
+    swarms = range(len(prefixes))
+    worker_args = [str(path), json.dumps(peers), json.dumps(args.codec), str(args.new_tokens), json.dumps(prefixes)]
     started = time.perf_counter()
     workers = [Worker("generate", worker_args, logs, f"client-{i}") for i in range(count)]
     trainer = (Worker("train", [str(path), json.dumps(peers), str(args.train_batch), str(args.train_seq_len)], logs,
@@ -289,6 +302,10 @@ def measure(args: argparse.Namespace, path: Path, peers: list[str], logs: Path) 
         prompts = make_prompts(path, count, AutoConfig.from_pretrained(path).vocab_size)
         # Each client alone first: a warm-up, and the output its prompt must get in every round.
         references = [run_round([w], [p], None, delay=0.05).clients[0]["tokens"] for w, p in zip(workers, prompts, strict=True)]
+        for swarm in swarms[1:]:  # a warm-up there too, checked against the same references
+            for worker, prompt, reference in zip(workers, prompts, references, strict=True):
+                if run_round([worker], [prompt], [reference], delay=0.05, swarm=swarm).mismatches:
+                    print(f"  FAIL: {worker.name} alone got another output from the unbatched servers")
         print(f"  prompts of {sorted({len(p) for p in prompts})} tokens; each generated alone once (warm-up, reference)")
         warn_if_busy()
         if trainer:
@@ -306,12 +323,20 @@ def measure(args: argparse.Namespace, path: Path, peers: list[str], logs: Path) 
             print(training_table(count, alone, beside))
             mismatches = sum(r.mismatches for r in alone + beside)
         else:
-            rounds: dict[int, list[Round]] = {n: [] for n in args.clients}
+            rounds: list[dict[int, list[Round]]] = [{n: [] for n in args.clients} for _ in swarms]
             for repeat in range(args.repeats):
                 for n in args.clients if repeat % 2 == 0 else reversed(args.clients):
-                    rounds[n].append(run_round(workers[:n], prompts[:n], references[:n]))
-            print(sweep_table(rounds))
-            mismatches = sum(r.mismatches for runs in rounds.values() for r in runs)
+                    for swarm in swarms if repeat % 2 == 0 else reversed(swarms):
+                        rounds[swarm][n].append(run_round(workers[:n], prompts[:n], references[:n], swarm=swarm))
+            for swarm in swarms:
+                if len(prefixes) > 1:
+                    print(["batched (the default)", "unbatched (--batch-rows 1)"][swarm])
+                print(sweep_table(rounds[swarm]))
+            if len(prefixes) > 1:
+                print("aggregate tok/s batched / unbatched: " + ", ".join(
+                    f"N={n}: {statistics.median(r.aggregate for r in rounds[0][n]) / statistics.median(r.aggregate for r in rounds[1][n]):.2f}x"
+                    for n in args.clients))
+            mismatches = sum(r.mismatches for swarm in rounds for runs in swarm.values() for r in runs)
         if mismatches and args.codec == "none":
             print(f"  FAIL: {mismatches} outputs differ from their prompt's output alone (greedy, codec none)")
     finally:
@@ -324,7 +349,7 @@ def main() -> None:
         role, path, peers, *rest = sys.argv[2:]
         hf_logging.disable_progress_bar()
         if role == "generate":
-            generate_worker(path, json.loads(peers), json.loads(rest[0]), int(rest[1]))
+            generate_worker(path, json.loads(peers), json.loads(rest[0]), int(rest[1]), json.loads(rest[2]))
         else:
             train_worker(path, json.loads(peers), int(rest[0]), int(rest[1]))
         return
@@ -340,6 +365,9 @@ def main() -> None:
         with LocalSwarm() as swarm:
             swarm.start_bootstrap()
             swarm.start_servers(str(path), spans, extra_args=["--torch-dtype", "float32"])
+            if args.compare_unbatched:
+                swarm.start_servers(str(path), spans, extra_args=["--torch-dtype", "float32", "--batch-rows", "1",
+                                                                  "--dht-prefix", default_dht_prefix(str(path)) + UNBATCHED])
             measure(args, path, swarm.initial_peers, Path(tmp))  # a failing worker's error shows its log's tail
     print(f"took {time.perf_counter() - began:.0f} s")
 

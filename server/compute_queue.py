@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -64,6 +66,11 @@ class FairCompute:
     def __init__(self, inflight_bytes: int, clock: Callable[[], float] = time.monotonic,
                  max_batch_rows: int = ServerConfig.max_batch_size, account: Callable[[str, float], None] | None = None):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # Bulk work runs on a thread of its own at a lower OS priority (never at the same time as the first: the queue
+        # runs one thing at a time), so that peers sharing the machine's cores (other servers, clients) get their
+        # decode steps through first, too; its intra-op threads, started by it, inherit that priority.
+        self.bulk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute-bulk",
+                                                initializer=_lower_priority)
         self.inflight = InflightBudget(inflight_bytes, clock)
         self.clock, self.max_batch_rows, self.account = clock, max_batch_rows, account  # account(kind, seconds)
         self._waiting: tuple[dict[str, deque[_Job]], ...] = ({}, {})  # by class, then by peer
@@ -125,7 +132,8 @@ class FairCompute:
             self.inflight.pin(each.holding)
         self._running = jobs
         try:
-            done = asyncio.wrap_future(self.executor.submit(self._work, jobs))
+            executor = self.executor if job.kind == DECODE else self.bulk_executor
+            done = asyncio.wrap_future(executor.submit(self._work, jobs))
         except RuntimeError as exc:  # shut down
             self._running = None
             for each in jobs:
@@ -227,8 +235,24 @@ class FairCompute:
             if not queue:
                 del queues[job.peer]
 
+    @property
+    def busy(self) -> bool:
+        """Whether anything runs or waits."""
+        return self._running is not None or any(self._waiting)
+
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.bulk_executor.shutdown(wait=False, cancel_futures=True)
+
+
+BULK_NICENESS = 10  # CPU weight about a tenth of a normal thread's, when both want a core (Linux's CFS)
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICENESS)  # this thread only, on Linux
+    except (OSError, AttributeError):  # elsewhere, or not permitted: bulk work just runs at normal priority
+        pass
 
 
 class CurrentCompute:

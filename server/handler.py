@@ -66,14 +66,10 @@ class BlockHandler(InferenceRpcs):
         self.max_request_bytes = 2 * tokens * hidden * 4 + 16 * tokens + self.max_lora_bytes + (1 << 20)
         # One compute thread: requests run one at a time, off the event loop, each peer in its fair turn.
         self.stats = TrafficStats()
-        self.compute = FairCompute(int(config.inflight_mb * 2**20), max_batch_rows=backend.limits.max_batch_size,
+        self.compute = FairCompute(int(config.inflight_mb * 2**20), max_batch_rows=config.batch_rows,
                                    account=self._account)
         self.leaving = False  # set on shutdown: open inference sessions are told to move on their next step
         self._init_inference(config.push_timeout, config.cache_wait)
-
-    @property
-    def executor(self):
-        return self.compute.executor
 
     async def _compute(self, peer: str, nbytes: int, fn, *args, ticket=None, step=None):
         """`fn(*args)` (or the decode `step`, server.compute_queue.Batchable) on the compute thread in `peer`'s turn,

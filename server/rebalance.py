@@ -105,8 +105,6 @@ async def drain(handler: Any, timeout: float) -> bool:
     deadline = loop.time() + timeout
     while (handler.stats.sessions_open or handler.activations.used) and loop.time() < deadline:
         await asyncio.sleep(0.1)
-    try:  # the compute thread runs requests in order: once this no-op has run, everything queued before it has too
-        await asyncio.wait_for(loop.run_in_executor(handler.executor, lambda: None), max(deadline - loop.time(), 0.1))
-    except (asyncio.TimeoutError, RuntimeError):  # RuntimeError: the executor is already shut down
-        return False
-    return not (handler.stats.sessions_open or handler.activations.used)
+    while handler.compute.busy and loop.time() < deadline:  # requests queued or running on the compute thread
+        await asyncio.sleep(0.05)
+    return not (handler.stats.sessions_open or handler.activations.used or handler.compute.busy)

@@ -59,7 +59,7 @@ class Server:
             raise ValueError("give exactly one of --blocks A:B or --num-blocks N")
         if not options.new_swarm and not options.initial_peers:
             raise ValueError("give --initial-peers MADDR... to join a swarm, or --new-swarm to start one")
-        for name in ("cache_tokens", "max_sessions", "max_batch_size", "max_chunk_tokens"):
+        for name in ("cache_tokens", "max_sessions", "max_batch_size", "max_chunk_tokens", "batch_rows"):
             if getattr(options, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
         if options.rebalance_period < 0 or options.balance_margin < 0:

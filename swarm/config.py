@@ -93,6 +93,9 @@ class ServerConfig:
     inflight_mb: float = option(512.0, "memory for requests received and waiting for (or in) compute, each charged "
                                        "as it arrives, its copies included (swarm.ingress); the compute thread serves "
                                        "the peer that used the least compute lately first")
+    # server.compute_queue: decode steps waiting for the same blocks run as one batch (never waiting for company).
+    batch_rows: int = option(64, "most rows (sessions' sequences) of decode steps run as one batch; 1 runs each "
+                                 "step alone")
     # Announced in the server's record: clients split their requests to fit (client.limits).
     max_batch_size: int = option(64, "largest batch accepted")
     max_chunk_tokens: int = option(8192, "largest batch * length accepted in one request (forward, backward or "

@@ -3,6 +3,8 @@ alone (outputs, caches, LoRA terms, a failing session), and the compute queue ba
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -129,3 +131,94 @@ def test_every_family_batches_exactly(family, tmp_path, monkeypatch):
             got = run_steps([Step(state, _decode_inputs(state, 10 * step + i)) for i, state in enumerate(batched)])
         for ours, theirs in zip(got, expected, strict=True):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the compute queue
+
+
+def _queue_run(main):
+    import asyncio
+
+    asyncio.run(main())
+
+
+def test_the_queue_batches_decode_steps_and_runs_them_before_bulk_work():
+    """A chunked bulk job gives way between chunks to decode steps that came meanwhile; those waiting together run
+    as one batch, filled one per peer in turn (the least used first) up to the row limit; a lone step runs at once."""
+    import asyncio
+    import threading
+
+    from server.compute_queue import Batchable, FairCompute
+
+    order: list = []
+    gate = threading.Event()
+
+    def bulk(name: str, chunks: int):
+        for index in range(chunks):
+            if index == 1:
+                gate.wait(5)  # the test queues decode steps while chunk 1 runs
+            order.append(f"{name}:{index}")
+            yield
+        return name
+
+    def runner(items: list) -> list:
+        order.append(tuple(items))
+        return [ValueError("bad step") if item == "bad" else item.upper() for item in items]
+
+    async def main():
+        compute = FairCompute(inflight_bytes=10_000, max_batch_rows=4)
+        try:
+            step = lambda peer, item, key="k": compute.run(peer, 1, None, step=Batchable(key, item, runner))  # noqa: E731
+            lone = await step("a", "alone")
+            assert lone == "ALONE" and order == [("alone",)]  # nobody to wait for: it ran at once
+            order.clear()
+            training = asyncio.create_task(compute.run("trainer", 1, bulk, "train", 3))
+            other_bulk = asyncio.create_task(compute.run("b", 1, bulk, "other", 1))
+            await asyncio.sleep(0.05)  # chunk 1 of the training job is running (waiting for the gate)
+            # Peer "a" floods with three sessions' steps; b, c and d have one each; one step has another key.
+            steps = [asyncio.create_task(step(peer, item)) for peer, item in
+                     (("a", "a1"), ("a", "a2"), ("a", "bad"), ("b", "b1"), ("c", "c1"), ("d", "d1"))]
+            odd = asyncio.create_task(step("c", "other-blocks", key="k2"))
+            await asyncio.sleep(0.01)
+            gate.set()
+            results = await asyncio.gather(*steps, odd, training, other_bulk, return_exceptions=True)
+            assert results[:2] + results[3:6] == ["A1", "A2", "B1", "C1", "D1"] and isinstance(results[2], ValueError)
+            assert results[6:] == ["OTHER-BLOCKS", "train", "other"]
+            # Chunk 1 of the training job, then the decode steps (before the job's last chunk and the other bulk job):
+            # one batch of 4 rows, a peer at a time (a first: it came first among equals), then the rest.
+            assert order[:2] == ["train:0", "train:1"]
+            first_batch = order[2]
+            assert len(first_batch) == 4 and {"b1", "c1", "d1"} <= set(first_batch)
+            decode = [entry for entry in order if isinstance(entry, tuple)]
+            assert sorted(x for batch in decode for x in batch) == sorted(["a1", "a2", "bad", "b1", "c1", "d1", "other-blocks"])
+            assert all(isinstance(entry, tuple) for entry in order[2:2 + len(decode)])  # all before bulk resumed
+            assert order[2 + len(decode):] == ["train:2", "other:0"] or order[2 + len(decode):] == ["other:0", "train:2"]
+            assert compute.batches >= 3 and compute.inflight.used == 0
+        finally:
+            compute.shutdown()
+
+    _queue_run(main)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a Linux feature")
+def test_bulk_work_runs_at_a_lower_os_priority_than_decode_steps():
+    """So that peers sharing the cores (other servers, clients) get decode steps through first as well."""
+    import asyncio
+    import threading
+
+    from server.compute_queue import BULK_NICENESS, Batchable, FairCompute
+
+    def niceness(*_):
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def main():
+        compute = FairCompute(1000)
+        try:
+            bulk = await compute.run("p", 1, niceness)
+            decode = await compute.run("p", 1, None, step=Batchable(None, 0, lambda items: [niceness()]))
+            return bulk, decode
+        finally:
+            compute.shutdown()
+
+    bulk, decode = asyncio.run(main())
+    assert bulk == min(19, decode + BULK_NICENESS) and decode == niceness()
