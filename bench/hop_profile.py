@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 from swarm.config import apply_colocated_omp_env
@@ -57,6 +58,10 @@ CATEGORIES = [
 ]
 
 
+# py-spy from this interpreter's environment (pip installs it beside python), else from PATH.
+PY_SPY = str(Path(sys.executable).with_name("py-spy")) if Path(sys.executable).with_name("py-spy").exists() else "py-spy"
+
+
 def categorize(stack: str) -> str:
     frames = stack.split(";")[::-1]  # leaf first
     for frame in frames:
@@ -68,7 +73,7 @@ def categorize(stack: str) -> str:
 
 def record(pid: int, seconds: float, out: Path) -> Counter:
     """Busy samples of process `pid` (all threads) for `seconds`, by category."""
-    subprocess.run(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+    subprocess.run([PY_SPY, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
                     "--format", "raw", "--output", str(out), "--nonblocking"], check=True, capture_output=True)
     counts: Counter = Counter()
     for line in out.read_text().splitlines():
@@ -94,7 +99,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="sampling time per process")
     parser.add_argument("--servers", type=int, default=3)
     args = parser.parse_args()
-    if shutil.which("py-spy") is None:
+    if not Path(PY_SPY).exists() and shutil.which(PY_SPY) is None:
         sys.exit("py-spy is not installed: pip install py-spy")
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="bench-hop-") as tmp:
@@ -115,7 +120,7 @@ def main() -> None:
                     with torch.inference_mode():
                         model.generate(prompt, max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0,
                                        stopping_criteria=StoppingCriteriaList([clock]))
-                    steps.extend(b - a for a, b in zip(clock.times, clock.times[1:]))  # noqa: B905 - one shorter
+                    steps.extend(b - a for a, b in pairwise(clock.times))
 
             worker = threading.Thread(target=generate, daemon=True)
             worker.start()

@@ -170,24 +170,14 @@ class SpanBackend:
         return to_device(prompts, self.device, self.dtype)
 
     # Each of forward, backward, forward_for_backward and backward_kept is a generator of chunks, one block per
-    # next(), whose return value is its result (server.compute_queue lets decode steps in between chunks; finish()
-    # runs one through). No context (LoRA hooks, grad mode) stays entered between chunks: each block enters its own.
+    # next(), whose return value is its result (server.compute_queue lets decode steps in between chunks).
 
     def _blocks(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation, lora_tensors, prompts, grad: bool):
-        """Run blocks [start, end) one per chunk, each inside its own LoRA hooks; with `grad`, each block's input is a
-        fresh leaf (one autograd graph per block, for a backward a block at a time). Returns [(input, output)]."""
+        """run_blocks() over this request's blocks, with its LoRA (or hosted adapter), dropout and deep prompts."""
         pairs, scaling = self.resolve_lora(start, end, adapt.adapter, adapt.lora_names, lora_tensors, adapt.scaling)
         blocks = self.span.blocks(inputs.hidden, inputs.position_ids, inputs.attention_mask, start=start, end=end,
                                   prompts=prompts)
-        hidden, done = inputs.hidden, []
-        for block in range(start, end):
-            mode = torch.enable_grad() if grad else torch.inference_mode()
-            with mode, lora.applied([p for p in pairs if p.block == block], scaling, adapt.dropout, adapt.seed):
-                output = next(blocks) if block == start else blocks.send(hidden)
-            done.append((hidden, output))
-            hidden = output.detach().requires_grad_(True) if grad else output
-            yield
-        return done
+        return (yield from run_blocks(blocks, inputs.hidden, start, end, pairs, scaling, grad, adapt.dropout, adapt.seed))
 
     def forward(self, inputs: SpanInputs, start: int, end: int, adapt: Adaptation = NONE):
         """The span's output, in host memory."""
@@ -268,13 +258,22 @@ class KeptForward:
         return self.blocks[-1][1]
 
 
-def finish(chunks):
-    """Run a generator of chunks (SpanBackend.forward and the like) to its end: its result."""
-    while True:
-        try:
-            next(chunks)
-        except StopIteration as stop:
-            return stop.value
+def run_blocks(blocks, hidden: torch.Tensor, start: int, end: int, pairs, scaling: float, grad: bool = False,
+               dropout: float = 0.0, seed: int = 0):
+    """Drive `blocks` (BlockSpan.blocks() over [start, end), whose input is `hidden`) one block per chunk (a yield),
+    each block inside its own LoRA hooks and grad mode: no context stays entered between chunks, so whatever the
+    compute thread runs in between never sees them. With `grad`, each block's input is a fresh leaf (one autograd
+    graph per block, for a backward a block at a time) and every block's (input, output) is returned; without, only
+    the last block's."""
+    done = []
+    for block in range(start, end):
+        with (torch.enable_grad() if grad else torch.inference_mode()), \
+                lora.applied([p for p in pairs if p.block == block], scaling, dropout, seed):
+            output = next(blocks) if block == start else blocks.send(hidden)
+        done = [*done, (hidden, output)] if grad else [(hidden, output)]
+        hidden = output.detach().requires_grad_(True) if grad else output
+        yield
+    return done
 
 
 class InferenceState:
@@ -324,15 +323,12 @@ class InferenceState:
         blocks = self.backend.span.blocks(inputs.hidden, inputs.position_ids, mask, cache=self.cache, start=self.start,
                                           end=self.end, prompts=self.prompts, first_token=self.position)
         try:
-            for block in range(self.start, self.end):
-                with torch.inference_mode(), lora.applied([p for p in self.lora_pairs if p.block == block], self.lora_scaling):
-                    output = next(blocks)
-                yield
+            done = yield from run_blocks(blocks, inputs.hidden, self.start, self.end, self.lora_pairs, self.lora_scaling)
         except BaseException:
             self.broken = True  # the cache may hold part of this step: never serve from it again
             raise
         self.position = mask.shape[1]
-        return to_host(output)
+        return to_host(done[-1][1])
 
     def run(self, inputs: SpanInputs, mask: torch.Tensor) -> torch.Tensor:
         """The step alone, after begin(): its output on the span's (last) device."""

@@ -12,7 +12,7 @@ import torch
 from server.backend import InferenceState, SpanInputs
 from swarm import lora
 from swarm.devices import to_host
-from swarm.models.batched import BatchItem
+from swarm.models.batched import BatchItem, row_slices
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +35,11 @@ class Step:
 
 
 def batch_key(step: Step) -> Hashable | None:
-    """Steps with equal keys can run as one batch: decode steps of one length over the same blocks. Sessions with
+    """Decode steps with equal keys can run as one batch: steps of one length over the same blocks. Sessions with
     deep prompts run alone (None)."""
-    length = step.inputs.hidden.shape[1]
-    if length > DECODE_TOKENS or step.state.prompts is not None:
+    if step.state.prompts is not None:
         return None
-    return ("decode", step.state.start, step.state.end, length)
+    return (step.state.start, step.state.end, step.inputs.hidden.shape[1])
 
 
 @torch.inference_mode()
@@ -75,11 +74,8 @@ def run_steps(steps: Sequence[Step]) -> list[torch.Tensor | BaseException]:
 def _batched(steps: Sequence[Step], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     states = [step.state for step in steps]
     lengths = [state.cache.lengths() for state in states]
-    groups, first = [], 0
-    for step in steps:
-        if step.state.lora_pairs:
-            groups.append((slice(first, first + step.rows), step.state.lora_pairs, step.state.lora_scaling))
-        first += step.rows
+    groups = [(rows, step.state.lora_pairs, step.state.lora_scaling)
+              for rows, step in zip(row_slices([step.rows for step in steps]), steps, strict=True) if step.state.lora_pairs]
     span, start, end = states[0].backend.span, states[0].start, states[0].end
     items = [BatchItem(step.inputs.hidden, step.inputs.position_ids, mask, step.state.cache) for step, mask in zip(steps, masks, strict=True)]
     try:

@@ -144,9 +144,10 @@ class FairCompute:
     def _company(self, first: _Job, usage: dict[str, float]) -> list[_Job]:
         """The decode steps waiting with `first`'s key that join its batch: one per peer in turn, the least used peer
         first, up to max_batch_rows rows in all."""
-        queues = sorted(((peer, [j for j in queue if j.step.key == first.step.key])
-                         for peer, queue in self._waiting[DECODE].items()),
-                        key=lambda entry: (usage.get(entry[0], 0.0), entry[1][0].queued_at if entry[1] else 0.0))
+        matching = ((peer, [job for job in queue if job.step.key == first.step.key])
+                    for peer, queue in self._waiting[DECODE].items())
+        queues = sorted(((peer, jobs) for peer, jobs in matching if jobs),
+                        key=lambda entry: (usage.get(entry[0], 0.0), entry[1][0].queued_at))
         company, rows = [], first.step.rows
         while any(jobs for _, jobs in queues):
             for _, jobs in queues:

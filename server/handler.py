@@ -64,7 +64,7 @@ class BlockHandler(InferenceRpcs):
         # request may hold, positions and mask, and the most LoRA bytes. Streams are cut off beyond it.
         tokens, hidden = backend.limits.max_chunk_tokens, backend.hidden_size
         self.max_request_bytes = 2 * tokens * hidden * 4 + 16 * tokens + self.max_lora_bytes + (1 << 20)
-        # One compute thread: requests run one at a time, off the event loop, each peer in its fair turn.
+        # The compute queue: requests run one batch or chunk at a time, off the event loop, each peer in its fair turn.
         self.stats = TrafficStats()
         self.compute = FairCompute(int(config.inflight_mb * 2**20), max_batch_rows=config.batch_rows,
                                    account=self._account)

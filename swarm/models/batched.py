@@ -53,6 +53,15 @@ def batched_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 AttentionInterface.register(BATCHED, batched_attention)
 
 
+def row_slices(sizes: Sequence[int]) -> list[slice]:
+    """Where each of several sessions' rows lie in their stacked batch."""
+    slices, first = [], 0
+    for size in sizes:
+        slices.append(slice(first, first + size))
+        first += size
+    return slices
+
+
 @dataclass
 class BatchItem:
     """One session's step: its new tokens, their positions, its 2-D padding mask over cached + new tokens, its cache."""
@@ -70,10 +79,7 @@ class StepBatch:
     def __init__(self, items: Sequence[BatchItem], masks: list[dict], layer_types: Sequence):
         self.caches = [item.cache for item in items]
         self.masks, self.layer_types = masks, layer_types  # masks: per item, by layer type
-        self.rows, first = [], 0
-        for item in items:
-            self.rows.append(slice(first, first + item.hidden.shape[0]))
-            first += item.hidden.shape[0]
+        self.rows = row_slices([item.hidden.shape[0] for item in items])
         self._filled: dict[int, list] = {}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
