@@ -44,6 +44,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from client import ClientConfig
 from client.model import DistributedModelForCausalLM
 from swarm.assets import ensure_smollm2
 from swarm.auth import ENV_VAR, generate_key_file
@@ -171,7 +172,8 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[Result]
         swarm.start_servers(str(path), spans, extra_args=["--torch-dtype", args.dtype], env=env)
         print(f"  swarm of {len(spans)} servers {spans} ready in {time.perf_counter() - started:.1f} s"
               f" (server env: {' '.join(args.server_env) or 'inherited'})")
-        model = DistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, torch_dtype=args.dtype)
+        model = DistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, torch_dtype=args.dtype,
+                                                            inference_codec=args.codec)
         try:
             for prompt_tokens in contexts:
                 local_timing, local_output = measure_local(path, args, prompt_tokens)
@@ -253,7 +255,8 @@ def bench_forwarding(name: str, path: Path, args: argparse.Namespace) -> Forward
         swarm.start_bootstrap()
         swarm.start_servers(str(path), spans, extra_args=["--torch-dtype", args.dtype], env=env)
         print(f"  swarm of {len(spans)} servers {spans} for forwarding vs client-driven hops")
-        model = DistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, torch_dtype=args.dtype)
+        model = DistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, torch_dtype=args.dtype,
+                                                            inference_codec=args.codec)
         try:
             with torch.inference_mode():
                 for forwarding in (True, False):  # warm-up, and each mode's output alone
@@ -370,7 +373,7 @@ def bench_auth(name: str, path: Path, args: argparse.Namespace) -> AuthResult:
             for keyed, swarm in ((False, open_swarm), (True, keyed_swarm)):
                 models[keyed] = DistributedModelForCausalLM.from_pretrained(
                     str(path), swarm.initial_peers, torch_dtype=args.dtype,
-                    swarm_key=str(key_file) if keyed else None)
+                    swarm_key=str(key_file) if keyed else None, inference_codec=args.codec)
             with torch.inference_mode():
                 for keyed in (False, True):  # warm-up
                     outputs.append(timed_generate(models[keyed], input_ids, args.new_tokens, None))
@@ -407,10 +410,15 @@ def parse_args() -> argparse.Namespace:
                              "(server-to-server forwarding against client-driven hops), 'auth' (a private swarm "
                              "against an open one: the cost of the swarm key per token per hop)")
     parser.add_argument("--forwarding-servers", type=int, default=4, help="servers of the forwarding comparison's route")
+    parser.add_argument("--codec", default="none",
+                        help="inference codec of the swarm client ('none': float32 as it is, exact, as the local "
+                             "baseline; 'default': the client's own default)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype everywhere")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment variable for the server processes, e.g. OMP_NUM_THREADS=1 (repeatable)")
     args = parser.parse_args()
+    if args.codec == "default":
+        args.codec = ClientConfig.inference_codec
     try:
         args.contexts = [int(n) for n in args.contexts.split(",")]
     except ValueError:
@@ -434,7 +442,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     threads = torch.get_num_threads()  # what the distributed client runs with; the local baseline gets the same
     torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, {threads} intra-op threads for the local baseline and the client; "
+    print(f"torch {torch.__version__}, codec {args.codec}, {threads} intra-op threads for the local baseline and the client; "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'default')}; batch 1, prompts {args.contexts} (local) and "
           f"{args.prompt_tokens} (forwarding, auth), "
           f"{args.new_tokens} new tokens, greedy, median of {args.runs} runs after a warm-up; "

@@ -14,6 +14,7 @@ Run: python bench/hop_profile.py [--model smollm2|tiny] [--seconds 15] [--server
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -31,12 +32,20 @@ from swarm.config import apply_colocated_omp_env
 apply_colocated_omp_env()  # before torch starts its OpenMP runtime, as the swarm command does
 import torch  # noqa: E402
 from common import StepClock, build_tiny  # noqa: E402 - bench/common.py
+from hivemind.proto import runtime_pb2  # noqa: E402
+from proc_cpu import cpu_by_role, process_table  # noqa: E402 - bench/proc_cpu.py
 from transformers import AutoConfig, StoppingCriteriaList  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from client import aio  # noqa: E402
+from client.inference_session import InferenceSession  # noqa: E402
 from client.model import DistributedModelForCausalLM  # noqa: E402
+from server.backend import InferenceState, SpanBackend, SpanInputs  # noqa: E402
 from swarm.assets import ensure_smollm2  # noqa: E402
+from swarm.checkpoint import Checkpoint  # noqa: E402
 from swarm.launch import LocalSwarm, even_spans  # noqa: E402
+from swarm.models import family_for  # noqa: E402
+from swarm.models.span import BlockSpan  # noqa: E402
 
 # (category, substrings of a frame's "function (file)"), tried in this order for each frame from the leaf up; a
 # sample goes to the first category any of its frames matches.
@@ -83,7 +92,7 @@ def record(pid: int, seconds: float, out: Path) -> Counter:
     return counts
 
 
-def table(title: str, counts: Counter, step_ms: float, seconds: float, steps: int) -> str:
+def table_of(title: str, counts: Counter, step_ms: float, seconds: float, steps: int) -> str:
     total = sum(counts.values()) or 1
     per_step = total / max(steps, 1)  # samples per decode step, at 200 per second
     rows = [f"{title}: {total} busy samples in {seconds:.0f} s ({per_step / 200 * 1000:.1f} ms of CPU per decode step "
@@ -91,6 +100,35 @@ def table(title: str, counts: Counter, step_ms: float, seconds: float, steps: in
     for name, count in counts.most_common():
         rows.append(f"  {name:42}{100 * count / total:6.1f}%{count / 200 * 1000 / max(steps, 1):8.2f} ms/step")
     return "\n".join(rows)
+
+
+def span_alone_ms(path: Path, start: int, end: int, pause_s: float, steps: int = 60) -> float:
+    """Median time of one decode step through blocks [start, end) with the servers' own code, in this process (the
+    swarm stopped), each step after a pause of `pause_s` (0: back to back)."""
+    checkpoint = Checkpoint(str(path))
+    family = family_for(checkpoint.config)
+    prefixes = tuple(family.block_keys_prefix(i) for i in range(start, end))
+    tensors = checkpoint.load(lambda key: key.startswith(prefixes), torch.float32)
+    backend = SpanBackend(BlockSpan.from_state_dict(family, checkpoint.config, start, end, tensors, torch.float32),
+                          torch.float32)
+    state = InferenceState(backend, start, end, 1, 16 + steps)
+    hidden = torch.randn(1, 16, backend.hidden_size)
+    state.step(SpanInputs(hidden, torch.arange(16)[None], None))
+    times = []
+    for position in range(16, 16 + steps):
+        time.sleep(pause_s)
+        began = time.perf_counter()
+        state.step(SpanInputs(torch.randn(1, 1, backend.hidden_size), torch.tensor([[position]]), None))
+        times.append(time.perf_counter() - began)
+    return 1000 * statistics.median(times[5:])
+
+
+def server_compute_s(connection, peers) -> list[tuple[float, int]]:
+    """Seconds each server spent on decode steps so far by its own clock (rpc_info's compute_s, kind "step"), and the
+    decode steps it ran."""
+    infos = [json.loads(aio.run(connection.stub(peer).rpc_info(runtime_pb2.ExpertUID(), timeout=10)).serialized_info)
+             for peer in peers]
+    return [(info["compute_s"].get("step", 0.0), info["decode_batches"]["steps"]) for info in infos]
 
 
 def main() -> None:
@@ -110,9 +148,20 @@ def main() -> None:
             servers = swarm.start_servers(str(path), spans, extra_args=["--torch-dtype", "float32"])
             model = DistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, torch_dtype="float32")
             model.set_codecs(inference="none")
+            connection = model.model.layers.connection
             prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
             steps: list[float] = []
+            waits: list[float] = []  # time inside InferenceSession.step: the route's round trips, the servers' work
             stop = threading.Event()
+            timed_step = InferenceSession.step
+
+            def step(self, hidden, *a, **kw):
+                began = time.perf_counter()
+                try:
+                    return timed_step(self, hidden, *a, **kw)
+                finally:
+                    if hidden.shape[1] == 1:  # decode steps only, not the prompt's prefill
+                        waits.append(time.perf_counter() - began)
 
             def generate() -> None:
                 while not stop.is_set():
@@ -122,20 +171,61 @@ def main() -> None:
                                        stopping_criteria=StoppingCriteriaList([clock]))
                     steps.extend(b - a for a, b in pairwise(clock.times))
 
+            InferenceSession.step = step
             worker = threading.Thread(target=generate, daemon=True)
             worker.start()
             time.sleep(5)  # warm-up
+            peers = [info.peer_id for info in sorted(connection.servers(), key=lambda s: s.record.start)]
+            owners = {os.getpid(): "client", swarm.bootstrap.process.pid: "bootstrap",
+                      **{s.process.pid: f"server {span}" for s, span in zip(servers, spans, strict=True)}}
+            computed, table, counted, waited = server_compute_s(connection, peers), process_table(), len(steps), len(waits)
+            time.sleep(args.seconds)
+            computed = [(b[0] - a[0]) / max(b[1] - a[1], 1)  # seconds per decode step, each server's own count
+                        for a, b in zip(computed, server_compute_s(connection, peers), strict=True)]
+            cpu = cpu_by_role(table, process_table(), owners)
+            window, window_waits = steps[counted:], waits[waited:]
+            budget = step_budget(window, window_waits, computed, spans, cpu)
             results = []
             for title, pid in (("client", os.getpid()), (f"server {spans[len(spans) // 2]}", servers[len(spans) // 2].process.pid)):
                 before = len(steps)
                 counts = record(pid, args.seconds, Path(tmp) / f"{pid}.txt")
                 done = steps[before:]
-                results.append(table(title, counts, 1000 * statistics.median(done), args.seconds, len(done)))
+                results.append(table_of(title, counts, 1000 * statistics.median(done), args.seconds, len(done)))
             stop.set()
             worker.join(60)
-            model.model.layers.connection.shutdown()
-    print(f"{args.model}, {len(spans)} servers {spans}, greedy batch 1, codec none, torch {torch.__version__}")
+            InferenceSession.step = timed_step
+            connection.shutdown()
+        middle = spans[len(spans) // 2]
+        pause = max(statistics.median(window) - sum(computed) / len(spans), 0.0)
+        alone = (span_alone_ms(path, *middle, 0.0), span_alone_ms(path, *middle, pause))
+    print(f"{args.model}, {len(spans)} servers {spans}, greedy batch 1, codec none, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads per process")
+    print(budget)
+    print(f"  span {middle} in one process with the servers' code, the swarm stopped: {alone[0]:.2f} ms per step back "
+          f"to back, {alone[1]:.2f} ms after a {1000 * pause:.0f} ms pause before each (as a server waits in the "
+          "swarm while the others work)")
+    print("Where the CPU goes (py-spy samples, the sampler running beside the swarm):")
     print("\n".join(results))
+
+
+def step_budget(steps: list[float], waits: list[float], computed: list[float], spans, cpu) -> str:
+    """The decode step's wall time split by the clocks that see it (means over the same window, so that the parts
+    add up), and each process's CPU per step."""
+    count = len(steps)
+    step_ms, wait_ms = 1000 * statistics.fmean(steps), 1000 * statistics.fmean(waits)
+    compute_ms = [1000 * seconds for seconds in computed]
+    hop_ms = (wait_ms - sum(compute_ms)) / len(spans)
+    rows = [f"A decode step, mean of {count} (median {1000 * statistics.median(steps):.2f} ms; no sampler attached): "
+            f"{step_ms:.2f} ms",
+            f"  the client's own work (embeddings, LM head, generate loop): {step_ms - wait_ms:.2f} ms",
+            f"  waiting for the route (InferenceSession.step): {wait_ms:.2f} ms, of which",
+            "    the servers' decode compute, by their own clocks: "
+            + " + ".join(f"{ms:.2f}" for ms in compute_ms) + f" = {sum(compute_ms):.2f} ms",
+            f"    the rest, per hop (client -> server -> client: p2pd both ways, event loops, hand-offs, codec, "
+            f"validation): {hop_ms:.2f} ms x {len(spans)}",
+            f"  CPU per decode step as the OS counts it (/proc), {1000 * sum(cpu.values()) / count:.1f} ms in all:"]
+    rows += [f"    {name:40} {1000 * seconds / count:6.2f} ms" for name, seconds in cpu.most_common() if seconds > 0]
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
