@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from swarm.forwarding import forwarding_setting
 from swarm.options import add_arguments, option
 
 CODEC_HELP = " (see swarm.compression: int8_outlier, bfloat16, float16, 'none' for float32 as it is, ...)"
@@ -16,6 +17,13 @@ def _fraction(value: float, error: type[Exception] = ValueError) -> float:
     if not 0.0 <= value <= 1.0:  # also refuses NaN
         raise error(f"verify_fraction must be in [0, 1] (a share of span requests), got {value}")
     return value
+
+
+def _forwarding_flag(text: str) -> bool | str:
+    try:
+        return forwarding_setting(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fraction_flag(text: str) -> float:
@@ -77,11 +85,17 @@ class ClientConfig:
     allowed_servers: tuple[str, ...] | None = option(None, "use only these servers, by peer id (the part after /p2p/ in "
                                                            "a server's address)", metavar="PEER_ID")
     blocked_servers: tuple[str, ...] = option((), "never send anything to these servers, by peer id", metavar="PEER_ID")
-    # Off: with all peers on one 2-core machine it measured 0.94-1.00x the speed of client-driven hops
-    # (bench/generation.py --compare forwarding, 4 servers); it saves a client round trip per hop.
-    forwarding: bool = option(False, "servers push each token's hidden states straight to the next server of the "
-                                     "route, so they cross each link once; --no-forwarding returns them to this "
-                                     "client at every hop")
+    # Off by default: on loopback forwarding measured 0.94-1.00x the speed of client-driven hops (bench/generation.py
+    # --compare forwarding, 4 servers, one 2-core machine), at 25 ms one way 1.43x (bench/wan.py). auto decides from
+    # the pinger's round trips (swarm.forwarding.forwarding_pays), which are not yet a default's signal: one ping per
+    # 15 s, and on a loaded machine the first ones measured 30-56 ms on loopback.
+    forwarding: bool | str = option(False, "servers push each token's hidden states straight to the next server of "
+                                            "the route, so they cross each link once (on), or return them to this "
+                                            "client at every hop (off); auto: on when the measured round trip to the "
+                                            "route's servers is at least --forwarding-min-rtt-ms",
+                                    type=_forwarding_flag, nargs="?", const=True, metavar="{auto,on,off}")
+    forwarding_min_rtt_ms: float = option(10.0, "with --forwarding auto, the median round trip (ms) to a route's "
+                                               "servers from which their steps are forwarded")
     default_ms_per_block: float = option(10.0, "routing cost of a block when a server reports no throughput")
     # Spot checks (client.spot_checks): a key holder can still run a server that returns wrong outputs.
     verify_fraction: float = option(0.0, "share of span requests (forwards and generation steps; backwards are not "
@@ -92,6 +106,7 @@ class ClientConfig:
 
     def __post_init__(self):
         _fraction(self.verify_fraction)
+        object.__setattr__(self, "forwarding", forwarding_setting(self.forwarding))  # "on" -> True, "off" -> False
 
     def replace(self, **changes) -> ClientConfig:
         """A copy with some fields changed; an unknown name is refused, naming the fields there are."""
@@ -121,7 +136,7 @@ CLIENT = ClientConfig()  # the defaults; never mutated (a model's own config is 
 # The settings `swarm generate` and `swarm finetune` take as flags (the others are for the Python API).
 COMMON_FLAGS = ("request_timeout", "connect_timeout", "max_retries", "allowed_servers", "blocked_servers",
                 "max_chunk_tokens", "verify_fraction")
-GENERATE_FLAGS = (*COMMON_FLAGS, "inference_codec", "inference_reply_codec", "forwarding")
+GENERATE_FLAGS = (*COMMON_FLAGS, "inference_codec", "inference_reply_codec", "forwarding", "forwarding_min_rtt_ms")
 FINETUNE_FLAGS = (*COMMON_FLAGS, "activation_codec", "gradient_codec", "delta_codec", "activation_reply_codec",
                   "gradient_reply_codec", "keep_activations", "delta_state_mb")
 

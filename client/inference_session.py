@@ -20,7 +20,7 @@ from client.requests import Additions, Codecs
 from client.streams import SpanStream, relayed
 from swarm.config import MAX_UNARY_PAYLOAD_BYTES
 from swarm.errors import RemoteError
-from swarm.forwarding import HopTarget, forward_chain
+from swarm.forwarding import HopTarget, forward_chain, forwarding_pays, forwarding_setting
 from swarm.tensors import Traffic, unpack_tensor
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class InferenceSession:
     open on the first step (when the batch size is known)."""
 
     def __init__(self, connection: SwarmConnection, max_length: int, start: int = 0, end: int | None = None,
-                 batch_size: int | None = None, additions: Additions | None = None, forwarding: bool | None = None,
+                 batch_size: int | None = None, additions: Additions | None = None, forwarding: bool | str | None = None,
                  config: ClientConfig | None = None):
         self.connection, self.max_length = connection, max_length
         self.config = config if config is not None else getattr(connection, "config", CLIENT)
@@ -39,8 +39,10 @@ class InferenceSession:
         # streams open, so a session keeps the adapter it started with.
         self.additions = additions if additions is not None else Additions(Codecs.uncompressed(), first_block=start)
         # Each server pushes its output straight to the next one (swarm.forwarding) instead of returning it here to be
-        # sent on; any failure falls back to the client sending that hop's step itself.
-        self.forwarding = self.config.forwarding if forwarding is None else forwarding
+        # sent on; any failure falls back to the client sending that hop's step itself. True, False or "auto" (decided
+        # at every step from the measured round trips to the route's servers; `forwards` says what the last step did).
+        self.forwarding = forwarding_setting(self.config.forwarding if forwarding is None else forwarding)
+        self.forwards: bool | None = None
         self.virtual_tokens = 0  # shallow prompt tokens this session holds before the caller's tokens
         self.start, self.end = start, connection.num_blocks if end is None else end
         self.batch_size = batch_size
@@ -83,12 +85,13 @@ class InferenceSession:
         step_bytes = sum(t.numel() * t.element_size() for t in tensors)
         inputs: list = list(tensors)  # of the stream at `index`; its hidden states may be a server's packed output
         index, pushed, chain_end = 0, False, 0  # streams index+1..chain_end were named in a forwarded step
+        forwards = self._forwards_now()
         while index < len(self.streams):
             stream = self.streams[index]
             try:
                 result = await self._pushed_result(index, inputs) if pushed else None
                 if result is None:  # the client sends this hop itself, naming the later hops that take pushes
-                    forward = forward_chain(self._targets(), index, step_bytes, MAX_UNARY_PAYLOAD_BYTES) if self.forwarding else []
+                    forward = forward_chain(self._targets(), index, step_bytes, MAX_UNARY_PAYLOAD_BYTES) if forwards else []
                     stream.submit(inputs, forward, hypo_ids)
                     chain_end = index + len(forward)
                     result = await stream.result(inputs)
@@ -112,6 +115,22 @@ class InferenceSession:
                     index += 1
             inputs = [_input_for(output, self.streams[index] if index < len(self.streams) else None), *tensors[1:]]
         return inputs[0]  # decoded: no stream follows
+
+    def _forwards_now(self) -> bool:
+        """Whether this step is forwarded: the setting, or with "auto" the measured round trips' verdict (logged when
+        it changes)."""
+        if self.forwarding != "auto":
+            return bool(self.forwarding)
+        pings = self.connection.pings
+        forwards = len(self.streams) > 1 and forwarding_pays([pings.get(str(s.step.peer_id)) for s in self.streams],
+                                                             self.config.forwarding_min_rtt_ms)
+        if forwards != self.forwards:
+            logger.info("forwarding %s for this session's steps (round trips to its servers: %s ms; auto turns it on "
+                        "from %.1f ms)", "on" if forwards else "off",
+                        ", ".join(f"{pings.get(str(s.step.peer_id), float('nan')):.1f}" for s in self.streams),
+                        self.config.forwarding_min_rtt_ms)
+        self.forwards = forwards
+        return forwards
 
     def _pushes_on(self, index: int, chain_end: int, reply) -> bool:
         """Whether stream `index`'s server pushed this step on to the next stream (which then gets no message from

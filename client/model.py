@@ -199,7 +199,7 @@ class DistributedCausalLMMixin(DistributedModelForCausalLM):
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int | None = None, batch_size: int | None = None,
-                          forwarding: bool | None = None):
+                          forwarding: bool | str | None = None):
         """Open KV-cached streams through the swarm; `generate()` calls inside continue one another. `max_length` and
         `forwarding` default to the client config's."""
         if self._active_session is not None:

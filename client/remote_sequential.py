@@ -332,7 +332,7 @@ class RemoteSequential(nn.Module):
         return output.to(hidden.device, hidden.dtype)
 
     def inference_session(self, max_length: int, batch_size: int | None = None,
-                          forwarding: bool | None = None) -> InferenceSession:
+                          forwarding: bool | str | None = None) -> InferenceSession:
         """A KV-cached session; `forwarding` (default: the config's) has servers push each step to the next one."""
         return InferenceSession(self.connection, max_length, self.start, self.end, batch_size, self.additions(),
                                 forwarding, self.config)

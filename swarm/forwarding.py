@@ -69,3 +69,32 @@ def forward_chain(targets: Sequence[HopTarget], index: int, step_bytes: int, max
         hops.append(ForwardHop(peer_id=target.peer_id, session_id=target.session_id, step=target.step,
                                codec="" if target.codec == "none" else target.codec))
     return hops
+
+
+FORWARDING_SETTINGS = {"auto": "auto", "on": True, "off": False}
+
+
+def forwarding_setting(value: bool | str) -> bool | str:
+    """A forwarding setting as the client keeps it: True (always), False (never) or "auto" (decided per step from
+    measured round trips, forwarding_pays); given as a bool or as one of "auto", "on", "off"."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in FORWARDING_SETTINGS:
+        return FORWARDING_SETTINGS[value.strip().lower()]
+    raise ValueError(f"forwarding must be one of auto, on, off (or True / False), got {value!r}")
+
+
+def forwarding_pays(rtt_ms: Sequence[float | None], min_rtt_ms: float) -> bool:
+    """Whether a route's servers are far enough from the client that forwarding is faster: the median of their
+    measured round trips (ms; None: not measured yet, inf: unreachable, both left out) is at least `min_rtt_ms`.
+
+    Client-driven hops cost a round trip from the client per server; forwarding crosses each link once but sends more
+    messages (a push per link, besides every output still going back to the client), which on one machine costs more
+    than the round trips it saves (measured 0.94-1.00x on loopback, 1.43x at 25 ms one way: bench/wan.py). The client
+    sees only its own round trips, so it takes the servers to be no farther from each other than from it."""
+    measured = sorted(r for r in rtt_ms if r is not None and r != float("inf"))
+    if not measured:
+        return False
+    middle = len(measured) // 2
+    median = measured[middle] if len(measured) % 2 else (measured[middle - 1] + measured[middle]) / 2
+    return median >= min_rtt_ms

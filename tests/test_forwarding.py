@@ -14,9 +14,9 @@ from hivemind.proto import runtime_pb2
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from client import aio
-from client.config import CLIENT
+from client.config import CLIENT, ClientConfig
 from swarm.errors import RemoteError
-from swarm.forwarding import ForwardHop, HopTarget, PushStep, forward_chain
+from swarm.forwarding import ForwardHop, HopTarget, PushStep, forward_chain, forwarding_pays, forwarding_setting
 from swarm.tensors import pack_tensor
 from tests.conftest import exact
 from tests.test_fault_tolerance import AtLength
@@ -198,13 +198,73 @@ def test_the_next_server_killed_mid_generation_falls_back_and_stays_identical(tw
           f"span in {session.recoveries[0]:.2f} s); median step {steps[len(steps) // 2] * 1000:.1f} ms")
 
 
-def test_generate_command_turns_forwarding_on_and_off():
+def test_generate_command_turns_forwarding_on_off_and_auto():
     from swarm.cli import build_parser
 
     parser = build_parser()
     args = ["generate", "model", "hello", "--initial-peers", "/ip4/127.0.0.1/tcp/1"]
-    assert parser.parse_args(args).forwarding is CLIENT.forwarding
+    assert parser.parse_args(args).forwarding is CLIENT.forwarding is False
     assert parser.parse_args([*args, "--forwarding"]).forwarding is True
-    assert parser.parse_args([*args, "--no-forwarding"]).forwarding is False
+    assert parser.parse_args([*args, "--forwarding", "on"]).forwarding is True
+    assert parser.parse_args([*args, "--forwarding", "off"]).forwarding is False
+    assert parser.parse_args([*args, "--forwarding", "auto", "--forwarding-min-rtt-ms", "12"]).forwarding_min_rtt_ms == 12
     generate = parser._subparsers._group_actions[0].choices["generate"]
-    assert "--forwarding, --no-forwarding" in generate.format_help() and "server of the route" in generate.format_help()
+    assert "--forwarding [{auto,on,off}]" in generate.format_help() and "server of the route" in generate.format_help()
+
+
+def test_a_bad_forwarding_setting_is_refused_by_name(capsys):
+    from swarm.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "m", "hi", "--forwarding", "sometimes"])
+    assert "forwarding must be one of auto, on, off" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="forwarding must be one of auto, on, off.*'sometimes'"):
+        ClientConfig(forwarding="sometimes")
+    assert (ClientConfig(forwarding="ON").forwarding, ClientConfig(forwarding="off").forwarding) == (True, False)
+    assert forwarding_setting(False) is False and forwarding_setting(" auto ") == "auto"
+
+
+INF = float("inf")
+
+
+@pytest.mark.parametrize(
+    "rtt_ms, expected",
+    [
+        ([0.6, 0.8, 0.7, 0.9], False),  # one machine's loopback: client-driven hops are as fast or faster
+        ([50.0, 51.0, 49.0, 50.5], True),  # 25 ms one way: forwarding saves a round trip per hop
+        ([None, None, None], False),  # nothing measured yet: the safe choice
+        ([INF, 50.0, 60.0], True),  # a server whose last ping failed is left out of the median
+        ([1.0, 2.0, 90.0], False),  # one far server: the median says the route is near
+        ([4.0, 6.0], True),  # even count: the mean of the middle two (5.0), at the threshold
+        ([INF, INF], False),
+    ],
+)
+def test_forwarding_pays_where_the_measured_round_trips_are_long(rtt_ms, expected):
+    assert forwarding_pays(rtt_ms, min_rtt_ms=5.0) is expected
+
+
+def test_auto_forwarding_follows_the_measured_round_trips(dist_model, reference_model):
+    """With forwarding "auto", the session asks the client's pinger (real round trips to the route's servers, ~1 ms
+    here) at every step: a threshold below them forwards each step, one above them drives every hop."""
+    prompt = torch.randint(3, 320, (1, 5), generator=torch.Generator().manual_seed(13))
+    expected = reference_model.generate(prompt, max_new_tokens=6, min_new_tokens=6, **GREEDY)
+    layers, saved = dist_model.remote_layers, dist_model.remote_layers.config
+    connection = layers.connection
+    peers = {str(s.peer_id) for s in connection.servers()}
+    deadline = time.monotonic() + 20
+    while not peers <= set(connection.pings) and time.monotonic() < deadline:  # the pinger has measured them all
+        time.sleep(0.1)
+    measured = [connection.pings[p] for p in peers]
+    assert all(0 < rtt < 1000 for rtt in measured), measured
+    try:
+        sessions = {}
+        for threshold in (0.0, 1e9):
+            layers.configure(forwarding="auto", forwarding_min_rtt_ms=threshold)
+            output, sessions[threshold] = _generate(dist_model, prompt, 6, forwarding=None)
+            assert torch.equal(output, expected)
+    finally:
+        layers.config = saved
+    near, far = sessions[1e9], sessions[0.0]
+    assert far.forwarding == near.forwarding == "auto" and (far.forwards, near.forwards) == (True, False)
+    assert [s.traffic.sent_wire > 0 for s in far.streams] == [True, False, False]  # pushed along the route
+    assert all(s.traffic.sent_wire > 0 for s in near.streams)  # the client sent every hop itself
